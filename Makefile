@@ -1,0 +1,44 @@
+# Everything installs into .venv/ at the repo root; .venv/bin/velocity is the CLI.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install services-up services-down status test test-unit demo lint bench clean
+
+$(STAMP): pyproject.toml requirements.lock
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+services-up: install
+	$(BIN)/velocity services up
+
+services-down:
+	$(BIN)/velocity services down
+
+status:
+	$(BIN)/velocity services status
+
+## Sets up everything, starts Kafka and Redis, and runs the whole test suite against them.
+test: services-up
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-unit: install
+	$(BIN)/python -m pytest -m unit $(PYTEST_ARGS)
+
+## Runs the product end to end on real Kafka and Redis (grows with each issue).
+demo: services-up
+	bash scripts/demo.sh
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

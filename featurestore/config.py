@@ -1,0 +1,85 @@
+"""Typed configuration from flags and VELOCITY_* environment variables (pydantic-settings)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from featurestore.definitions import DEFAULT_ALLOWED_LATENESS_MS, DEFAULT_EVENT_RETENTION_MS
+
+
+class RedisSettings(BaseSettings):
+    """Where the online store lives. Password and TLS options are passed straight to redis-py."""
+
+    model_config = SettingsConfigDict(env_prefix="VELOCITY_REDIS_")
+
+    host: str = "127.0.0.1"
+    port: int = 6379
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    ssl: bool = False
+    ssl_ca_certs: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_cert_reqs: str = "required"
+    socket_timeout_s: float = 2.0
+    connect_timeout_s: float = 1.0
+    #: Versioned prefix: a change of key layout bumps it, so old and new layouts never mix.
+    key_prefix: str = "vel:v1"
+
+    def client_kwargs(self) -> dict:
+        kwargs: dict = {
+            "host": self.host,
+            "port": self.port,
+            "db": self.db,
+            "username": self.username,
+            "password": self.password,
+            "socket_timeout": self.socket_timeout_s,
+            "socket_connect_timeout": self.connect_timeout_s,
+        }
+        if self.ssl:
+            kwargs.update(
+                ssl=True,
+                ssl_ca_certs=self.ssl_ca_certs,
+                ssl_certfile=self.ssl_certfile,
+                ssl_keyfile=self.ssl_keyfile,
+                ssl_cert_reqs=self.ssl_cert_reqs,
+            )
+        return kwargs
+
+
+class KafkaSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VELOCITY_KAFKA_")
+
+    bootstrap: str = "127.0.0.1:9092"
+    topic_transactions: str = "transactions"
+    topic_dlq: str = "transactions.dlq"
+    topic_scores: str = "scores"
+    topic_alerts: str = "alerts"
+    partitions: int = 4
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VELOCITY_")
+
+    #: Secret for the PAN -> entity-key HMAC. Set it in production; the default only suits local runs.
+    entity_secret: str = "velocity-local-dev-secret"
+    data_dir: Path = Path("data")
+    run_dir: Path = Path(".velocity")
+    allowed_lateness_ms: int = DEFAULT_ALLOWED_LATENESS_MS
+    event_retention_ms: int = DEFAULT_EVENT_RETENTION_MS
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+
+    @property
+    def offline_dir(self) -> Path:
+        return self.data_dir / "offline"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

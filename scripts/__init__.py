@@ -1,0 +1,1 @@
+"""Helpers for local development services (installed as the `velocity_scripts` package)."""

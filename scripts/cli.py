@@ -1,0 +1,73 @@
+"""`velocity services up|down|status`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Local Kafka (KRaft, single node) and Redis on 127.0.0.1, for development and tests.",
+                  no_args_is_help=True)
+console = Console()
+
+
+def _config(run_dir: Path | None, kafka_port: int | None, redis_port: int | None):
+    from velocity_scripts.services import ServiceConfig
+
+    return ServiceConfig(
+        run_dir=run_dir or Path(os.environ.get("VELOCITY_RUN_DIR", ".velocity")),
+        kafka_port=kafka_port or int(os.environ.get("VELOCITY_KAFKA_PORT", "9092")),
+        controller_port=int(os.environ.get("VELOCITY_KAFKA_CONTROLLER_PORT", "0")) or (kafka_port or int(os.environ.get("VELOCITY_KAFKA_PORT", "9092"))) + 1,
+        redis_port=redis_port or int(os.environ.get("VELOCITY_REDIS_PORT", "6379")),
+        kafka_heap=os.environ.get("VELOCITY_KAFKA_HEAP", "512m"),
+    )
+
+
+RunDir = typer.Option(None, help="Run folder for config, data, logs and pids [env VELOCITY_RUN_DIR, default .velocity].")
+KafkaPort = typer.Option(None, help="Kafka broker port [env VELOCITY_KAFKA_PORT, default 9092; controller = port+1].")
+RedisPort = typer.Option(None, help="Redis port [env VELOCITY_REDIS_PORT, default 6379].")
+
+
+@app.command()
+def up(run_dir: Path = RunDir, kafka_port: int = KafkaPort, redis_port: int = RedisPort) -> None:
+    """Start Redis and Kafka if they are not already running (idempotent); fetch Kafka jars on first use."""
+    from velocity_scripts.services import ServiceError
+    from velocity_scripts.services import up as services_up
+
+    cfg = _config(run_dir, kafka_port, redis_port)
+    try:
+        for line in services_up(cfg, echo=console.print):
+            console.print(line)
+    except ServiceError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    console.print(f"logs: {cfg.logs_dir}")
+
+
+@app.command()
+def down(run_dir: Path = RunDir, kafka_port: int = KafkaPort, redis_port: int = RedisPort) -> None:
+    """Stop the services that `velocity services up` started (and only those)."""
+    from velocity_scripts.services import down as services_down
+
+    for line in services_down(_config(run_dir, kafka_port, redis_port)):
+        console.print(line)
+
+
+@app.command()
+def status(run_dir: Path = RunDir, kafka_port: int = KafkaPort, redis_port: int = RedisPort) -> None:
+    """Show what runs where. Exit code 1 if a service is not answering."""
+    from velocity_scripts.services import status as services_status
+
+    table = Table()
+    for col in ("service", "address", "state", "started by velocity", "log"):
+        table.add_column(col)
+    rows = services_status(_config(run_dir, kafka_port, redis_port))
+    for s in rows:
+        table.add_row(s.name, s.address, "[green]running[/]" if s.running else "[red]down[/]",
+                      f"yes (pid {s.owned_pid})" if s.owned_pid else "no", str(s.log))
+    console.print(table)
+    if not all(s.running for s in rows):
+        raise typer.Exit(1)

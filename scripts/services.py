@@ -1,0 +1,308 @@
+"""`velocity services up|down|status`: a real single-node Kafka (KRaft) and a Redis server on 127.0.0.1.
+
+Kafka's jars come from Maven Central through `mvn` (pinned in scripts/kafka/pom.xml) into a cache folder
+that later runs reuse; Redis is the operating system's `redis-server`. Everything a run writes (config,
+data, logs, pid files) lives in the run folder (`.velocity/` by default). `down` stops only processes
+whose pid files this tool wrote, so a Redis or Kafka you started yourself is never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+KAFKA_VERSION = "3.9.1"
+
+
+class ServiceError(RuntimeError):
+    """A service could not be installed or started; the message says what to do."""
+
+
+@dataclass
+class ServiceConfig:
+    run_dir: Path
+    kafka_port: int = 9092
+    controller_port: int = 9093
+    redis_port: int = 6379
+    kafka_heap: str = "512m"
+    jars_dir: Path | None = None
+
+    @property
+    def kafka_dir(self) -> Path:
+        return self.run_dir / "kafka"
+
+    @property
+    def redis_dir(self) -> Path:
+        return self.run_dir / "redis"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.run_dir / "logs"
+
+    @property
+    def kafka_jars(self) -> Path:
+        return self.jars_dir or self.run_dir / f"kafka-jars-{KAFKA_VERSION}"
+
+
+def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.3) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _wait_for(predicate, deadline_s: float, what: str, log: Path | None = None) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.2)
+    hint = f"; see {log}" if log else ""
+    raise ServiceError(f"{what} did not become ready within {deadline_s:.0f}s{hint}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child still answers kill(0); treat it as gone
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except OSError:
+        return True
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        pid = int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if _pid_alive(pid) else None
+
+
+def _spawn(cmd: list[str], log: Path, pid_file: Path, cwd: Path | None = None) -> int:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=cwd, start_new_session=True,
+        )
+    pid_file.write_text(str(proc.pid))
+    return proc.pid
+
+
+# ---------------------------------------------------------------- Kafka
+
+
+def ensure_kafka_jars(cfg: ServiceConfig, echo=print) -> Path:
+    """Fetch the pinned broker jars with Maven once; later calls reuse the cache folder."""
+    jars = cfg.kafka_jars
+    marker = jars / ".complete"
+    if marker.exists():
+        return jars
+    if not shutil.which("java"):
+        raise ServiceError("Java is not installed. Install a JDK 17+ (Debian/Ubuntu: apt-get install -y openjdk-17-jre-headless).")
+    if not shutil.which("mvn"):
+        raise ServiceError("Maven is not installed; it fetches the Kafka jars. Install it (Debian/Ubuntu: apt-get install -y maven).")
+    pom = resources.files("velocity_scripts").joinpath("kafka", "pom.xml")
+    jars.mkdir(parents=True, exist_ok=True)
+    echo(f"fetching Kafka {KAFKA_VERSION} jars from Maven Central into {jars} (once) ...")
+    with resources.as_file(pom) as pom_path:
+        res = subprocess.run(
+            ["mvn", "-q", "-B", "-f", str(pom_path), "dependency:copy-dependencies",
+             f"-DoutputDirectory={jars.resolve()}", "-DincludeScope=runtime"],
+            capture_output=True, text=True,
+        )
+    if res.returncode != 0 or not list(jars.glob("kafka_2.13-*.jar")):
+        raise ServiceError(f"mvn could not fetch the Kafka jars:\n{res.stdout[-2000:]}{res.stderr[-2000:]}")
+    marker.write_text(KAFKA_VERSION)
+    return jars
+
+
+def _kafka_properties(cfg: ServiceConfig) -> str:
+    data = (cfg.kafka_dir / "data").resolve()
+    return "\n".join([
+        "process.roles=broker,controller",
+        "node.id=1",
+        f"controller.quorum.voters=1@127.0.0.1:{cfg.controller_port}",
+        f"listeners=PLAINTEXT://127.0.0.1:{cfg.kafka_port},CONTROLLER://127.0.0.1:{cfg.controller_port}",
+        f"advertised.listeners=PLAINTEXT://127.0.0.1:{cfg.kafka_port}",
+        "controller.listener.names=CONTROLLER",
+        "inter.broker.listener.name=PLAINTEXT",
+        "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        f"log.dirs={data}",
+        "num.partitions=4",
+        "offsets.topic.replication.factor=1",
+        "offsets.topic.num.partitions=8",
+        "transaction.state.log.replication.factor=1",
+        "transaction.state.log.min.isr=1",
+        "group.initial.rebalance.delay.ms=0",
+        "auto.create.topics.enable=true",
+        "log.retention.hours=168",
+        "message.max.bytes=10485760",
+        "",
+    ])
+
+
+def _log4j_properties(cfg: ServiceConfig) -> str:
+    log = (cfg.logs_dir / "kafka-server.log").resolve()
+    return "\n".join([
+        "log4j.rootLogger=INFO, file",
+        "log4j.appender.file=org.apache.log4j.RollingFileAppender",
+        f"log4j.appender.file.File={log}",
+        "log4j.appender.file.MaxFileSize=20MB",
+        "log4j.appender.file.MaxBackupIndex=2",
+        "log4j.appender.file.layout=org.apache.log4j.PatternLayout",
+        "log4j.appender.file.layout.ConversionPattern=[%d] %p %m (%c)%n",
+        "log4j.logger.kafka=INFO",
+        "log4j.logger.org.apache.kafka=INFO",
+        "log4j.logger.state.change.logger=WARN",
+        "",
+    ])
+
+
+def kafka_up(cfg: ServiceConfig, echo=print) -> str:
+    pid_file = cfg.kafka_dir / "kafka.pid"
+    if port_open(cfg.kafka_port):
+        owner = "started by velocity" if _read_pid(pid_file) else "not started by velocity"
+        return f"Kafka already listening on 127.0.0.1:{cfg.kafka_port} ({owner})"
+    jars = ensure_kafka_jars(cfg, echo)
+    cfg.kafka_dir.mkdir(parents=True, exist_ok=True)
+    props = cfg.kafka_dir / "server.properties"
+    props.write_text(_kafka_properties(cfg))
+    (cfg.kafka_dir / "log4j.properties").write_text(_log4j_properties(cfg))
+    classpath = f"{jars.resolve()}/*"
+    data = cfg.kafka_dir / "data"
+    if not (data / "meta.properties").exists():
+        cluster_id = uuid.uuid4().bytes  # KRaft wants a base64url 16-byte id
+        import base64
+
+        cid = base64.urlsafe_b64encode(cluster_id).decode().rstrip("=")
+        res = subprocess.run(
+            ["java", "-cp", classpath, f"-Dlog4j.configuration=file:{(cfg.kafka_dir / 'log4j.properties').resolve()}",
+             "kafka.tools.StorageTool", "format", "-t", cid, "-c", str(props.resolve())],
+            capture_output=True, text=True,
+        )
+        if res.returncode != 0:
+            raise ServiceError(f"formatting Kafka storage failed:\n{res.stdout}{res.stderr}")
+    log = cfg.logs_dir / "kafka.out"
+    cmd = [
+        "java", f"-Xmx{cfg.kafka_heap}", "-Xms128m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+        f"-Dlog4j.configuration=file:{(cfg.kafka_dir / 'log4j.properties').resolve()}",
+        f"-Dkafka.logs.dir={cfg.logs_dir.resolve()}",
+        "-cp", classpath, "kafka.Kafka", str(props.resolve()),
+    ]
+    pid = _spawn(cmd, log, pid_file)
+    _wait_for(lambda: _kafka_ready(cfg.kafka_port) or not _pid_alive(pid), 90, "Kafka", log)
+    if not _pid_alive(pid):
+        raise ServiceError(f"Kafka exited during start-up; see {log} and {cfg.logs_dir / 'kafka-server.log'}")
+    return f"Kafka {KAFKA_VERSION} (KRaft) started on 127.0.0.1:{cfg.kafka_port}, pid {pid}"
+
+
+def _kafka_ready(port: int) -> bool:
+    if not port_open(port):
+        return False
+    from kafka import KafkaAdminClient
+
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=f"127.0.0.1:{port}", request_timeout_ms=3000)
+        try:
+            admin.list_topics()
+            return True
+        finally:
+            admin.close()
+    except Exception:
+        return False
+
+
+# ---------------------------------------------------------------- Redis
+
+
+def redis_up(cfg: ServiceConfig) -> str:
+    pid_file = cfg.redis_dir / "redis.pid"
+    if port_open(cfg.redis_port):
+        owner = "started by velocity" if _read_pid(pid_file) else "not started by velocity"
+        return f"Redis already listening on 127.0.0.1:{cfg.redis_port} ({owner})"
+    binary = shutil.which("redis-server")
+    if not binary:
+        raise ServiceError("redis-server is not installed. Debian/Ubuntu: sudo apt-get install -y redis-server; macOS: brew install redis.")
+    cfg.redis_dir.mkdir(parents=True, exist_ok=True)
+    log = cfg.logs_dir / "redis.log"
+    cmd = [
+        binary, "--port", str(cfg.redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        "--dir", str(cfg.redis_dir.resolve()), "--daemonize", "no", "--protected-mode", "yes",
+    ]
+    pid = _spawn(cmd, log, pid_file)
+    _wait_for(lambda: _redis_ready(cfg.redis_port) or not _pid_alive(pid), 20, "Redis", log)
+    if not _pid_alive(pid):
+        raise ServiceError(f"Redis exited during start-up; see {log}")
+    return f"Redis started on 127.0.0.1:{cfg.redis_port} (no persistence), pid {pid}"
+
+
+def _redis_ready(port: int) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1).ping())
+    except Exception:
+        return False
+
+
+# ---------------------------------------------------------------- all
+
+
+def up(cfg: ServiceConfig, echo=print) -> list[str]:
+    cfg.logs_dir.mkdir(parents=True, exist_ok=True)
+    return [redis_up(cfg), kafka_up(cfg, echo)]
+
+
+def _stop(pid_file: Path, name: str, grace_s: float) -> str:
+    pid = _read_pid(pid_file)
+    if pid is None:
+        pid_file.unlink(missing_ok=True)
+        return f"{name}: not started by velocity (nothing to stop)"
+    os.killpg(pid, signal.SIGTERM)
+    end = time.monotonic() + grace_s
+    while time.monotonic() < end and _pid_alive(pid):
+        time.sleep(0.2)
+    if _pid_alive(pid):
+        os.killpg(pid, signal.SIGKILL)
+    pid_file.unlink(missing_ok=True)
+    return f"{name}: stopped (pid {pid})"
+
+
+def down(cfg: ServiceConfig) -> list[str]:
+    return [
+        _stop(cfg.kafka_dir / "kafka.pid", "Kafka", 30),
+        _stop(cfg.redis_dir / "redis.pid", "Redis", 10),
+    ]
+
+
+@dataclass
+class ServiceStatus:
+    name: str
+    address: str
+    running: bool
+    owned_pid: int | None
+    log: Path
+
+
+def status(cfg: ServiceConfig) -> list[ServiceStatus]:
+    return [
+        ServiceStatus("kafka", f"127.0.0.1:{cfg.kafka_port}", _kafka_ready(cfg.kafka_port),
+                      _read_pid(cfg.kafka_dir / "kafka.pid"), cfg.logs_dir / "kafka-server.log"),
+        ServiceStatus("redis", f"127.0.0.1:{cfg.redis_port}", _redis_ready(cfg.redis_port),
+                      _read_pid(cfg.redis_dir / "redis.pid"), cfg.logs_dir / "redis.log"),
+    ]

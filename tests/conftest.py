@@ -1,0 +1,84 @@
+"""Session fixtures: real Kafka and Redis, started once (or reused if already up); per-test names."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def services():
+    """Make sure Kafka and Redis answer; start them with `velocity services up` logic if not."""
+    from velocity_scripts.services import ServiceConfig, port_open, up
+
+    kafka_port = int(os.environ.get("VELOCITY_KAFKA_PORT", "9092"))
+    redis_port = int(os.environ.get("VELOCITY_REDIS_PORT", "6379"))
+    if not (port_open(kafka_port) and port_open(redis_port)):
+        cfg = ServiceConfig(run_dir=Path(os.environ.get("VELOCITY_RUN_DIR", REPO / ".velocity")),
+                            kafka_port=kafka_port, controller_port=kafka_port + 1, redis_port=redis_port)
+        up(cfg)
+    return {"bootstrap": f"127.0.0.1:{kafka_port}", "redis_port": redis_port}
+
+
+@pytest.fixture(scope="session")
+def redis_settings(services):
+    from featurestore.config import RedisSettings
+
+    return RedisSettings(port=services["redis_port"])
+
+
+@pytest.fixture
+def key_prefix(redis_settings):
+    """A Redis key prefix no other test uses; its keys are deleted afterwards."""
+    import redis
+
+    prefix = f"test:{uuid.uuid4().hex[:12]}"
+    yield prefix
+    client = redis.Redis(**redis_settings.client_kwargs())
+    keys = list(client.scan_iter(match=f"{prefix}:*", count=5000))
+    for i in range(0, len(keys), 1000):
+        client.delete(*keys[i : i + 1000])
+    client.close()
+
+
+@pytest.fixture
+def online_store(redis_settings, key_prefix):
+    from featurestore.online import OnlineStore
+
+    store = OnlineStore(redis_settings, prefix=key_prefix)
+    yield store
+    store.close()
+
+
+@pytest.fixture(scope="session")
+def kafka_admin(services):
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=services["bootstrap"], request_timeout_ms=15000)
+    yield admin
+    admin.close()
+
+
+@pytest.fixture
+def make_topic(kafka_admin):
+    """Create uniquely named topics for one test; delete them afterwards."""
+    from kafka.admin import NewTopic
+
+    created: list[str] = []
+
+    def _make(base: str = "t", partitions: int = 4) -> str:
+        name = f"test.{base}.{uuid.uuid4().hex[:10]}"
+        kafka_admin.create_topics([NewTopic(name, partitions, 1)])
+        created.append(name)
+        return name
+
+    yield _make
+    if created:
+        with contextlib.suppress(Exception):  # a topic already gone is fine
+            kafka_admin.delete_topics(created)

@@ -1,0 +1,145 @@
+"""The Redis-backed online store against the brute-force oracle, on hypothesis-generated streams."""
+
+from __future__ import annotations
+
+import math
+import uuid
+
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from featurestore.online import ApplyStatus, EventWrite, OnlineStore
+from featurestore.windows import (
+    SEQ_LAST,
+    Arrival,
+    WindowEvent,
+    naive_window_features,
+    window_aggregate,
+)
+
+pytestmark = pytest.mark.integration
+W = 600_000
+BASE = 1_600_000_000_000
+
+# Offsets that stress the semantics: exact window edges (k*W, +-1 ms), ties, and spread-out times.
+edge_offsets = st.sampled_from([0, 1, W - 1, W, W + 1, 2 * W, 2 * W + 1, 3 * W - 1])
+any_offsets = st.integers(min_value=0, max_value=4 * W)
+
+
+@st.composite
+def streams(draw):
+    cards = draw(st.lists(st.sampled_from(["c1", "c2", "c3"]), min_size=1, max_size=3, unique=True))
+    n = draw(st.integers(1, 30))
+    arrivals: list[Arrival] = []
+    for i in range(n):
+        if arrivals and draw(st.integers(0, 9)) == 0:  # a redelivered or re-sent txn_id
+            prev = draw(st.sampled_from(arrivals))
+            if draw(st.booleans()):
+                arrivals.append(prev)
+            else:  # same txn_id, different content: the first one must still win
+                arrivals.append(Arrival(prev.card, prev.txn_id, prev.ts + 5, prev.amount_cents + 7))
+            continue
+        ts = BASE + draw(st.one_of(edge_offsets, any_offsets))
+        arrivals.append(Arrival(draw(st.sampled_from(cards)), f"x{i}", ts, draw(st.integers(1, 500_000))))
+    cuts = sorted(draw(st.lists(st.integers(1, max(1, n - 1)), max_size=3)))
+    return arrivals, cuts
+
+
+@pytest.fixture(scope="module")
+def raw_client(redis_settings):
+    client = redis.Redis(**redis_settings.client_kwargs())
+    yield client
+    client.close()
+
+
+def _cleanup(client, prefix):
+    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=streams())
+def test_online_read_equals_oracle(redis_settings, raw_client, data):
+    arrivals, cuts = data
+    prefix = f"test:oracle:{uuid.uuid4().hex[:10]}"
+    store = OnlineStore(redis_settings, prefix=prefix, allowed_lateness_ms=W, client=raw_client)
+    try:
+        writes = [EventWrite(a.card, a.txn_id, a.ts, i, a.amount_cents) for i, a in enumerate(arrivals)]
+        statuses: list[ApplyStatus] = []
+        for lo, hi in zip([0, *cuts], [*cuts, len(writes)], strict=True):  # several batches
+            statuses += store.apply_events(writes[lo:hi])
+        statuses += store.apply_events(writes)  # a full replay changes nothing
+
+        rows = naive_window_features(arrivals, W, W)
+        first = {r.seq: r for r in rows}
+        for i, s in enumerate(statuses[: len(writes)]):
+            if i in first:
+                assert s == (ApplyStatus.LATE if first[i].late else ApplyStatus.APPLIED)
+            else:
+                assert s in (ApplyStatus.DUPLICATE, ApplyStatus.DUPLICATE_LATE)
+        assert all(s != ApplyStatus.APPLIED for s in statuses[len(writes):])
+
+        for r in rows:
+            f = store.read_features(r.card, r.txn_id, r.ts, r.amount_cents)
+            assert (f.num_trans_last_10m, f.sum_cents_last_10m) == (r.count, r.sum_cents), r
+            assert f.ts == r.ts
+        # A transaction the store has not seen (the HTTP scorer's case): everything at or before t counts.
+        for card in {a.card for a in arrivals}:
+            t = arrivals[-1].ts
+            events = [WindowEvent(r.txn_id, r.ts, r.seq, r.amount_cents, r.late) for r in rows if r.card == card]
+            want = window_aggregate(events, WindowEvent("new", t, SEQ_LAST, 123), W)
+            got = store.read_features(card, "new", t, 123)
+            assert (got.num_trans_last_10m, got.sum_cents_last_10m) == (want.count, want.sum_cents)
+    finally:
+        _cleanup(raw_client, prefix)
+
+
+def test_retention_trims_events_and_idempotency_records(online_store):
+    store = online_store
+    store.retention = 2 * W
+    store.apply_events([EventWrite("c", "old", BASE, 0, 100), EventWrite("c", "mid", BASE + W, 1, 100)])
+    store.apply_events([EventWrite("c", "new", BASE + 3 * W, 2, 100)])
+    r = store.redis
+    members = [m.decode().split("|")[-1] for m in r.zrange(store.keys.window("c"), 0, -1)]
+    assert members == ["mid", "new"]
+    assert set(k.decode() for k in r.hkeys(store.keys.events("c"))) == {"mid", "new"}
+    assert r.ttl(store.keys.window("c")) > 0 and r.ttl(store.keys.card("c")) > 0
+    # The old event's redelivery (same stream position) is recognised even though its record is gone.
+    assert store.apply_events([EventWrite("c", "old", BASE, 0, 100)]) == [ApplyStatus.REDELIVERED]
+    state = store.card_state("c")
+    assert state["newest"] == str(BASE + 3 * W) and state["n10m"] == "1"
+
+
+def test_snapshot_as_of_and_atomic_replace(online_store):
+    store = online_store
+    day = 86_400_000
+    assert math.isnan(store.read_features("c", "t", BASE, 100).num_trans_last_1w)  # no snapshot yet
+    store.write_snapshot(BASE, [("c", 3, 3000), ("d", 1, 10)])
+    store.write_snapshot(BASE + day, [("c", 5, 1000)], chunk=1)
+    f = store.read_features("c", "t", BASE + 10, 100)
+    assert (f.num_trans_last_1w, f.avg_amt_last_1w, f.snapshot_cutoff_ms) == (3, 10.0, BASE)
+    f = store.read_features("c", "t", BASE + day, 100)
+    assert (f.num_trans_last_1w, f.avg_amt_last_1w) == (5, 2.0)
+    # A card absent from a snapshot had no transactions that week: count 0, average missing.
+    f = store.read_features("d", "t", BASE + day + 1, 100)
+    assert f.num_trans_last_1w == 0 and math.isnan(f.avg_amt_last_1w)
+    store.write_snapshot(BASE + day, [("c", 7, 700)])  # rerun of a night replaces it
+    f = store.read_features("c", "t", BASE + day + 1, 100)
+    assert (f.num_trans_last_1w, f.sum_cents_last_1w) == (7, 700)
+    assert store.snapshot_cutoffs() == [BASE, BASE + day]
+    assert math.isnan(store.read_features("c", "t", BASE - 1, 100).num_trans_last_1w)
+
+
+def test_password_and_timeouts_are_passed_through():
+    from featurestore.config import RedisSettings
+
+    s = RedisSettings(password="pw", username="u", ssl=True, ssl_ca_certs="/ca.pem", socket_timeout_s=0.5)
+    kw = s.client_kwargs()
+    assert kw["password"] == "pw" and kw["username"] == "u" and kw["ssl"] is True
+    assert kw["ssl_ca_certs"] == "/ca.pem" and kw["socket_timeout"] == 0.5 and kw["socket_connect_timeout"] == 1.0
+    store = OnlineStore(RedisSettings(port=1, connect_timeout_s=0.2, socket_timeout_s=0.2))
+    with pytest.raises(redis.ConnectionError):
+        store.ping()

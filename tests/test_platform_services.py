@@ -1,0 +1,95 @@
+"""The platform: real Kafka and Redis round trips, the CLI, and no clear PAN in Redis or logs."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import uuid
+
+import pytest
+from kafka import KafkaConsumer, KafkaProducer
+
+from featurestore.entity import RedactPANFilter, entity_key, install_pan_redaction
+from featurestore.online import EventWrite
+from tests.conftest import REPO
+
+PAN = "4539578763621486"
+
+
+@pytest.mark.integration
+def test_kafka_produce_consume_and_redis_roundtrip(services, make_topic, online_store):
+    topic = make_topic("roundtrip", partitions=1)
+    producer = KafkaProducer(bootstrap_servers=services["bootstrap"], acks="all")
+    value = uuid.uuid4().hex.encode()
+    producer.send(topic, key=b"k", value=value, timestamp_ms=1_600_000_000_000).get(timeout=30)
+    producer.close()
+    consumer = KafkaConsumer(topic, bootstrap_servers=services["bootstrap"], auto_offset_reset="earliest",
+                             consumer_timeout_ms=20_000, group_id=f"g-{uuid.uuid4().hex[:6]}")
+    got = next(iter(consumer))
+    consumer.close()
+    assert (got.key, got.value, got.timestamp) == (b"k", value, 1_600_000_000_000)
+
+    online_store.redis.set(f"{online_store.keys.prefix}:probe", value)
+    assert online_store.redis.get(f"{online_store.keys.prefix}:probe") == value
+
+
+@pytest.mark.integration
+def test_no_clear_pan_in_redis_or_logs(online_store, caplog):
+    key = entity_key(PAN, "secret")
+    online_store.apply_events([EventWrite(key, "t1", 1_600_000_000_000, 0, 1000)])
+    online_store.write_snapshot(1_600_000_000_000, [(key, 1, 1000)])
+    r = online_store.redis
+    for k in r.scan_iter(match=f"{online_store.keys.prefix}:*"):
+        assert PAN.encode() not in k
+        kind = r.type(k).decode()
+        readers = {"hash": r.hgetall, "zset": lambda key: r.zrange(key, 0, -1), "string": r.get}
+        dump = readers[kind](k)
+        assert PAN not in repr(dump)
+    logger = logging.getLogger("velocity.pan-test")
+    install_pan_redaction()
+    caplog.handler.addFilter(RedactPANFilter())
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning("rejected transaction %s from card %s", "t1", PAN)
+    assert PAN not in caplog.text and "************1486" in caplog.text
+
+
+def _velocity(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "velocity_cli", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=180)
+
+
+@pytest.mark.e2e
+def test_services_cli_up_is_idempotent_and_status_shows_both(services):
+    up = _velocity("services", "up")
+    assert up.returncode == 0, up.stderr
+    assert "already listening" in up.stdout
+    status = _velocity("services", "status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert status.stdout.count("running") == 2
+
+
+@pytest.mark.e2e
+def test_every_command_has_help():
+    import velocity_cli
+
+    def walk(group, path):
+        for cmd in group.registered_commands:
+            yield [*path, cmd.name or cmd.callback.__name__]
+        for sub in group.registered_groups:
+            yield [*path, sub.name]
+            yield from walk(sub.typer_instance, [*path, sub.name])
+
+    commands = list(walk(velocity_cli.app, []))
+    assert {"services", "features", "generate", "replay", "stream", "batch", "train", "serve", "demo"} <= {
+        c[0] for c in commands
+    }
+    for cmd in commands + [[]]:
+        res = _velocity(*cmd, "--help")
+        assert res.returncode == 0 and "Usage" in res.stdout, (cmd, res.stderr)
+
+
+@pytest.mark.e2e
+def test_features_key_never_prints_the_pan():
+    res = _velocity("features", "key", PAN)
+    assert res.returncode == 0 and PAN not in res.stdout and "1486" in res.stdout

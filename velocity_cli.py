@@ -1,0 +1,63 @@
+"""The `velocity` command: one CLI assembled from each package's own commands."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import typer
+
+from featurestore.cli import app as features_app
+
+app = typer.Typer(
+    help="Velocity: a streaming feature store with real-time card-fraud scoring.\n\n"
+    "Configuration comes from flags and VELOCITY_* environment variables (see README).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _register() -> None:
+    from velocity_scripts.cli import app as services_app
+
+    from batch.cli import register as register_batch
+    from ingest.cli import register as register_ingest
+    from serving.cli import register as register_serving
+    from streaming.cli import register as register_streaming
+
+    app.add_typer(services_app, name="services")
+    app.add_typer(features_app, name="features")
+    register_ingest(app)
+    register_streaming(app)
+    register_batch(app, features_app)
+    register_serving(app)
+
+
+def _configure_logging() -> None:
+    from featurestore.entity import install_pan_redaction
+
+    logging.basicConfig(
+        level=os.environ.get("VELOCITY_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    install_pan_redaction()
+    # kafka-python and aiokafka narrate every connection at INFO; keep their warnings only.
+    for noisy in ("kafka", "aiokafka"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+_register()
+
+
+def main() -> None:
+    _configure_logging()
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
