@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from featurestore.config import KafkaSettings
@@ -20,10 +21,8 @@ def ensure_topics(bootstrap: str, topics: dict[str, int], timeout_ms: int = 15_0
         existing = set(admin.list_topics())
         missing = [NewTopic(name, parts, 1) for name, parts in topics.items() if name not in existing]
         if missing:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):  # another process won the race
                 admin.create_topics(missing)
-            except TopicAlreadyExistsError:  # another process won the race
-                pass
             log.info("created topics %s", ", ".join(t.name for t in missing))
         return [t.name for t in missing]
     finally:

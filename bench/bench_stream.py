@@ -1,0 +1,154 @@
+"""Stream worker throughput and freshness against the real broker and Redis.
+
+    .venv/bin/python -m bench.bench_stream [--events 400000] [--rate 5000] [--seconds 30]
+
+Phase 1 (throughput): pre-produce N transactions to a fresh 4-partition topic, start one `velocity stream`
+worker process, and time from its first processed event to the last (sustained events/s, one process).
+Phase 2 (freshness): a paced producer sends live events (Kafka timestamp = send time) at a fixed rate; the
+worker's own metric reports event-produced -> visible-in-Redis p99 over the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import orjson
+from kafka import KafkaProducer
+
+from bench.results import update
+from featurestore.entity import EntityKeyer
+from featurestore.topics import ensure_topics
+
+REPO = Path(__file__).resolve().parent.parent
+BOOT = os.environ.get("VELOCITY_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+SECRET = "bench-secret"
+
+
+def metric(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def wait_metrics(port: int, timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            metric(port, "velocity_stream_events_total")
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit("worker metrics never came up")
+
+
+def producer() -> KafkaProducer:
+    return KafkaProducer(bootstrap_servers=BOOT, acks="all", linger_ms=5, batch_size=512 * 1024,
+                         compression_type="gzip", max_in_flight_requests_per_connection=5)
+
+
+def messages(n: int, cards: int, t0: int, keyer: EntityKeyer, live: bool = False):
+    pans = [f"4{i:015d}" for i in range(cards)]
+    keys = [keyer(p).encode() for p in pans]
+    for i in range(n):
+        c = i % cards
+        ts = int(time.time() * 1000) if live else t0 + i * 50
+        v = orjson.dumps({"txn_id": f"b{t0}-{i}", "cc_num": pans[c], "amount": round(5 + (i % 97) * 1.37, 2),
+                          "ts": ts, "merchant": "m", "category": "grocery_pos"})
+        yield keys[c], v, ts
+
+
+def start_worker(topic: str, prefix: str, port: int, offline: Path) -> subprocess.Popen:
+    env = {**os.environ, "VELOCITY_ENTITY_SECRET": SECRET}
+    cmd = [str(REPO / ".venv/bin/velocity"), "stream", "--topic", topic, "--dlq-topic", f"{topic}.dlq",
+           "--group", f"bench-{topic}", "--key-prefix", prefix, "--metrics-port", str(port),
+           "--offline-dir", str(offline), "--log-level", "warning"]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(offline / "worker.log", "w"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=400_000)
+    ap.add_argument("--cards", type=int, default=10_000)
+    ap.add_argument("--rate", type=int, default=5000)
+    ap.add_argument("--seconds", type=int, default=30)
+    ap.add_argument("--port", type=int, default=9480)
+    ap.add_argument("--no-record", action="store_true")
+    args = ap.parse_args()
+
+    run = uuid.uuid4().hex[:8]
+    topic, prefix = f"bench.stream.{run}", f"bench:{run}"
+    offline = REPO / "bench" / "out" / f"stream-{run}"
+    offline.mkdir(parents=True, exist_ok=True)
+    ensure_topics(BOOT, {topic: 4, f"{topic}.dlq": 4})
+    keyer = EntityKeyer(SECRET)
+
+    print(f"producing {args.events:,} events to {topic} ...", flush=True)
+    prod = producer()
+    for k, v, ts in messages(args.events, args.cards, 1_600_000_000_000, keyer):
+        prod.send(topic, key=k, value=v, timestamp_ms=ts)
+    prod.flush()
+
+    worker = start_worker(topic, prefix, args.port, offline)
+    try:
+        wait_metrics(args.port)
+        first = None
+        while True:
+            n = metric(args.port, "velocity_stream_events_total")
+            now = time.perf_counter()
+            if n > 0 and first is None:
+                first, n_first = now, n
+            if n >= args.events:
+                break
+            if worker.poll() is not None:
+                raise SystemExit("worker died; see " + str(offline / "worker.log"))
+            time.sleep(0.05)
+        tps = (args.events - n_first) / (now - first)
+        print(f"throughput: {tps:,.0f} events/s (one worker process, {args.events:,} events, {args.cards:,} cards)")
+
+        print(f"freshness: live events at {args.rate}/s for {args.seconds}s ...", flush=True)
+        live = KafkaProducer(bootstrap_servers=BOOT, acks=1, linger_ms=1)
+        gen = messages(args.rate * args.seconds, args.cards, int(time.time() * 1000), keyer, live=True)
+        start = time.perf_counter()
+        for i, (k, v, _) in enumerate(gen):
+            due = start + i / args.rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            live.send(topic, key=k, value=v)  # timestamp = now (CreateTime)
+        live.flush()
+        sent_s = time.perf_counter() - start
+        target = args.events + args.rate * args.seconds
+        end = time.monotonic() + 60
+        while metric(args.port, "velocity_stream_events_total") < target and time.monotonic() < end:
+            time.sleep(0.05)
+        p99 = metric(args.port, "velocity_stream_freshness_p99_ms")
+        text = urllib.request.urlopen(f"http://127.0.0.1:{args.port}/metrics", timeout=5).read().decode()
+        buckets = {float(m.group(1)): float(m.group(2)) for m in
+                   re.finditer(r'velocity_stream_freshness_seconds_bucket\{le="([0-9.e+-]+)"\} ([0-9.e+]+)', text)}
+        print(f"freshness p99 (last 20k live events): {p99:.1f} ms at {args.rate * args.seconds / sent_s:,.0f}/s "
+              f"achieved send rate; histogram: {json.dumps(buckets)}")
+        if not args.no_record:
+            update(stream_tps=round(tps), stream_freshness_p99_ms_at_5k=round(p99, 1))
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

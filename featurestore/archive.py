@@ -1,0 +1,195 @@
+"""The stream's raw-transaction archive in the offline store: Parquet partitioned by event date.
+
+Rows are appended per batch to a JSON-lines spool file (a killed worker loses nothing that was acknowledged,
+since the spool is written before the batch's offsets can be committed) and rolled into Parquet files under
+`archive/date=YYYY-MM-DD/` by size or age, atomically (temp file + rename). A crash between writing Parquet and
+removing the spool, or a redelivered batch, can leave a transaction twice: readers deduplicate by `txn_id`,
+keeping the row with the smallest (partition, offset) (see `read_archive`). Cards' PANs are never archived,
+only entity keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import orjson
+import pyarrow as pa
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+ARCHIVE_SCHEMA = pa.schema([
+    ("txn_id", pa.string()),
+    ("card", pa.string()),
+    ("amount", pa.float64()),
+    ("amount_cents", pa.int64()),
+    ("ts", pa.int64()),
+    ("merchant", pa.string()),
+    ("category", pa.string()),
+    ("fraud_label", pa.int8()),
+    ("late", pa.bool_()),
+    ("partition", pa.int32()),
+    ("offset", pa.int64()),
+    ("archived_ms", pa.int64()),
+])
+ARCHIVE_COLUMNS = tuple(ARCHIVE_SCHEMA.names)
+DAY_MS = 86_400_000
+
+
+def archive_dir(offline_dir: Path) -> Path:
+    return Path(offline_dir) / "archive"
+
+
+def _date_of(ts_ms: int) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(ts_ms // 1000))
+
+
+class ArchiveWriter:
+    """Appends archive rows to a spool and rolls them into date-partitioned Parquet files."""
+
+    def __init__(self, offline_dir: Path, *, roll_bytes: int = 32 << 20, roll_seconds: float = 60.0,
+                 fsync: bool = False) -> None:
+        self.root = archive_dir(offline_dir)
+        self.spool_dir = self.root / "_spool"
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.roll_bytes = roll_bytes
+        self.roll_seconds = roll_seconds
+        self.fsync = fsync
+        self._name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._fh = None
+        self._opened_at = 0.0
+        self._bytes = 0
+        self.rows_written = 0
+
+    def _open(self) -> None:
+        path = self.spool_dir / f"{self._name}-{time.time_ns()}.jsonl"
+        self._fh = open(path, "ab")  # noqa: SIM115 - kept open across batches on purpose
+        self._path = path
+        self._opened_at = time.monotonic()
+        self._bytes = 0
+
+    def append(self, rows: Sequence[dict]) -> None:
+        """Durably (to the OS) append one batch's rows; call before the batch's offsets may be committed."""
+        if not rows:
+            return
+        if self._fh is None:
+            self._open()
+        data = b"".join(orjson.dumps(r) + b"\n" for r in rows)
+        self._fh.write(data)
+        self._fh.flush()
+        if self.fsync:
+            os.fsync(self._fh.fileno())
+        self._bytes += len(data)
+        self.rows_written += len(rows)
+
+    def should_roll(self) -> bool:
+        return self._fh is not None and (
+            self._bytes >= self.roll_bytes or time.monotonic() - self._opened_at >= self.roll_seconds
+        )
+
+    def detach(self) -> Path | None:
+        """Close the current spool and return it for rolling; the next append opens a new one."""
+        if self._fh is None:
+            return None
+        self._fh.close()
+        self._fh = None
+        return self._path
+
+    def close(self) -> None:
+        path = self.detach()
+        if path:
+            roll_spool(path, self.root)
+
+
+def roll_spool(spool: Path, root: Path) -> int:
+    """Turn one spool file into Parquet files, one per event date, then delete it. Returns rows rolled."""
+    table = read_spool(spool)
+    if table.num_rows:
+        dates = [_date_of(t) for t in table.column("ts").to_pylist()]
+        import pyarrow.compute as pc
+
+        date_col = pa.array(dates)
+        for day in sorted(set(dates)):
+            part = table.filter(pc.equal(date_col, day))
+            out_dir = root / f"date={day}"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            final = out_dir / f"part-{spool.stem}.parquet"
+            tmp = out_dir / f".{final.name}.tmp"
+            pq.write_table(part, tmp, compression="zstd")
+            os.replace(tmp, final)  # a rerun after a crash overwrites the same file, no duplicate
+    spool.unlink(missing_ok=True)
+    return table.num_rows
+
+
+def read_spool(spool: Path) -> pa.Table:
+    """Read a spool, ignoring a torn last line left by a killed writer."""
+    raw = spool.read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        raw = raw[: raw.rfind(b"\n") + 1]
+    if not raw:
+        return ARCHIVE_SCHEMA.empty_table()
+    opts = pajson.ParseOptions(explicit_schema=ARCHIVE_SCHEMA, unexpected_field_behavior="ignore")
+    table = pajson.read_json(pa.BufferReader(raw), parse_options=opts)
+    return table.select(list(ARCHIVE_COLUMNS)).cast(ARCHIVE_SCHEMA)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_spools(root: Path) -> int:
+    """Roll spools left behind by dead workers (a live worker's spool, named by its pid, is left alone).
+
+    Claiming by rename makes this safe when several workers start at once.
+    """
+    spool_dir = root / "_spool"
+    if not spool_dir.exists():
+        return 0
+    rows = 0
+    for spool in sorted(spool_dir.glob("*.jsonl")):
+        owner = spool.name.split("-", 1)[0]
+        if owner.isdigit() and int(owner) != os.getpid() and _pid_alive(int(owner)):
+            continue
+        claimed = spool.with_name(f"{spool.stem}.recovering{os.getpid()}")
+        try:
+            os.rename(spool, claimed)
+        except FileNotFoundError:
+            continue  # another worker claimed it
+        rows += roll_spool(claimed, root)
+        log.info("recovered %s archived rows from %s", rows, spool.name)
+    return rows
+
+
+def read_archive(offline_dir: Path, columns: Iterable[str] | None = None):
+    """The archive as a DuckDB relation-ready pandas frame, deduplicated by txn_id (smallest partition, offset)."""
+    import duckdb
+
+    root = archive_dir(offline_dir)
+    files = sorted(str(p) for p in root.glob("date=*/*.parquet"))
+    cols = ", ".join(columns or ARCHIVE_COLUMNS)
+    if not files:
+        return ARCHIVE_SCHEMA.empty_table().to_pandas()[list(columns or ARCHIVE_COLUMNS)]
+    con = duckdb.connect()
+    try:
+        return con.execute(
+            f"""
+            SELECT {cols} FROM read_parquet(?, union_by_name = true)
+            QUALIFY row_number() OVER (PARTITION BY txn_id ORDER BY "partition", "offset") = 1
+            ORDER BY ts, "partition", "offset"
+            """,
+            [files],
+        ).df()
+    finally:
+        con.close()

@@ -1,0 +1,171 @@
+"""`velocity stream`: the faust app. Short on purpose: the semantics live in featurestore/."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faust
+
+from featurestore.archive import ArchiveWriter, archive_dir, recover_spools
+from featurestore.config import RedisSettings, get_settings
+from featurestore.entity import EntityKeyer
+from featurestore.online import DEFAULT_RETENTION_MS, AsyncOnlineStore
+from featurestore.stream_batch import RawMessage
+from featurestore.topics import ensure_topics
+from streaming import metrics
+from streaming.aggregator import Aggregator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamConfig:
+    group: str = "velocity-stream"
+    bootstrap: str = "127.0.0.1:9092"
+    topic: str = "transactions"
+    dlq_topic: str = "transactions.dlq"
+    partitions: int = 4
+    batch_size: int = 2000
+    batch_within_s: float = 0.02
+    commit_interval_s: float = 1.0
+    metrics_port: int = 9464
+    offline_dir: Path | None = None  # None: no archive
+    archive_roll_bytes: int = 32 << 20
+    archive_roll_s: float = 60.0
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    key_prefix: str | None = None
+    allowed_lateness_ms: int = 600_000
+    retention_ms: int = DEFAULT_RETENTION_MS
+    entity_secret: str = ""
+    datadir: Path = Path(".velocity/faust")
+
+
+def make_aggregator(cfg: StreamConfig, dlq_send) -> Aggregator:
+    store = AsyncOnlineStore(cfg.redis, prefix=cfg.key_prefix, allowed_lateness_ms=cfg.allowed_lateness_ms,
+                             retention_ms=cfg.retention_ms)
+    archive = None
+    if cfg.offline_dir is not None:
+        archive = ArchiveWriter(cfg.offline_dir, roll_bytes=cfg.archive_roll_bytes, roll_seconds=cfg.archive_roll_s)
+    return Aggregator(store, EntityKeyer(cfg.entity_secret), dlq_send, archive)
+
+
+def build_app(cfg: StreamConfig) -> faust.App:
+    app = faust.App(
+        cfg.group,
+        broker=f"kafka://{cfg.bootstrap}",
+        store="memory://",
+        web_enabled=False,  # no faust web server, no table views; metrics have their own port
+        datadir=str(cfg.datadir / cfg.group),
+        topic_partitions=cfg.partitions,
+        topic_disable_leader=True,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=cfg.commit_interval_s,
+        broker_commit_every=max(cfg.batch_size, 1000),
+        broker_max_poll_records=cfg.batch_size,
+        stream_buffer_maxsize=max(4 * cfg.batch_size, 8192),
+        stream_recovery_delay=0.0,
+        stream_wait_empty=False,
+        producer_acks=-1,
+        producer_linger=0.005,
+        key_serializer="raw",
+        value_serializer="raw",
+    )
+    source = app.topic(cfg.topic, key_serializer="raw", value_serializer="raw")
+    dlq = app.topic(cfg.dlq_topic, key_serializer="raw", value_serializer="raw", partitions=cfg.partitions)
+    state: dict = {}
+
+    async def dlq_send(msg: RawMessage, reason: str, detail: str) -> None:
+        headers = [("reason", reason.encode()), ("detail", detail.encode()[:500]),
+                   ("source", f"{cfg.topic}/{msg.partition}/{msg.offset}".encode())]
+        fut = await dlq.send(key=msg.key, value=msg.value if msg.value is not None else b"", headers=headers)
+        await fut
+
+    def aggregator() -> Aggregator:
+        # Created inside the running loop: the asyncio Redis client binds to it.
+        if "agg" not in state:
+            state["agg"] = make_aggregator(cfg, dlq_send)
+        return state["agg"]
+
+    @app.agent(source)
+    async def aggregate(stream):
+        agg = aggregator()
+        consumer = app.consumer
+        async for events in stream.take_events(cfg.batch_size, within=cfg.batch_within_s):
+            messages = [
+                RawMessage(e.message.key, e.message.value, e.message.partition, e.message.offset,
+                           int(e.message.timestamp * 1000))
+                for e in events
+            ]
+            await agg.process(messages)
+            last: dict = {}
+            for e in events:
+                last[e.message.tp] = e.message.offset
+            for tp, offset in last.items():
+                high = consumer.highwater(tp)
+                if high is not None:
+                    metrics.LAG.labels(str(tp.partition)).set(max(high - offset - 1, 0))
+
+    @app.on_before_shutdown.connect
+    async def _close(app, **kwargs) -> None:  # noqa: ARG001 - signal signature
+        if "agg" in state:
+            await state.pop("agg").close()
+
+    return app
+
+
+def prepare(cfg: StreamConfig) -> None:
+    """Before the worker starts: topics exist, metrics are served, a dead predecessor's spool is archived."""
+    (cfg.datadir / cfg.group).mkdir(parents=True, exist_ok=True)
+    ensure_topics(cfg.bootstrap, {cfg.topic: cfg.partitions, cfg.dlq_topic: cfg.partitions})
+    if cfg.offline_dir is not None:
+        rows = recover_spools(archive_dir(cfg.offline_dir))
+        if rows:
+            log.info("archived %d rows left in the spool by a previous worker", rows)
+    if cfg.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(cfg.metrics_port, addr="127.0.0.1")
+        log.info("metrics on http://127.0.0.1:%d/metrics", cfg.metrics_port)
+
+
+def _use_uvloop() -> None:
+    """faust spends most of its per-message time in event-loop scheduling; uvloop makes that several times cheaper."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a pinned dependency; keep working without it
+        log.warning("uvloop not installed: the worker runs on the default asyncio loop (slower)")
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    asyncio.set_event_loop(asyncio.new_event_loop())
+
+
+def run(cfg: StreamConfig, loglevel: str = "info", engine: str = "faust") -> None:
+    """Run the worker until SIGTERM/SIGINT; offsets of processed batches are committed as it goes."""
+    prepare(cfg)
+    _use_uvloop()
+    if engine == "aiokafka":
+        from streaming.batch_consumer import run_batch_engine
+
+        logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s")
+        run_batch_engine(cfg, lambda send: make_aggregator(cfg, send))
+        return
+    app = build_app(cfg)
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    worker.execute_from_commandline()
+
+
+def default_config(**overrides) -> StreamConfig:
+    s = get_settings()
+    base = StreamConfig(
+        bootstrap=s.kafka.bootstrap, topic=s.kafka.topic_transactions, dlq_topic=s.kafka.topic_dlq,
+        partitions=s.kafka.partitions, redis=s.redis, allowed_lateness_ms=s.allowed_lateness_ms,
+        entity_secret=s.entity_secret, offline_dir=s.offline_dir, datadir=s.run_dir / "faust",
+    )
+    for k, v in overrides.items():
+        setattr(base, k, v)
+    return base
+
+
