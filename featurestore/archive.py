@@ -68,7 +68,7 @@ class ArchiveWriter:
         self.rows_written = 0
 
     def _open(self) -> None:
-        path = self.spool_dir / f"{self._name}-{time.time_ns()}.jsonl"
+        path = self.spool_dir / f"{self._name}-{time.time_ns():x}.jsonl"
         self._fh = open(path, "ab")  # noqa: SIM115 - kept open across batches on purpose
         self._path = path
         self._opened_at = time.monotonic()
@@ -178,7 +178,7 @@ def read_archive(offline_dir: Path, columns: Iterable[str] | None = None):
 
     root = archive_dir(offline_dir)
     files = sorted(str(p) for p in root.glob("date=*/*.parquet"))
-    cols = ", ".join(columns or ARCHIVE_COLUMNS)
+    cols = ", ".join(f'"{c}"' for c in (columns or ARCHIVE_COLUMNS))
     if not files:
         return ARCHIVE_SCHEMA.empty_table().to_pandas()[list(columns or ARCHIVE_COLUMNS)]
     con = duckdb.connect()

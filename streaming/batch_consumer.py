@@ -74,7 +74,8 @@ class BatchRunner:
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=cfg.bootstrap, group_id=cfg.group, enable_auto_commit=False,
             auto_offset_reset="earliest", max_poll_records=cfg.batch_size, fetch_max_wait_ms=int(cfg.batch_within_s * 1000),
-            max_partition_fetch_bytes=4 << 20,
+            max_partition_fetch_bytes=4 << 20, session_timeout_ms=int(cfg.session_timeout_s * 1000),
+            heartbeat_interval_ms=int(max(cfg.session_timeout_s / 3.0, 1.0) * 1000),
         )
         await self.producer.start()
         self.agg = self.make_aggregator(self.dlq_send)

@@ -31,6 +31,8 @@ class StreamConfig:
     batch_size: int = 2000
     batch_within_s: float = 0.02
     commit_interval_s: float = 1.0
+    #: A killed worker's partitions move to the survivors after this long (Kafka's session timeout).
+    session_timeout_s: float = 10.0
     metrics_port: int = 9464
     offline_dir: Path | None = None  # None: no archive
     archive_roll_bytes: int = 32 << 20
@@ -63,6 +65,8 @@ def build_app(cfg: StreamConfig) -> faust.App:
         topic_disable_leader=True,
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=cfg.commit_interval_s,
+        broker_session_timeout=cfg.session_timeout_s,
+        broker_heartbeat_interval=max(cfg.session_timeout_s / 3.0, 1.0),
         broker_commit_every=max(cfg.batch_size, 1000),
         broker_max_poll_records=cfg.batch_size,
         stream_buffer_maxsize=max(4 * cfg.batch_size, 8192),
