@@ -70,11 +70,11 @@ def messages(n: int, cards: int, t0: int, keyer: EntityKeyer, live: bool = False
         yield keys[c], v, ts
 
 
-def start_worker(topic: str, prefix: str, port: int, offline: Path) -> subprocess.Popen:
+def start_worker(topic: str, prefix: str, port: int, offline: Path, engine: str) -> subprocess.Popen:
     env = {**os.environ, "VELOCITY_ENTITY_SECRET": SECRET}
     cmd = [str(REPO / ".venv/bin/velocity"), "stream", "--topic", topic, "--dlq-topic", f"{topic}.dlq",
            "--group", f"bench-{topic}", "--key-prefix", prefix, "--metrics-port", str(port),
-           "--offline-dir", str(offline), "--log-level", "warning"]
+           "--offline-dir", str(offline), "--log-level", "warning", "--engine", engine]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(offline / "worker.log", "w"))
 
 
@@ -85,6 +85,7 @@ def main() -> None:
     ap.add_argument("--rate", type=int, default=5000)
     ap.add_argument("--seconds", type=int, default=30)
     ap.add_argument("--port", type=int, default=9480)
+    ap.add_argument("--engine", choices=["aiokafka", "faust"], default="aiokafka")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
 
@@ -101,7 +102,7 @@ def main() -> None:
         prod.send(topic, key=k, value=v, timestamp_ms=ts)
     prod.flush()
 
-    worker = start_worker(topic, prefix, args.port, offline)
+    worker = start_worker(topic, prefix, args.port, offline, args.engine)
     try:
         wait_metrics(args.port)
         first = None
@@ -114,9 +115,9 @@ def main() -> None:
                 break
             if worker.poll() is not None:
                 raise SystemExit("worker died; see " + str(offline / "worker.log"))
-            time.sleep(0.05)
+            time.sleep(0.25)  # scraping /metrics costs the worker CPU: do not poll it hard
         tps = (args.events - n_first) / (now - first)
-        print(f"throughput: {tps:,.0f} events/s (one worker process, {args.events:,} events, {args.cards:,} cards)")
+        print(f"throughput [{args.engine}]: {tps:,.0f} events/s (one worker process, {args.events:,} events, {args.cards:,} cards)")
 
         print(f"freshness: live events at {args.rate}/s for {args.seconds}s ...", flush=True)
         live = KafkaProducer(bootstrap_servers=BOOT, acks=1, linger_ms=1)
@@ -140,7 +141,7 @@ def main() -> None:
                    re.finditer(r'velocity_stream_freshness_seconds_bucket\{le="([0-9.e+-]+)"\} ([0-9.e+]+)', text)}
         print(f"freshness p99 (last 20k live events): {p99:.1f} ms at {args.rate * args.seconds / sent_s:,.0f}/s "
               f"achieved send rate; histogram: {json.dumps(buckets)}")
-        if not args.no_record:
+        if not args.no_record and args.engine == "aiokafka":
             update(stream_tps=round(tps), stream_freshness_p99_ms_at_5k=round(p99, 1))
     finally:
         worker.send_signal(signal.SIGTERM)

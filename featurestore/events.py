@@ -58,7 +58,34 @@ def _text(obj: dict, name: str, max_len: int = 256) -> str:
 
 
 def validate_transaction(obj: object) -> Transaction:
-    """Check a decoded message against the contract; raise InvalidEvent(reason, detail) if it breaks it."""
+    """Check a decoded message against the contract; raise InvalidEvent(reason, detail) if it breaks it.
+
+    The stream worker calls this for every message, so well-formed events take one flat path of cheap type
+    checks; anything unusual falls through to `_validate_slowly`, which names the exact problem.
+    """
+    if type(obj) is dict:
+        try:
+            txn_id, cc, amount, ts = obj["txn_id"], obj["cc_num"], obj["amount"], obj["ts"]
+            merchant, category = obj["merchant"], obj["category"]
+        except KeyError:
+            pass
+        else:
+            label = obj.get("fraud_label")
+            if (
+                type(txn_id) is str and 0 < len(txn_id) <= 128
+                and type(cc) is str and 12 <= len(cc) <= 19 and cc.isdigit() and cc.isascii()
+                and type(amount) in (float, int) and 0 < amount <= MAX_AMOUNT
+                and abs(amount * 100 - round(amount * 100)) <= 1e-6 * max(1.0, amount)
+                and type(ts) is int and MIN_TS_MS <= ts < MAX_TS_MS
+                and type(merchant) is str and 0 < len(merchant) <= 256
+                and type(category) is str and 0 < len(category) <= 256
+                and (label is None or (type(label) is int and label in (0, 1)))
+            ):
+                return Transaction(txn_id, cc, float(amount), ts, merchant, category, label)
+    return _validate_slowly(obj)
+
+
+def _validate_slowly(obj: object) -> Transaction:
     if not isinstance(obj, dict):
         raise InvalidEvent("not_object", f"expected a JSON object, got {type(obj).__name__}")
     missing = [f for f in REQUIRED_FIELDS if f not in obj]
@@ -66,7 +93,7 @@ def validate_transaction(obj: object) -> Transaction:
         raise InvalidEvent("missing_field", "missing " + ", ".join(missing))
     txn_id = _text(obj, "txn_id", 128)
     cc_num = obj["cc_num"]
-    if not isinstance(cc_num, str) or not cc_num.isdigit() or not 12 <= len(cc_num) <= 19:
+    if not isinstance(cc_num, str) or not (cc_num.isdigit() and cc_num.isascii()) or not 12 <= len(cc_num) <= 19:
         raise InvalidEvent("bad_field", "cc_num must be a string of 12-19 digits")
     amount = obj["amount"]
     if isinstance(amount, bool) or not isinstance(amount, int | float):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from importlib import resources
 
+import orjson
 import redis
 import redis.asyncio as aioredis
 
@@ -108,10 +109,8 @@ def fold_read(reply: Sequence, txn_id: str, ts: int, amount_cents: int, window_m
 
 
 def _apply_args(prefix: str, events: Sequence[EventWrite], lateness: int, retention: int) -> list:
-    args: list = [prefix, lateness, retention, CARD_AGG_10M.ttl_s, CARD_AGG_10M.window_ms]
-    for e in events:
-        args += (e.card, e.txn_id, e.ts, e.seq, e.amount_cents)
-    return args
+    packed = orjson.dumps([(e.card, e.txn_id, e.ts, e.seq, e.amount_cents) for e in events])
+    return [prefix, lateness, retention, CARD_AGG_10M.ttl_s, CARD_AGG_10M.window_ms, int(time.time()), packed]
 
 
 class _Keys:

@@ -60,9 +60,16 @@ class Aggregator:
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.max_backoff_s)
 
+    def prepare(self, messages: Sequence[RawMessage]):
+        """CPU-only half of a batch; the batched engine runs it while Redis still works on the previous one."""
+        return messages, prepare_batch(messages, self.keyer), time.perf_counter()
+
     async def process(self, messages: Sequence[RawMessage]) -> BatchResult:
-        started = time.perf_counter()
-        batch = prepare_batch(messages, self.keyer)
+        return await self.apply(self.prepare(messages))
+
+    async def apply(self, prepared) -> BatchResult:
+        """Redis write, archive append and DLQ sends of a prepared batch; returns once all are done."""
+        messages, batch, started = prepared
         statuses = await self._apply_with_retry(batch.writes) if batch.writes else []
         visible_ms = time.time() * 1000.0
 

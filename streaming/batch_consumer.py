@@ -52,8 +52,8 @@ class BatchRunner:
         fut = await self.producer.send(self.cfg.dlq_topic, key=msg.key, value=msg.value or b"", headers=headers)
         await fut
 
-    async def _process_and_commit(self, messages: list[RawMessage], offsets: dict) -> None:
-        await self.agg.process(messages)
+    async def _process_and_commit(self, prepared, offsets: dict) -> None:
+        await self.agg.apply(prepared)
         await self.consumer.commit({tp: OffsetAndMetadata(off + 1, "") for tp, off in offsets.items()})
         for tp, off in offsets.items():
             high = self.consumer.highwater(tp)
@@ -94,9 +94,10 @@ class BatchRunner:
                     for r in records:
                         messages.append(RawMessage(r.key, r.value, tp.partition, r.offset, r.timestamp))
                     offsets[tp] = records[-1].offset
-                # One batch in flight: its Redis round trip overlaps with fetching and decoding the next.
+                # One batch in flight: its Redis round trip overlaps with fetching and validating the next.
+                prepared = self.agg.prepare(messages)
                 await self.finish_pending()
-                self._pending = asyncio.get_running_loop().create_task(self._process_and_commit(messages, offsets))
+                self._pending = asyncio.get_running_loop().create_task(self._process_and_commit(prepared, offsets))
             await self.finish_pending()
         finally:
             await self.agg.close()
