@@ -115,7 +115,7 @@ class Aggregator:
             for v in live:
                 metrics.FRESHNESS.observe(v / 1000.0)
             self.freshness.extend(live)
-            metrics.FRESHNESS_P99.set(self.freshness.p99())
+            metrics.FRESHNESS_P99.set(self.freshness.p99(time.monotonic()))
 
     def _roll_in_background(self) -> None:
         spool = self.archive.detach()
