@@ -1,0 +1,163 @@
+"""Ingest: the generator's guarantees, and replay through the real broker consumed back and compared."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from featurestore.entity import EntityKeyer
+from ingest.generate import SCHEMA, GenerateConfig, generate_history, write_history
+from ingest.history import HistoryError, load_history
+from ingest.profiles import luhn_valid
+from tests.conftest import REPO
+
+SMALL = GenerateConfig(cards=300, days=20, start=dt.date(2020, 3, 1), seed=5, fraud_rate=0.01)
+
+
+@pytest.fixture(scope="module")
+def small():
+    return generate_history(SMALL)
+
+
+@pytest.mark.unit
+def test_same_seed_gives_identical_file(tmp_path):
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    write_history(generate_history(SMALL).table, a)
+    write_history(generate_history(SMALL).table, b)
+    assert hashlib.sha256(a.read_bytes()).digest() == hashlib.sha256(b.read_bytes()).digest()
+    other = generate_history(GenerateConfig(**{**SMALL.__dict__, "seed": 6})).table
+    assert not other.equals(pq.read_table(a))
+
+
+@pytest.mark.unit
+def test_schema_sorted_unique_and_luhn(small):
+    t = small.table
+    assert t.schema.equals(SCHEMA)
+    ts = t.column("ts").to_numpy()
+    assert (np.diff(ts) >= 0).all()
+    assert len(set(t.column("txn_id").to_pylist())) == t.num_rows
+    pans = set(t.column("cc_num").to_pylist())
+    assert len(pans) <= SMALL.cards and all(len(p) == 16 and p[0] == "4" and luhn_valid(p) for p in pans)
+    amounts = t.column("amount").to_numpy()
+    assert (amounts > 0).all() and np.allclose(amounts, np.round(amounts, 2))
+    start = int(dt.datetime(2020, 3, 1, tzinfo=dt.UTC).timestamp() * 1000)
+    assert ts.min() >= start and ts.max() < start + SMALL.days * 86_400_000 + 3_600_000
+
+
+@pytest.mark.unit
+def test_fraud_rate_and_chains_within_bounds(small):
+    t = small.table
+    labels = t.column("fraud_label").to_numpy()
+    rate = labels.mean()
+    assert 0.006 < rate < 0.015  # configured 1%
+    chain = small.chain_of_row
+    assert ((chain >= 0) == (labels == 1)).all()
+    cards = t.column("cc_num").to_numpy(zero_copy_only=False)
+    ts = t.column("ts").to_numpy()
+    fast = small.chains.column("fast").to_numpy()
+    for cid in np.unique(chain[chain >= 0]):
+        rows = np.flatnonzero(chain == cid)
+        assert SMALL.chain_min <= rows.size <= SMALL.chain_max
+        assert len(set(cards[rows])) == 1, "a chain stays on its victim card"
+        gaps = np.diff(ts[rows]) / 1000
+        lo, hi = (1, 10) if fast[cid] else (SMALL.gap_min_s, SMALL.gap_max_s)
+        assert ((gaps >= lo - 0.001) & (gaps <= hi + 0.001)).all(), (cid, gaps)
+
+
+@pytest.mark.unit
+def test_legitimate_rows_untouched_by_fraud():
+    clean = generate_history(GenerateConfig(**{**SMALL.__dict__, "fraud_rate": 0.0})).table
+    with_fraud = generate_history(SMALL)
+    legit = with_fraud.table.filter(pa.array(with_fraud.chain_of_row < 0))
+    for col in ("cc_num", "amount", "ts", "merchant", "category"):
+        assert legit.column(col).to_pylist() == clean.column(col).to_pylist()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("problem", ["missing", "not_parquet", "missing_column", "unsorted", "dup_ids", "negative"])
+def test_bad_input_files_give_clear_errors(tmp_path, small, problem):
+    path = tmp_path / "h.parquet"
+    t = small.table.slice(0, 50)
+    if problem == "not_parquet":
+        path.write_text("hello")
+    elif problem == "missing_column":
+        pq.write_table(t.drop(["amount"]), path)
+    elif problem == "unsorted":
+        pq.write_table(t.take(pa.array(list(range(49, -1, -1)))), path)
+    elif problem == "dup_ids":
+        ids = t.column("txn_id").to_pylist()
+        ids[3] = ids[2]
+        pq.write_table(t.set_column(0, "txn_id", pa.array(ids)), path)
+    elif problem == "negative":
+        pq.write_table(t.set_column(2, "amount", pa.array([-1.0] * 50)), path)
+    with pytest.raises(HistoryError) as info:
+        load_history(path)
+    assert str(path) in str(info.value)
+    res = subprocess.run([sys.executable, "-m", "velocity_cli", "replay", "--input", str(path), "--topic",
+                          "never-created-topic"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert res.returncode == 2 and str(path) in res.stderr.replace("\n", "") and "Traceback" not in res.stderr
+
+
+@pytest.mark.integration
+def test_replay_delivers_every_row_once_in_order_with_keys_and_timestamps(services, make_topic, small):
+    from kafka import KafkaConsumer
+
+    from ingest.replay import replay_table
+
+    topic = make_topic("replay")
+    table = small.table
+    stats = replay_table(table, bootstrap=services["bootstrap"], topic=topic, secret="k")
+    assert (stats.sent, stats.failed) == (table.num_rows, 0)
+    consumer = KafkaConsumer(topic, bootstrap_servers=services["bootstrap"], auto_offset_reset="earliest",
+                             enable_auto_commit=False, consumer_timeout_ms=10_000, max_poll_records=5000)
+    import orjson
+
+    got = [(m.key, orjson.loads(m.value), m.timestamp, m.partition) for m in consumer]
+    consumer.close()
+    assert len(got) == table.num_rows
+    assert sorted(v["txn_id"] for _, v, _, _ in got) == sorted(table.column("txn_id").to_pylist())
+    keyer = EntityKeyer("k")
+    position = {t: i for i, t in enumerate(table.column("txn_id").to_pylist())}
+    per_card: dict[str, list[int]] = {}
+    partition_of: dict[bytes, int] = {}
+    for key, v, ts, part in got:
+        assert key == keyer(v["cc_num"]).encode() and ts == v["ts"]
+        assert partition_of.setdefault(key, part) == part, "a card lives in one partition"
+        per_card.setdefault(v["cc_num"], []).append(position[v["txn_id"]])
+    assert all(rows == sorted(rows) for rows in per_card.values()), "per-card stream order is the file order"
+
+
+@pytest.mark.integration
+def test_replay_limit_and_start_at(services, make_topic, small):
+    from kafka import KafkaConsumer
+
+    from ingest.replay import replay_table
+
+    topic = make_topic("replay-limit")
+    stats = replay_table(small.table, bootstrap=services["bootstrap"], topic=topic, secret="k", limit=100,
+                         start_at=1000)
+    assert stats.sent == 100
+    consumer = KafkaConsumer(topic, bootstrap_servers=services["bootstrap"], auto_offset_reset="earliest",
+                             enable_auto_commit=False, consumer_timeout_ms=8000)
+    import orjson
+
+    ids = sorted(orjson.loads(m.value)["txn_id"] for m in consumer)
+    consumer.close()
+    assert ids == sorted(small.table.column("txn_id").to_pylist()[1000:1100])
+
+
+@pytest.mark.integration
+def test_replay_to_unreachable_broker_fails_bounded(small, tmp_path):
+    path = tmp_path / "h.parquet"
+    write_history(small.table.slice(0, 20), path)
+    res = subprocess.run([sys.executable, "-m", "velocity_cli", "replay", "--input", str(path)],
+                         capture_output=True, text=True, cwd=REPO, timeout=120,
+                         env={**__import__("os").environ, "VELOCITY_KAFKA_BOOTSTRAP": "127.0.0.1:1"})
+    assert res.returncode == 1 and "Traceback" not in res.stderr and "not reachable" in res.stderr
