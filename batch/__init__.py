@@ -1,1 +1,1 @@
-"""placeholder"""
+"""The nightly batch: 1-week snapshots (offline + Redis) and point-in-time training sets, on Spark or DuckDB."""

@@ -86,7 +86,7 @@ def register(app: typer.Typer) -> None:
 
         from featurestore.config import get_settings
         from featurestore.entity import redact_pans
-        from ingest.history import HistoryError, load_history
+        from featurestore.history import HistoryError, load_history
         from ingest.replay import replay_table
 
         settings = get_settings()

@@ -213,6 +213,6 @@ def _partition_count(bootstrap: str, topic: str) -> int:
 
 
 def replay_file(path, **kwargs) -> ReplayStats:
-    from ingest.history import load_history
+    from featurestore.history import load_history
 
     return replay_table(load_history(path), **kwargs)

@@ -23,7 +23,8 @@ def luhn_pan(rng: np.random.Generator) -> str:
     return "".join(map(str, digits)) + str((10 - total % 10) % 10)
 
 
-def history(n: int = 3000, cards: int = 40, seed: int = 7, disorder: int = 30, late: int = 10) -> list[dict]:
+def history(n: int = 3000, cards: int = 40, seed: int = 7, disorder: int = 30, late: int = 10,
+            mean_gap_ms: float = 20_000) -> list[dict]:
     """Rows in stream order: mostly by ts, with bursts, exact ties, exact 10-minute edges, a few
     out-of-order rows within the allowed lateness and `late` rows far beyond it."""
     rng = np.random.default_rng(seed)
@@ -42,7 +43,7 @@ def history(n: int = 3000, cards: int = 40, seed: int = 7, disorder: int = 30, l
             times = np.array([t])
         for ts in times:
             rows.append({"card": card, "ts": int(ts)})
-        t += int(rng.exponential(20_000))
+        t += int(rng.exponential(mean_gap_ms))
     rows = sorted(rows[:n], key=lambda r: r["ts"])  # stable: ties keep creation order
     # Disorder: move a few rows later in the stream, but within the allowed lateness.
     for _ in range(disorder):

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from featurestore.entity import EntityKeyer
+from featurestore.history import HistoryError, load_history
 from ingest.generate import SCHEMA, GenerateConfig, generate_history, write_history
-from ingest.history import HistoryError, load_history
 from ingest.profiles import luhn_valid
 from tests.conftest import REPO
 
