@@ -100,6 +100,9 @@ def register(app: typer.Typer, features_app: typer.Typer) -> None:
         except OfflineError as exc:
             err.print(f"[red]error:[/] {exc}")
             raise typer.Exit(2) from None
+        if isinstance(frame, int):
+            err.print(f"{frame:,} rows -> {out} (Parquet dataset written by Spark)")
+            return
         missing = int(frame["snapshot_cutoff_ms"].isna().sum())
         err.print(f"{len(frame):,} rows, fraud {int(frame['fraud_label'].fillna(0).sum()):,}, "
                   f"{missing:,} without a 1-week snapshot -> {out}")

@@ -25,6 +25,7 @@ class Engine:
     training_set: Callable[[int, int], pd.DataFrame]
     span: tuple[int, int]
     close: Callable[[], None]
+    write_training_set: Callable[[int, int, Path], int] | None = None  # engines that must not collect
 
 
 def open_engine(name: str, *, offline_dir: Path, history: Path | None, secret: str, master: str = "local[*]") -> Engine:
@@ -45,7 +46,8 @@ def open_engine(name: str, *, offline_dir: Path, history: Path | None, secret: s
         spark_job.load_events(spark, offline_dir=offline_dir, history=history, secret=secret)
         lo, hi = spark.sql("SELECT MIN(ts), MAX(ts) FROM events").first()
         return Engine("spark", lambda day: spark_job.snapshot(spark, day),
-                      lambda a, b: spark_job.training_set(spark, offline_dir, a, b), (lo, hi), lambda: None)
+                      lambda a, b: spark_job.training_set(spark, offline_dir, a, b), (lo, hi), lambda: None,
+                      lambda a, b, out: spark_job.write_training_set(spark, offline_dir, a, b, out))
     raise OfflineError(f"unknown engine {name!r} (spark or duckdb)")
 
 
@@ -78,9 +80,16 @@ def run_snapshots(engine: Engine, days: list[dt.date], *, offline_dir: Path, onl
     return written
 
 
-def build_training_set(engine: Engine, start: dt.date, end: dt.date, out: Path | None) -> pd.DataFrame:
+def build_training_set(engine: Engine, start: dt.date, end: dt.date, out: Path | None) -> pd.DataFrame | int:
+    """DuckDB returns (and writes) the frame; Spark writes a Parquet directory from the executors and returns
+    the row count, so a seed-scale set never has to fit in the driver."""
     if end <= start:
         raise OfflineError(f"--end {end} must be after --start {start}")
+    if engine.write_training_set is not None and out is not None:
+        rows = engine.write_training_set(cutoff_ms_of(start), cutoff_ms_of(end), out)
+        if rows == 0:
+            raise OfflineError(f"no transactions in [{start}, {end})")
+        return rows
     frame = engine.training_set(cutoff_ms_of(start), cutoff_ms_of(end))
     if frame.empty:
         lo, hi = engine.span

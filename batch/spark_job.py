@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +91,40 @@ def snapshot(spark, day: dt.date) -> pd.DataFrame:
     return spark.sql(sql.snapshot_1w_sql(cutoff_ms_of(day)) + " ORDER BY card").toPandas()
 
 
+TRAINING_SCHEMA = (
+    "txn_id string, card string, ts long, amount double, fraud_label tinyint, num_trans_last_10m long, "
+    "avg_amt_last_10m double, num_trans_last_1w double, avg_amt_last_1w double, snapshot_cutoff_ms long, "
+    "amt_ratio1 double, amt_ratio2 double, count_ratio double"
+)
+
+
+def _with_ratios(batches):
+    """Runs on the executors: the shared ratio function, batch by batch (no collect to the driver)."""
+    for pdf in batches:
+        yield finish_training_frame(pdf)
+
+
 def training_set(spark, offline_dir: Path, start_ms: int, end_ms: int) -> pd.DataFrame:
+    frame = training_frame(spark, offline_dir, start_ms, end_ms).orderBy("ts", "card", "txn_id").toPandas()
+    return finish_training_frame(frame)
+
+
+def write_training_set(spark, offline_dir: Path, start_ms: int, end_ms: int, out: Path) -> int:
+    """Distributed write (a directory of Parquet parts), swapped into place when complete."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}")
+    frame = training_frame(spark, offline_dir, start_ms, end_ms)
+    frame.write.parquet(str(tmp))
+    rows = spark.read.parquet(str(tmp)).count()
+    if out.is_dir():
+        shutil.rmtree(out)
+    elif out.exists():
+        out.unlink()
+    os.replace(tmp, out)
+    return rows
+
+
+def training_frame(spark, offline_dir: Path, start_ms: int, end_ms: int):
     """Point-in-time rows for ts in [start_ms, end_ms). The as-of join: cut-offs are midnights, so the latest
     cut-off <= t is the latest cut-off <= t's midnight; a day -> cut-off map (tiny, broadcast) makes it an
     equi-join instead of a range join."""
@@ -117,7 +152,6 @@ def training_set(spark, offline_dir: Path, start_ms: int, end_ms: int) -> pd.Dat
             .createOrReplaceTempView("snap")
         join = "LEFT JOIN snap s ON s.cutoff_ms = f.snapshot_cutoff_ms AND s.card = f.card"
     f10.createOrReplaceTempView("f10_asof")
-    frame = spark.sql(sql.training_select_sql("f10_asof", join)).orderBy("ts", "card", "txn_id").toPandas()
-    return finish_training_frame(frame)
+    return spark.sql(sql.training_select_sql("f10_asof", join)).mapInPandas(_with_ratios, TRAINING_SCHEMA)
 
 

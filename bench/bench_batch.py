@@ -32,7 +32,8 @@ def run(engine: str, history: Path, day: dt.date, master: str) -> dict:
         frame = build_training_set(eng, dt.date(2020, 1, 1), dt.date(2020, 6, 1), root / "training.parquet")
         t3 = time.perf_counter()
         eng.close()
-        return {"load": t1 - t0, "snapshot": t2 - t1, "training": t3 - t2, "total": t3 - t0, "rows": len(frame)}
+        rows = frame if isinstance(frame, int) else len(frame)
+        return {"load": t1 - t0, "snapshot": t2 - t1, "training": t3 - t2, "total": t3 - t0, "rows": rows}
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -200,7 +200,12 @@ def spark_and_duckdb(rows, history_file, tmp_path_factory):
         root = tmp_path_factory.mktemp(name)
         eng = open_engine(name, offline_dir=root, history=history_file, secret=SECRET, master="local[2]")
         run_snapshots(eng, DAYS, offline_dir=root)
-        out[name] = (root, eng.training_set(cutoff_ms_of(dt.date(2020, 1, 1)), cutoff_ms_of(dt.date(2020, 2, 1))))
+        a, b = cutoff_ms_of(dt.date(2020, 1, 1)), cutoff_ms_of(dt.date(2020, 2, 1))
+        out[name] = (root, eng.training_set(a, b))
+        if eng.write_training_set is not None:  # Spark's distributed writer must produce the same rows
+            eng.write_training_set(a, b, root / "written.parquet")
+            written = pd.read_parquet(root / "written.parquet").sort_values(["ts", "card", "txn_id"])
+            out["spark_written"] = written.reset_index(drop=True)
         eng.close()
     return out
 
@@ -213,4 +218,7 @@ def test_spark_and_duckdb_agree_row_for_row(spark_and_duckdb):
     assert [p.relative_to(droot) for p in dsnaps] == [p.relative_to(sroot) for p in ssnaps]
     for a, b in zip(dsnaps, ssnaps, strict=True):
         pd.testing.assert_frame_equal(pd.read_parquet(a), pd.read_parquet(b), check_exact=False, rtol=1e-9, atol=0)
+    as_float = {"snapshot_cutoff_ms": "float64", "fraud_label": "float64"}  # nullable ints vs Parquet's types
+    pd.testing.assert_frame_equal(dframe.astype(as_float), spark_and_duckdb["spark_written"].astype(as_float),
+                                  check_exact=False, rtol=1e-9, atol=0, check_dtype=False)
     assert np.isfinite(dframe["amt_ratio1"]).sum() > 100  # the comparison covered real values, not only NaNs
