@@ -23,6 +23,8 @@ import pyarrow.compute as pc
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from featurestore.processes import pid_alive
+
 log = logging.getLogger(__name__)
 
 ARCHIVE_SCHEMA = pa.schema([
@@ -138,16 +140,6 @@ def read_spool(spool: Path) -> pa.Table:
     return table.select(list(ARCHIVE_COLUMNS)).cast(ARCHIVE_SCHEMA)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def recover_spools(root: Path) -> int:
     """Roll spools left behind by dead workers (a live worker's spool, named by its pid, is left alone).
 
@@ -159,7 +151,7 @@ def recover_spools(root: Path) -> int:
     rows = 0
     for spool in sorted(spool_dir.glob("*.jsonl")):
         owner = spool.name.split("-", 1)[0]
-        if owner.isdigit() and int(owner) != os.getpid() and _pid_alive(int(owner)):
+        if owner.isdigit() and int(owner) != os.getpid() and pid_alive(int(owner)):
             continue
         claimed = spool.with_name(f"{spool.stem}.recovering{os.getpid()}")
         try:

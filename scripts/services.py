@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from featurestore.processes import pid_alive
+
 KAFKA_VERSION = "3.9.1"
 
 
@@ -70,26 +72,12 @@ def _wait_for(predicate, deadline_s: float, what: str, log: Path | None = None) 
     raise ServiceError(f"{what} did not become ready within {deadline_s:.0f}s{hint}")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child still answers kill(0); treat it as gone
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split()[2] != "Z"
-    except OSError:
-        return True
-
-
 def _read_pid(path: Path) -> int | None:
     try:
         pid = int(path.read_text().strip())
     except (OSError, ValueError):
         return None
-    return pid if _pid_alive(pid) else None
+    return pid if pid_alive(pid) else None
 
 
 def _spawn(cmd: list[str], log: Path, pid_file: Path, cwd: Path | None = None) -> int:
@@ -205,8 +193,8 @@ def kafka_up(cfg: ServiceConfig, echo=print) -> str:
         "-cp", classpath, "kafka.Kafka", str(props.resolve()),
     ]
     pid = _spawn(cmd, log, pid_file)
-    _wait_for(lambda: _kafka_ready(cfg.kafka_port) or not _pid_alive(pid), 90, "Kafka", log)
-    if not _pid_alive(pid):
+    _wait_for(lambda: _kafka_ready(cfg.kafka_port) or not pid_alive(pid), 90, "Kafka", log)
+    if not pid_alive(pid):
         raise ServiceError(f"Kafka exited during start-up; see {log} and {cfg.logs_dir / 'kafka-server.log'}")
     return f"Kafka {KAFKA_VERSION} (KRaft) started on 127.0.0.1:{cfg.kafka_port}, pid {pid}"
 
@@ -245,8 +233,8 @@ def redis_up(cfg: ServiceConfig) -> str:
         "--dir", str(cfg.redis_dir.resolve()), "--daemonize", "no", "--protected-mode", "yes",
     ]
     pid = _spawn(cmd, log, pid_file)
-    _wait_for(lambda: _redis_ready(cfg.redis_port) or not _pid_alive(pid), 20, "Redis", log)
-    if not _pid_alive(pid):
+    _wait_for(lambda: _redis_ready(cfg.redis_port) or not pid_alive(pid), 20, "Redis", log)
+    if not pid_alive(pid):
         raise ServiceError(f"Redis exited during start-up; see {log}")
     return f"Redis started on 127.0.0.1:{cfg.redis_port} (no persistence), pid {pid}"
 
@@ -275,9 +263,9 @@ def _stop(pid_file: Path, name: str, grace_s: float) -> str:
         return f"{name}: not started by velocity (nothing to stop)"
     os.killpg(pid, signal.SIGTERM)
     end = time.monotonic() + grace_s
-    while time.monotonic() < end and _pid_alive(pid):
+    while time.monotonic() < end and pid_alive(pid):
         time.sleep(0.2)
-    if _pid_alive(pid):
+    if pid_alive(pid):
         os.killpg(pid, signal.SIGKILL)
     pid_file.unlink(missing_ok=True)
     return f"{name}: stopped (pid {pid})"

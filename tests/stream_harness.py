@@ -75,8 +75,12 @@ class Worker:
 def committed_all(admin, group: str, topic: str, bootstrap: str) -> bool:
     """True once the group's committed offsets reach the end of every partition of `topic`."""
     from kafka import KafkaConsumer, TopicPartition
+    from kafka.errors import KafkaError
 
-    offsets = admin.list_group_offsets(group).get(group, {})
+    try:
+        offsets = admin.list_group_offsets(group).get(group, {})
+    except KafkaError:  # e.g. a fresh broker still creating __consumer_offsets: not committed yet
+        return False
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     try:
         parts = consumer.partitions_for_topic(topic) or set()

@@ -31,23 +31,29 @@ for i = 1, #events do
     state[card] = st
     touched[#touched + 1] = card
   end
-  local prev = redis.call('HGET', ek, txn)
-  if prev then
-    if string.find(prev, '|L|', 1, true) then status[#status + 1] = 3 else status[#status + 1] = 2 end
-  elseif st.last_seq and seq <= st.last_seq then
-    status[#status + 1] = 4
+  if st.last_seq and seq <= st.last_seq then
+    -- A redelivered message (its stream position was already applied): report what it was, change nothing.
+    local prev = redis.call('HGET', ek, txn)
+    if not prev then status[#status + 1] = 4
+    elseif string.find(prev, '|L|', 1, true) then status[#status + 1] = 3
+    else status[#status + 1] = 2 end
   else
     local flag = 'A'
     if st.newest and ts < st.newest - lateness then flag = 'L' end
     local member = string.format('%d', seq) .. '|' .. cents .. '|' .. flag .. '|' .. txn
-    redis.call('ZADD', p .. ':w:' .. card, ts, member)
-    redis.call('HSET', ek, txn, member)
-    if (not st.oldest) or ts < st.oldest then st.oldest = ts end
-    if flag == 'A' then
-      status[#status + 1] = 0
-      if (not st.newest) or ts > st.newest then st.newest = ts end
+    -- HSETNX is the idempotency check and the record in one call: 0 means this txn_id was seen before.
+    if redis.call('HSETNX', ek, txn, member) == 0 then
+      local prev = redis.call('HGET', ek, txn)
+      if string.find(prev, '|L|', 1, true) then status[#status + 1] = 3 else status[#status + 1] = 2 end
     else
-      status[#status + 1] = 1
+      redis.call('ZADD', p .. ':w:' .. card, ts, member)
+      if (not st.oldest) or ts < st.oldest then st.oldest = ts end
+      if flag == 'A' then
+        status[#status + 1] = 0
+        if (not st.newest) or ts > st.newest then st.newest = ts end
+      else
+        status[#status + 1] = 1
+      end
     end
     st.last_seq = seq
     st.changed = true
