@@ -61,6 +61,10 @@ class KafkaSettings(BaseSettings):
     topic_scores: str = "scores"
     topic_alerts: str = "alerts"
     partitions: int = 4
+    #: Topic `retention.ms`. Messages carry their event time as Kafka timestamp, and a replayed history is
+    #: months or years old: any time-based retention would have the broker delete it within minutes of the
+    #: replay (its retention check runs every 5 minutes). -1 keeps messages until deleted by size or by hand.
+    topic_retention_ms: int = -1
 
 
 class Settings(BaseSettings):

@@ -10,8 +10,17 @@ from featurestore.config import KafkaSettings
 log = logging.getLogger(__name__)
 
 
-def ensure_topics(bootstrap: str, topics: dict[str, int], timeout_ms: int = 15_000) -> list[str]:
-    """Create each topic (name -> partitions) that does not exist yet; return the names created."""
+def topic_configs(retention_ms: int = -1) -> dict[str, str]:
+    """Per-topic settings for topics that carry event-time timestamps (see KafkaSettings.topic_retention_ms)."""
+    return {"retention.ms": str(retention_ms)}
+
+
+def ensure_topics(bootstrap: str, topics: dict[str, int], timeout_ms: int = 15_000,
+                  retention_ms: int | None = None) -> list[str]:
+    """Create each topic (name -> partitions) that does not exist yet; return the names created.
+
+    Existing topics are left as they are. New ones get `topic_configs` (retention from the settings unless given).
+    """
     from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
@@ -19,7 +28,11 @@ def ensure_topics(bootstrap: str, topics: dict[str, int], timeout_ms: int = 15_0
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
     try:
         existing = set(admin.list_topics())
-        missing = [NewTopic(name, parts, 1) for name, parts in topics.items() if name not in existing]
+        if retention_ms is None:
+            retention_ms = KafkaSettings().topic_retention_ms
+        configs = topic_configs(retention_ms)
+        missing = [NewTopic(name, parts, 1, topic_configs=configs) for name, parts in topics.items()
+                   if name not in existing]
         if missing:
             with contextlib.suppress(TopicAlreadyExistsError):  # another process won the race
                 admin.create_topics(missing)

@@ -138,7 +138,10 @@ def _kafka_properties(cfg: ServiceConfig) -> str:
         "transaction.state.log.min.isr=1",
         "group.initial.rebalance.delay.ms=0",
         "auto.create.topics.enable=true",
-        "log.retention.hours=168",
+        # Replayed histories carry event-time timestamps from years ago: a time limit would delete them at the
+        # next retention check. Size-bound instead (per partition), which suits a laptop.
+        "log.retention.ms=-1",
+        "log.retention.bytes=2147483648",
         "message.max.bytes=10485760",
         "",
     ])

@@ -70,11 +70,15 @@ def make_topic(kafka_admin):
     """Create uniquely named topics for one test; delete them afterwards."""
     from kafka.admin import NewTopic
 
+    from featurestore.topics import topic_configs
+
     created: list[str] = []
 
     def _make(base: str = "t", partitions: int = 4) -> str:
         name = f"test.{base}.{uuid.uuid4().hex[:10]}"
-        kafka_admin.create_topics([NewTopic(name, partitions, 1)])
+        # Test events carry old event-time timestamps: without this the broker's retention check could delete
+        # them mid-test.
+        kafka_admin.create_topics([NewTopic(name, partitions, 1, topic_configs=topic_configs())])
         created.append(name)
         return name
 

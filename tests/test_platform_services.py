@@ -35,6 +35,23 @@ def test_kafka_produce_consume_and_redis_roundtrip(services, make_topic, online_
 
 
 @pytest.mark.integration
+def test_topics_keep_old_event_time_messages(services, kafka_admin):
+    # Replayed history is stamped with its (old) event time; time-based retention would delete it within minutes.
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    from featurestore.topics import ensure_topics
+
+    name = f"test.retention.{uuid.uuid4().hex[:10]}"
+    assert ensure_topics(services["bootstrap"], {name: 1}) == [name]
+    try:
+        got = kafka_admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name, configs=["retention.ms"])])
+        assert got["topic"][name]["retention.ms"]["value"] == "-1"
+        assert ensure_topics(services["bootstrap"], {name: 1}) == []  # idempotent
+    finally:
+        kafka_admin.delete_topics([name])
+
+
+@pytest.mark.integration
 def test_no_clear_pan_in_redis_or_logs(online_store, caplog):
     key = entity_key(PAN, "secret")
     online_store.apply_events([EventWrite(key, "t1", 1_600_000_000_000, 0, 1000)])
