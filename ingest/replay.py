@@ -86,12 +86,16 @@ def _encode_rows(table: pa.Table, rows: np.ndarray) -> list[bytes]:
     return out
 
 
-def _shard(table, rows, key_of_row, part_of_row, bootstrap, topic, speed, counter, results, shard_id):
-    """One producer process: its partitions' rows, in input order, paced by event time if asked."""
+def _shard(table, rows, key_of_row, part_of_row, bootstrap, topic, speed, clock0, counter, results, shard_id):
+    """One producer process: its partitions' rows, in input order, paced by event time if asked.
+
+    clock0 = (first event time of the whole replay, monotonic start): every shard paces against the same origin,
+    so partitions stay in step with each other (CLOCK_MONOTONIC is shared by forked processes).
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; we stop on SIGTERM
     stop = {"flag": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("flag", True))
-    stats = {"sent": 0, "failed": 0, "last": -1, "error": None}
+    stats = {"sent": 0, "failed": 0, "last": -1, "first": int(rows[0]) if len(rows) else -1, "error": None}
     producer = None
     try:
         producer = _producer(bootstrap)
@@ -101,8 +105,7 @@ def _shard(table, rows, key_of_row, part_of_row, bootstrap, topic, speed, counte
             stats["error"] = stats["error"] or repr(exc)
 
         ts_all = table.column("ts").to_numpy()
-        t0_event = int(ts_all[rows[0]]) if len(rows) else 0
-        t0_wall = time.monotonic()
+        t0_event, t0_wall = clock0
         chunk = 20_000
         for lo in range(0, len(rows), chunk):
             idx = rows[lo:lo + chunk]
@@ -165,10 +168,11 @@ def replay_table(table: pa.Table, *, bootstrap: str, topic: str, secret: str, sp
     results = ctx.Queue()
     procs = []
     started = time.perf_counter()
+    clock0 = (int(table.column("ts")[int(rows_all[0])].as_py()), time.monotonic())
     for w in range(workers):
         mine = rows_all[shard_of_partition[part_of_row[rows_all]] == w]
         p = ctx.Process(target=_shard, args=(table, mine, key_of_row, part_of_row, bootstrap, topic, speed,
-                                             counter, results, w), daemon=True)
+                                             clock0, counter, results, w), daemon=True)
         p.start()
         procs.append(p)
     got: dict[int, dict] = {}
@@ -205,9 +209,14 @@ def replay_table(table: pa.Table, *, bootstrap: str, topic: str, secret: str, sp
     if len(got) < workers:
         stats.failed += int(rows_all.size - stats.sent - stats.failed)
         stats.first_error = stats.first_error or "a producer process died"
-    # Resume point: rows are sharded, so the safe resume index is the smallest "last sent" across shards + 1.
-    lasts = [st["last"] for st in got.values() if st["last"] >= 0]
-    stats.last_index = min(lasts) if (stats.interrupted and lasts) else (int(rows_all[-1]) if not stats.failed else -1)
+    # Resume point: rows are sharded, so the safe resume index is the smallest "last sent" across shards + 1
+    # (a shard that sent nothing counts as just before its first row). Resuming may resend a few rows of the
+    # shards that got further; the stream worker deduplicates them by txn_id.
+    lasts = [st["last"] if st["last"] >= 0 else st["first"] - 1 for st in got.values() if st["first"] >= 0]
+    if stats.interrupted:
+        stats.last_index = min(lasts) if lasts else int(rows_all[0]) - 1
+    else:
+        stats.last_index = int(rows_all[-1]) if not stats.failed else -1
     if progress:
         progress(counter.value)
     return stats

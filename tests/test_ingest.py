@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import hashlib
 import subprocess
@@ -168,3 +169,66 @@ def test_replay_to_unreachable_broker_fails_bounded(small, tmp_path):
                          capture_output=True, text=True, cwd=REPO, timeout=120,
                          env={**__import__("os").environ, "VELOCITY_KAFKA_BOOTSTRAP": "127.0.0.1:1"})
     assert res.returncode == 1 and "Traceback" not in res.stderr and "not reachable" in res.stderr
+
+
+def _topic_size(bootstrap: str, topic: str) -> int:
+    from kafka import KafkaConsumer, TopicPartition
+
+    c = KafkaConsumer(bootstrap_servers=bootstrap)
+    try:
+        tps = [TopicPartition(topic, p) for p in c.partitions_for_topic(topic) or []]
+        return sum(c.end_offsets(tps).values()) if tps else 0
+    finally:
+        c.close()
+
+
+@pytest.mark.integration
+def test_replay_ctrl_c_flushes_reports_and_resumes_without_loss(services, make_topic, small, tmp_path):
+    import os
+    import re
+    import signal
+
+    import orjson
+    from kafka import KafkaConsumer
+
+    from tests.helpers import wait_until
+
+    topic = make_topic("replay-int")
+    path = tmp_path / "h.parquet"
+    write_history(small.table, path)
+    env = {**os.environ, "VELOCITY_KAFKA_BOOTSTRAP": services["bootstrap"], "VELOCITY_ENTITY_SECRET": "k"}
+    cmd = [sys.executable, "-m", "velocity_cli", "replay", "--input", str(path), "--topic", topic]
+    # 20 days at 3600x would take minutes: interrupt it part-way, as Ctrl-C does (SIGINT to the process group).
+    proc = subprocess.Popen([*cmd, "--speed", "3600"], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        wait_until(lambda: _topic_size(services["bootstrap"], topic) >= 200, timeout=60, what="first rows replayed")
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    sent = int(re.search(r"sent ([\d,]+)", stderr).group(1).replace(",", ""))
+    resume = int(re.search(r"--start-at (\d+)", stderr).group(1))
+    assert 200 <= sent < small.table.num_rows and 0 < resume <= sent
+
+    def delivered() -> list[str]:
+        consumer = KafkaConsumer(topic, bootstrap_servers=services["bootstrap"], auto_offset_reset="earliest",
+                                 enable_auto_commit=False, consumer_timeout_ms=8000, max_poll_records=5000)
+        ids = [orjson.loads(m.value)["txn_id"] for m in consumer]
+        consumer.close()
+        return ids
+
+    first_run = delivered()
+    all_ids = small.table.column("txn_id").to_pylist()
+    assert len(first_run) == sent, "what the summary reports is exactly what reached the broker"
+    assert set(all_ids[:resume]) <= set(first_run), "every row before the resume point was delivered"
+
+    res = subprocess.run([*cmd, "--start-at", str(resume)], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    both = delivered()
+    assert set(both) == set(all_ids)
+    resent = [t for t, n in collections.Counter(both).items() if n > 1]
+    assert set(resent) <= set(all_ids[resume:]), "only rows at or after the resume point may be sent twice"
