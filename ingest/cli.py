@@ -141,3 +141,6 @@ def register(app: typer.Typer) -> None:
         if stats.failed:
             err.print(f"[red]{stats.failed:,} message(s) not delivered[/]: {stats.first_error}")
             raise typer.Exit(1)
+        if stats.broker_errors:
+            err.print(f"[yellow]note[/]: Kafka was unreachable or erroring during the run ({stats.broker_errors:,} "
+                      "connection errors); rows were held and retried, and every one was acknowledged")

@@ -34,10 +34,34 @@ class ReplayStats:
     last_index: int = -1  # row index (in the input) of the last row handed to the producer
     interrupted: bool = False
     first_error: str | None = None
+    broker_errors: int = 0  # kafka-python connection/metadata errors seen (outages are retried, then reported)
 
     @property
     def tps(self) -> float:
         return self.sent / self.elapsed_s if self.elapsed_s else 0.0
+
+
+class _BrokerTrouble(logging.Handler):
+    """Turns kafka-python's per-attempt connection warnings into one throttled line of ours, and counts them.
+
+    During an outage kafka-python logs every reconnect attempt; the user needs to know the broker is gone and
+    that rows are being held and retried, not a screenful of ECONNREFUSED.
+    """
+
+    def __init__(self, shard_id: int, every_s: float = 5.0) -> None:
+        super().__init__(logging.WARNING)
+        self.shard_id = shard_id
+        self.every_s = every_s
+        self.count = 0
+        self._last = float("-inf")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self._last >= self.every_s:
+            self._last = now
+            log.warning("producer %d: Kafka unreachable or erroring (%s); holding rows and retrying with backoff",
+                        self.shard_id, record.getMessage()[:160])
 
 
 def partition_for(key: bytes, partitions: int) -> int:
@@ -96,6 +120,10 @@ def _shard(table, rows, key_of_row, part_of_row, bootstrap, topic, speed, clock0
     stop = {"flag": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("flag", True))
     stats = {"sent": 0, "failed": 0, "last": -1, "first": int(rows[0]) if len(rows) else -1, "error": None}
+    trouble = _BrokerTrouble(shard_id)
+    kafka_log = logging.getLogger("kafka")
+    kafka_log.addHandler(trouble)
+    kafka_log.propagate = False
     producer = None
     try:
         producer = _producer(bootstrap)
@@ -135,6 +163,7 @@ def _shard(table, rows, key_of_row, part_of_row, bootstrap, topic, speed, clock0
         if producer is not None:
             producer.close(timeout=30)
         stats["sent"] -= stats["failed"]
+        stats["broker_errors"] = trouble.count
         results.put((shard_id, stats))
 
 
@@ -206,6 +235,7 @@ def replay_table(table: pa.Table, *, bootstrap: str, topic: str, secret: str, sp
         stats.sent += st["sent"]
         stats.failed += st["failed"]
         stats.first_error = stats.first_error or st["error"]
+        stats.broker_errors += st.get("broker_errors", 0)
     if len(got) < workers:
         stats.failed += int(rows_all.size - stats.sent - stats.failed)
         stats.first_error = stats.first_error or "a producer process died"
