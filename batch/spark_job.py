@@ -110,9 +110,12 @@ def training_set(spark, offline_dir: Path, start_ms: int, end_ms: int) -> pd.Dat
 
 
 def write_training_set(spark, offline_dir: Path, start_ms: int, end_ms: int, out: Path) -> int:
-    """Distributed write (a directory of Parquet parts), swapped into place when complete."""
+    """Distributed write (a directory of Parquet parts), swapped into place when complete.
+
+    The work directory is not hidden: Spark's file listing skips names starting with '.' or '_'.
+    """
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}")
+    tmp = out.with_name(f"{out.name}.writing-{uuid.uuid4().hex[:8]}")
     frame = training_frame(spark, offline_dir, start_ms, end_ms)
     frame.write.parquet(str(tmp))
     rows = spark.read.parquet(str(tmp)).count()
