@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
         topic: str = typer.Option(None, help="Input topic [default transactions]."),
         dlq_topic: str = typer.Option(None, help="Dead-letter topic [default transactions.dlq]."),
         batch_size: int = typer.Option(2000, help="Max messages per batch (one Redis round trip per batch)."),
-        batch_ms: float = typer.Option(20, help="Max time to fill a batch, in milliseconds."),
+        batch_ms: float = typer.Option(10, help="Max time to fill a batch, in milliseconds (bounds the added latency)."),
         metrics_port: int = typer.Option(9464, help="Prometheus metrics port on 127.0.0.1 (0 = off)."),
         offline_dir: Path = typer.Option(None, help="Offline store root for the archive [default $VELOCITY_DATA_DIR/offline]."),
         archive: bool = typer.Option(True, help="Archive every valid transaction to Parquet in the offline store."),

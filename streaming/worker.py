@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ class StreamConfig:
     dlq_topic: str = "transactions.dlq"
     partitions: int = 4
     batch_size: int = 2000
-    batch_within_s: float = 0.02
+    batch_within_s: float = 0.01
     commit_interval_s: float = 1.0
     #: A killed worker's partitions move to the survivors after this long (Kafka's session timeout).
     session_timeout_s: float = 10.0
@@ -146,10 +147,26 @@ def _use_uvloop() -> None:
     asyncio.set_event_loop(asyncio.new_event_loop())
 
 
+def _tune_gc() -> None:
+    """Fewer, cheaper collections: the worker allocates a few objects per message and keeps few cycles.
+
+    Objects alive after start-up (modules, the app) are frozen out of every later collection, and generation 0
+    is collected every 50,000 allocations instead of 700, so the full collections that would otherwise stall the
+    loop for tens of milliseconds (freshness p99) become rare.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+
+
 def run(cfg: StreamConfig, loglevel: str = "info", engine: str = "faust") -> None:
     """Run the worker until SIGTERM/SIGINT; offsets of processed batches are committed as it goes."""
     prepare(cfg)
     _use_uvloop()
+    if os.environ.get("VELOCITY_STREAM_GC_TUNING", "1") != "0":
+        _tune_gc()
     if engine == "aiokafka":
         from streaming.batch_consumer import run_batch_engine
 
