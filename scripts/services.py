@@ -143,6 +143,9 @@ def _kafka_properties(cfg: ServiceConfig) -> str:
         "log.retention.ms=-1",
         "log.retention.bytes=2147483648",
         "message.max.bytes=10485760",
+        # The log cleaner (it compacts __consumer_offsets) allocates this buffer on the heap at start-up; Kafka's
+        # 128 MB default made a laptop-sized heap (256-512 MB) fail with OutOfMemoryError now and then.
+        "log.cleaner.dedupe.buffer.size=33554432",
         "",
     ])
 
