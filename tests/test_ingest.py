@@ -252,7 +252,7 @@ def _free_port_pair() -> int:
 
 @pytest.mark.integration
 def test_replay_survives_a_broker_restart_mid_run(services, small, tmp_path):
-    """A second, private broker is stopped mid-replay and started again: every row arrives exactly once."""
+    """A second, private broker is stopped mid-replay and started again: every row arrives, in order."""
     import os
     import time
 
@@ -287,9 +287,17 @@ def test_replay_survives_a_broker_restart_mid_run(services, small, tmp_path):
         assert stderr.count("ECONNREFUSED") <= 20, "the outage is reported in a few throttled lines, not a flood"
         consumer = KafkaConsumer("tx", bootstrap_servers=bootstrap, auto_offset_reset="earliest",
                                  enable_auto_commit=False, consumer_timeout_ms=10_000, max_poll_records=5000)
-        ids = [orjson.loads(m.value)["txn_id"] for m in consumer]
+        got = [(m.partition, orjson.loads(m.value)["txn_id"]) for m in consumer]
         consumer.close()
-        assert len(ids) == small.table.num_rows and set(ids) == set(small.table.column("txn_id").to_pylist())
+        # Nothing lost. Across a broker restart delivery is at-least-once: a batch the broker wrote but could not
+        # acknowledge before going down may be written again once it is back (the stream dedupes by txn_id).
+        ids = [t for _, t in got]
+        assert set(ids) == set(small.table.column("txn_id").to_pylist()), stderr
+        # First copies keep each partition's (hence each card's) input order.
+        order = {t: i for i, t in enumerate(small.table.column("txn_id").to_pylist())}
+        for part in {p for p, _ in got}:
+            firsts = list(dict.fromkeys(t for p, t in got if p == part))
+            assert firsts == sorted(firsts, key=order.__getitem__), f"partition {part} out of input order"
     finally:
         if proc.poll() is None:
             proc.kill()
