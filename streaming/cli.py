@@ -15,8 +15,10 @@ def register(app: typer.Typer) -> None:
         topic: str = typer.Option(None, help="Input topic [default transactions]."),
         dlq_topic: str = typer.Option(None, help="Dead-letter topic [default transactions.dlq]."),
         batch_size: int = typer.Option(2000, help="Max messages per batch (one Redis round trip per batch)."),
-        batch_ms: float = typer.Option(10, help="Max time to fill a batch, in milliseconds (bounds the added latency)."),
-        metrics_port: int = typer.Option(9464, help="Prometheus metrics port on 127.0.0.1 (0 = off)."),
+        batch_ms: float = typer.Option(10, help="aiokafka engine: max time a fetch waits to fill a batch, in ms. "
+                                      "The faust engine never waits: a batch is whatever has arrived."),
+        metrics_port: int = typer.Option(9464, help="Prometheus metrics port (0 = off)."),
+        metrics_host: str = typer.Option("127.0.0.1", help="Address the metrics server binds (0.0.0.0 in a container)."),
         offline_dir: Path = typer.Option(None, help="Offline store root for the archive [default $VELOCITY_DATA_DIR/offline]."),
         archive: bool = typer.Option(True, help="Archive every valid transaction to Parquet in the offline store."),
         archive_roll_s: float = typer.Option(60, help="Roll the archive spool into Parquet at least this often (s)."),
@@ -37,7 +39,8 @@ def register(app: typer.Typer) -> None:
         from streaming.worker import default_config, run
 
         overrides = {"group": group, "batch_size": batch_size, "batch_within_s": batch_ms / 1000.0,
-                     "metrics_port": metrics_port, "archive_roll_s": archive_roll_s}
+                     "metrics_port": metrics_port, "metrics_host": metrics_host,
+                     "archive_roll_s": archive_roll_s}
         for name, value in (("bootstrap", bootstrap), ("topic", topic), ("dlq_topic", dlq_topic),
                             ("key_prefix", key_prefix), ("allowed_lateness_ms", allowed_lateness_ms),
                             ("retention_ms", retention_ms), ("offline_dir", offline_dir)):

@@ -91,6 +91,17 @@ def committed_all(admin, group: str, topic: str, bootstrap: str) -> bool:
     return bool(ends) and all((offsets[tp].offset if tp in offsets else 0) >= end for tp, end in ends.items())
 
 
+def stable_members(admin, group: str) -> int:
+    """Members of a consumer group once it is Stable (a rebalance finished), else 0."""
+    from kafka.errors import KafkaError
+
+    try:
+        info = admin.describe_groups([group]).get(group, {})
+    except KafkaError:
+        return 0
+    return len(info.get("members") or []) if info.get("group_state") == "Stable" else 0
+
+
 def wait_committed(admin, worker: Worker, group: str, topic: str, bootstrap: str, timeout: float = 120) -> None:
     def done():
         assert worker.alive(), f"worker exited:\n{worker.tail()}"

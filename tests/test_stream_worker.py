@@ -14,10 +14,11 @@ from featurestore.online import OnlineStore
 from featurestore.windows import naive_window_features
 from tests import synthetic
 from tests.helpers import wait_until
-from tests.stream_harness import SECRET, Worker, wait_committed
+from tests.stream_harness import SECRET, Worker, stable_members, wait_committed
 
 pytestmark = pytest.mark.integration
 W = 600_000
+RETAIN_ALL_MS = 30 * 86_400_000
 
 
 @pytest.fixture
@@ -29,9 +30,10 @@ def stream_env(services, make_topic, key_prefix, redis_settings, tmp_path):
     ensure_topics(services["bootstrap"], {make_topic_name: 4})
     group = f"g-{uuid.uuid4().hex[:8]}"
 
-    def worker(engine: str) -> Worker:
+    def worker(engine: str, retention_ms: int | None = None) -> Worker:
         return Worker(topic=topic, prefix=key_prefix, group=group, offline=tmp_path, engine=engine,
-                      bootstrap=services["bootstrap"], redis_port=services["redis_port"], log=tmp_path / "worker.log")
+                      bootstrap=services["bootstrap"], redis_port=services["redis_port"], log=tmp_path / "worker.log",
+                      retention_ms=retention_ms)
 
     store = OnlineStore(redis_settings, prefix=key_prefix)
     yield {"topic": topic, "group": group, "worker": worker, "store": store, "offline": tmp_path,
@@ -91,6 +93,35 @@ def test_sigkill_mid_stream_loses_and_double_counts_nothing(stream_env, engine, 
         # The restart re-read at least what the killed worker had not committed: redeliveries were absorbed.
     finally:
         assert restarted.stop() == 0, restarted.tail()
+    assert_online_equals_oracle(stream_env["store"], rows)
+    assert_archive_exactly_once(stream_env["offline"], rows)
+
+
+@pytest.mark.parametrize("engine", ["faust", "aiokafka"])
+def test_second_worker_joining_and_leaving_loses_and_double_counts_nothing(stream_env, engine, kafka_admin):
+    """Partitions move to a worker that joins mid-stream, and back when it leaves, while events keep flowing."""
+    rows = synthetic.history(n=9000, cards=80, seed=37)  # ~2 days: keep every event online to read it back
+    keyer = EntityKeyer(SECRET)
+    thirds = [rows[:3000], rows[3000:6000], rows[6000:]]
+    synthetic.produce(stream_env["bootstrap"], stream_env["topic"], thirds[0], keyer)
+    first = stream_env["worker"](engine, RETAIN_ALL_MS).start()
+    second = None
+    try:
+        wait_until(lambda: (first.metric("velocity_stream_events_total") or 0) >= 1000, timeout=90,
+                   what="the first worker to be mid-stream")
+        second = stream_env["worker"](engine, RETAIN_ALL_MS).start()
+        wait_until(lambda: stable_members(kafka_admin, stream_env["group"]) == 2, timeout=90,
+                   what="the group to rebalance onto two workers")
+        synthetic.produce(stream_env["bootstrap"], stream_env["topic"], thirds[1], keyer)
+        wait_until(lambda: (second.metric("velocity_stream_events_total") or 0) > 0, timeout=90,
+                   what="the joining worker to take over partitions and process events")
+        assert second.stop() == 0, second.tail()  # leaves: its partitions go back to the first worker
+        synthetic.produce(stream_env["bootstrap"], stream_env["topic"], thirds[2], keyer)
+        wait_committed(kafka_admin, first, stream_env["group"], stream_env["topic"], stream_env["bootstrap"])
+    finally:
+        if second is not None and second.alive():
+            second.stop()
+        assert first.stop() == 0, first.tail()
     assert_online_equals_oracle(stream_env["store"], rows)
     assert_archive_exactly_once(stream_env["offline"], rows)
 
