@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import faust
-from faust.sensors.monitor import Monitor
 
 from featurestore.archive import ArchiveWriter, archive_dir, recover_spools
 from featurestore.config import RedisSettings, get_settings
@@ -19,7 +18,7 @@ from featurestore.stream_batch import RawMessage
 from featurestore.topics import ensure_topics
 from streaming import metrics
 from streaming.aggregator import Aggregator
-from streaming.faust_transport import LeanDrainApp
+from streaming.faust_lean import LeanDrainApp, RawBytesSchema, WebViewlessMonitor
 
 log = logging.getLogger(__name__)
 
@@ -47,40 +46,6 @@ class StreamConfig:
     retention_ms: int = DEFAULT_RETENTION_MS
     entity_secret: str = ""
     datadir: Path = Path(".velocity/faust")
-
-
-class RawBytesSchema(faust.Schema):
-    """Key and value reach the agent as the bytes on the wire.
-
-    The agent validates and parses them itself (featurestore.events), so faust's per-message codec lookup is
-    skipped, and a message faust could not decode cannot bypass the dead-letter path.
-    """
-
-    def loads_key(self, app, message, *, loads=None, serializer=None):  # noqa: ARG002 - faust's signature
-        return message.key
-
-    def loads_value(self, app, message, *, loads=None, serializer=None):  # noqa: ARG002 - faust's signature
-        return message.value
-
-
-class WebViewlessMonitor(Monitor):
-    """faust's Monitor without its four per-message hooks.
-
-    Those hooks keep per-message statistics for faust's web views, which this worker turns off; its own
-    Prometheus metrics (streaming/metrics.py) replace them. Skipping them is ~10% of faust's per-message cost.
-    """
-
-    def on_message_in(self, tp, offset, message) -> None:
-        pass
-
-    def on_stream_event_in(self, tp, offset, stream, event) -> None:
-        return None
-
-    def on_stream_event_out(self, tp, offset, stream, event, state=None) -> None:
-        pass
-
-    def on_message_out(self, tp, offset, message) -> None:
-        pass
 
 
 def make_aggregator(cfg: StreamConfig, dlq_send) -> Aggregator:
@@ -111,10 +76,7 @@ def build_app(cfg: StreamConfig) -> faust.App:
         broker_max_poll_records=cfg.batch_size,
         stream_buffer_maxsize=max(4 * cfg.batch_size, 8192),
         stream_recovery_delay=0.0,
-        # On a rebalance, wait until the batch in flight is written and acked (then committed) before giving
-        # partitions away: two workers must never apply the same card's events at once, or lateness (judged
-        # against the card's newest event) would depend on which one got there first.
-        stream_wait_empty=True,
+        stream_wait_empty=False,  # a rebalance waits for the batch in flight only (see _finish_batch_in_flight)
         producer_acks=-1,
         producer_linger=0.005,
         key_serializer="raw",
@@ -129,12 +91,6 @@ def build_app(cfg: StreamConfig) -> faust.App:
                    ("source", f"{cfg.topic}/{msg.partition}/{msg.offset}".encode())]
         fut = await dlq.send(key=msg.key, value=msg.value if msg.value is not None else b"", headers=headers)
         await fut
-
-    def aggregator() -> Aggregator:
-        # Created inside the running loop: the asyncio Redis client binds to it.
-        if "agg" not in state:
-            state["agg"] = make_aggregator(cfg, dlq_send)
-        return state["agg"]
 
     async def handle(agg: Aggregator, events: list) -> None:
         """One batch: process it, then ack its events (faust commits acked offsets)."""
@@ -159,20 +115,44 @@ def build_app(cfg: StreamConfig) -> faust.App:
         # Batches form from what has arrived: the agent takes events until the channel is empty (or the batch
         # is full), then processes them. Under load batches fill up; when idle, an event is processed at once.
         # Acks are manual, after the batch's Redis write, so a crash never commits an unprocessed offset.
-        agg = aggregator()
+        # The aggregator lives and dies with the agent: created in the running loop (its asyncio Redis client
+        # binds to it) and closed only once the agent has stopped, so no batch can reach a closed archive.
+        agg = make_aggregator(cfg, dlq_send)
         manual = stream.noack()
         arrived = manual.channel.queue
         events: list = []
-        async for _ in manual:
-            events.append(manual.current_event)
-            if len(events) >= cfg.batch_size or arrived.empty():
-                await handle(agg, events)
-                events = []
+        try:
+            async for _ in manual:
+                if state.pop("revoked", False):
+                    events.clear()  # taken before a rebalance, never processed or acked: their new owner gets them
+                events.append(manual.current_event)
+                if len(events) >= cfg.batch_size or arrived.empty():
+                    done = state["in_flight"] = asyncio.get_running_loop().create_future()
+                    try:
+                        await handle(agg, events)
+                    finally:
+                        done.set_result(None)
+                        state["in_flight"] = None
+                    events = []
+        finally:
+            await agg.close()
 
-    @app.on_before_shutdown.connect
-    async def _close(app, **kwargs) -> None:  # noqa: ARG001 - signal signature
-        if "agg" in state:
-            await state.pop("agg").close()
+    @app.on_partitions_revoked.connect
+    async def _finish_batch_in_flight(app, revoked, **kwargs) -> None:  # noqa: ARG001 - signal signature
+        """Before partitions move, the batch being written completes and is committed.
+
+        Two workers must never apply one card's events at the same time: lateness is judged against the card's
+        newest event, so the outcome would depend on which worker got there first. faust's own remedy
+        (stream_wait_empty) waits for every message in the agent's channel, which on shutdown can wait forever.
+        """
+        state["revoked"] = True
+        in_flight = state.get("in_flight")
+        if in_flight is not None:
+            await in_flight
+        await app.consumer.commit()
+        if revoked:
+            log.info("partitions %s revoked: the batch in flight is written and offsets committed",
+                     sorted(tp.partition for tp in revoked))
 
     return app
 

@@ -1,4 +1,6 @@
-"""faust's aiokafka transport with a drain loop that does not start four asyncio tasks per message.
+"""faust without the per-message work this worker does not need.
+
+The transport: faust's aiokafka transport with a drain loop that does not start four asyncio tasks per message.
 
 faust's `Consumer._drain_messages` hands every fetched message to the conductor through
 `wait_first(callback(message), suspend_flow.wait())`, which wraps the callback, the suspend event and the
@@ -10,6 +12,8 @@ committed, and is fetched again by whoever owns its partition afterwards. Everyt
 tracking, count-triggered commits, stop and error handling) is faust's own logic, unchanged.
 
 Redelivery is safe here by design: the worker's writes are idempotent by `txn_id`.
+
+Also here: a schema that hands the agent raw bytes, and a Monitor without its per-message hooks.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import asyncio
 from typing import ClassVar
 
 import faust
+from faust.sensors.monitor import Monitor
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TransportT
@@ -89,3 +94,37 @@ class LeanDrainApp(faust.App):
 
     def _new_transport(self) -> TransportT:
         return LeanDrainTransport(self.conf.broker_consumer, self)
+
+
+class RawBytesSchema(faust.Schema):
+    """Key and value reach the agent as the bytes on the wire.
+
+    The agent validates and parses them itself (featurestore.events), so faust's per-message codec lookup is
+    skipped, and a message faust could not decode cannot bypass the dead-letter path.
+    """
+
+    def loads_key(self, app, message, *, loads=None, serializer=None):  # noqa: ARG002 - faust's signature
+        return message.key
+
+    def loads_value(self, app, message, *, loads=None, serializer=None):  # noqa: ARG002 - faust's signature
+        return message.value
+
+
+class WebViewlessMonitor(Monitor):
+    """faust's Monitor without its four per-message hooks.
+
+    Those hooks keep per-message statistics for faust's web views, which this worker turns off; its own
+    Prometheus metrics (streaming/metrics.py) replace them. Skipping them is ~10% of faust's per-message cost.
+    """
+
+    def on_message_in(self, tp, offset, message) -> None:
+        pass
+
+    def on_stream_event_in(self, tp, offset, stream, event) -> None:
+        return None
+
+    def on_stream_event_out(self, tp, offset, stream, event, state=None) -> None:
+        pass
+
+    def on_message_out(self, tp, offset, message) -> None:
+        pass
