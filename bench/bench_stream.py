@@ -78,6 +78,33 @@ def start_worker(topic: str, prefix: str, port: int, offline: Path, engine: str,
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(offline / "worker.log", "w"))
 
 
+def clean_up(topic: str, prefix: str, offline: Path) -> None:
+    """Leave the developer's Redis and Kafka as they were: a run writes ~1M keys and two topics."""
+    import shutil
+
+    import redis
+    from kafka import KafkaAdminClient
+
+    from featurestore.config import RedisSettings
+
+    client = redis.Redis(**RedisSettings().client_kwargs())
+    batch: list[bytes] = []
+    for key in client.scan_iter(match=f"{prefix}:*", count=10_000):
+        batch.append(key)
+        if len(batch) >= 5_000:
+            client.unlink(*batch)
+            batch.clear()
+    if batch:
+        client.unlink(*batch)
+    client.close()
+    admin = KafkaAdminClient(bootstrap_servers=BOOT)
+    try:
+        admin.delete_topics([topic, f"{topic}.dlq"])
+    finally:
+        admin.close()
+    shutil.rmtree(offline / "archive", ignore_errors=True)  # worker.log stays for a look afterwards
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=400_000)
@@ -154,6 +181,7 @@ def main() -> None:
             worker.wait(30)
         except subprocess.TimeoutExpired:
             worker.kill()
+        clean_up(topic, prefix, offline)
 
 
 if __name__ == "__main__":
