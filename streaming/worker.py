@@ -124,7 +124,9 @@ def build_app(cfg: StreamConfig) -> faust.App:
         try:
             async for _ in manual:
                 if state.pop("revoked", False):
-                    events.clear()  # taken before a rebalance, never processed or acked: their new owner gets them
+                    # Taken before a rebalance, never processed or acked: after a rebalance faust seeks every
+                    # assigned partition back to its committed offset, so whoever owns them now reads them again.
+                    events.clear()
                 events.append(manual.current_event)
                 if len(events) >= cfg.batch_size or arrived.empty():
                     done = state["in_flight"] = asyncio.get_running_loop().create_future()
