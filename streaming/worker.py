@@ -85,6 +85,7 @@ def build_app(cfg: StreamConfig) -> faust.App:
     source = app.topic(cfg.topic, schema=RawBytesSchema(key_serializer="raw", value_serializer="raw"))
     dlq = app.topic(cfg.dlq_topic, key_serializer="raw", value_serializer="raw", partitions=cfg.partitions)
     state: dict = {}
+    writing = asyncio.Lock()  # held by the agent while a batch is written; a rebalance waits for it
 
     async def dlq_send(msg: RawMessage, reason: str, detail: str) -> None:
         headers = [("reason", reason.encode()), ("detail", detail.encode()[:500]),
@@ -129,12 +130,8 @@ def build_app(cfg: StreamConfig) -> faust.App:
                     events.clear()
                 events.append(manual.current_event)
                 if len(events) >= cfg.batch_size or arrived.empty():
-                    done = state["in_flight"] = asyncio.get_running_loop().create_future()
-                    try:
+                    async with writing:
                         await handle(agg, events)
-                    finally:
-                        done.set_result(None)
-                        state["in_flight"] = None
                     events = []
         finally:
             await agg.close()
@@ -148,10 +145,8 @@ def build_app(cfg: StreamConfig) -> faust.App:
         (stream_wait_empty) waits for every message in the agent's channel, which on shutdown can wait forever.
         """
         state["revoked"] = True
-        in_flight = state.get("in_flight")
-        if in_flight is not None:
-            await in_flight
-        await app.consumer.commit()
+        async with writing:  # the batch in flight, if any, is written and acked
+            await app.consumer.commit()
         if revoked:
             log.info("partitions %s revoked: the batch in flight is written and offsets committed",
                      sorted(tp.partition for tp in revoked))
