@@ -86,16 +86,10 @@ def clean_up(topic: str, prefix: str, offline: Path) -> None:
     from kafka import KafkaAdminClient
 
     from featurestore.config import RedisSettings
+    from featurestore.online import delete_prefix
 
     client = redis.Redis(**RedisSettings().client_kwargs())
-    batch: list[bytes] = []
-    for key in client.scan_iter(match=f"{prefix}:*", count=10_000):
-        batch.append(key)
-        if len(batch) >= 5_000:
-            client.unlink(*batch)
-            batch.clear()
-    if batch:
-        client.unlink(*batch)
+    delete_prefix(client, prefix)
     client.close()
     admin = KafkaAdminClient(bootstrap_servers=BOOT)
     try:

@@ -290,3 +290,16 @@ class AsyncOnlineStore:
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def delete_prefix(client: redis.Redis, prefix: str, chunk: int = 5_000) -> int:
+    """Delete every key under `prefix:` (a test's or a benchmark's namespace), in bounded UNLINK calls."""
+    deleted, batch = 0, []
+    for key in client.scan_iter(match=f"{prefix}:*", count=10_000):
+        batch.append(key)
+        if len(batch) >= chunk:
+            deleted += client.unlink(*batch)
+            batch.clear()
+    if batch:
+        deleted += client.unlink(*batch)
+    return deleted

@@ -40,10 +40,10 @@ def key_prefix(redis_settings):
 
     prefix = f"test:{uuid.uuid4().hex[:12]}"
     yield prefix
+    from featurestore.online import delete_prefix
+
     client = redis.Redis(**redis_settings.client_kwargs())
-    keys = list(client.scan_iter(match=f"{prefix}:*", count=5000))
-    for i in range(0, len(keys), 1000):
-        client.delete(*keys[i : i + 1000])
+    delete_prefix(client, prefix)
     client.close()
 
 

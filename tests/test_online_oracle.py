@@ -10,7 +10,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from featurestore.online import ApplyStatus, EventWrite, OnlineStore
+from featurestore.online import ApplyStatus, EventWrite, OnlineStore, delete_prefix
 from featurestore.windows import (
     SEQ_LAST,
     Arrival,
@@ -54,12 +54,6 @@ def raw_client(redis_settings):
     client.close()
 
 
-def _cleanup(client, prefix):
-    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-    if keys:
-        client.delete(*keys)
-
-
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=streams())
 def test_online_read_equals_oracle(redis_settings, raw_client, data):
@@ -94,7 +88,7 @@ def test_online_read_equals_oracle(redis_settings, raw_client, data):
             got = store.read_features(card, "new", t, 123)
             assert (got.num_trans_last_10m, got.sum_cents_last_10m) == (want.count, want.sum_cents)
     finally:
-        _cleanup(raw_client, prefix)
+        delete_prefix(raw_client, prefix)
 
 
 def test_retention_trims_events_and_idempotency_records(online_store):
@@ -143,3 +137,11 @@ def test_password_and_timeouts_are_passed_through():
     store = OnlineStore(RedisSettings(port=1, connect_timeout_s=0.2, socket_timeout_s=0.2))
     with pytest.raises(redis.ConnectionError):
         store.ping()
+
+
+def test_delete_prefix_removes_only_its_namespace(raw_client):
+    base = f"test:del:{uuid.uuid4().hex[:8]}"
+    raw_client.mset({f"{base}:a:{i}": 1 for i in range(12)} | {f"{base}x:keep": 1, f"{base}:a": 1})
+    assert delete_prefix(raw_client, f"{base}:a", chunk=5) == 12
+    assert raw_client.exists(f"{base}x:keep", f"{base}:a") == 2  # a sibling prefix and the bare key survive
+    raw_client.delete(f"{base}x:keep", f"{base}:a")
