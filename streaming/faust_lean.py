@@ -1,19 +1,22 @@
 """faust without the per-message work this worker does not need.
 
-The transport: faust's aiokafka transport with a drain loop that does not start four asyncio tasks per message.
+The transport: faust's aiokafka transport whose consumer hands each partition's fetched records to the conductor
+as one message (a `FetchedBatch`), not one message per record.
 
-faust's `Consumer._drain_messages` hands every fetched message to the conductor through
-`wait_first(callback(message), suspend_flow.wait())`, which wraps the callback, the suspend event and the
-service's stopped/crashed events in four new tasks and an `asyncio.wait`, only to notice a rebalance that
-starts while a message is being delivered. That is most of faust's per-message cost on this worker
-(bench/RESULTS.md). This loop awaits the callback directly and checks the suspend flag before each message
-instead: a rebalance that begins mid-batch stops delivery at the next message; the rest is neither acked nor
-committed, and is fetched again by whoever owns its partition afterwards. Everything else (read offsets, gap
-tracking, count-triggered commits, stop and error handling) is faust's own logic, unchanged.
+faust's `Consumer._drain_messages` turns every fetched record into a faust Message, then delivers it through
+`wait_first(callback(message), suspend_flow.wait())` (four new asyncio tasks and an `asyncio.wait` per
+message), and the conductor, the channel queue, the stream and the ack bookkeeping each do their part per
+message again. On a small machine that was ~60 us of a ~80 us per-event budget (bench/RESULTS.md). Here the
+records of one partition from one fetch travel as one message whose offset is the last record's: faust's
+bookkeeping (read offsets, seeks after a rebalance, flow control, commits) works unchanged on it, and acking
+it marks every offset of the batch done (`ack`). Everything else is faust's own logic: consumer-group
+membership, rebalances, committed offsets, the agent and its stream.
 
-Redelivery is safe here by design: the worker's writes are idempotent by `txn_id`.
+A rebalance that begins mid-fetch stops delivery at the next partition's batch; the rest is neither acked nor
+committed, and is fetched again by whoever owns its partition afterwards. Redelivery is safe here by design:
+the worker's writes are idempotent by `txn_id`.
 
-Also here: a schema that hands the agent raw bytes, and a Monitor without its per-message hooks.
+Also here: a schema that hands the agent the raw records, and a Monitor without its per-message hooks.
 """
 
 from __future__ import annotations
@@ -25,48 +28,95 @@ import faust
 from faust.sensors.monitor import Monitor
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
-from faust.types import TransportT
+from faust.types import ConsumerMessage, TransportT
+from faust.types.tuples import ack_lock
+from mode.utils.futures import notify
+
+
+class FetchedBatch(ConsumerMessage):
+    """The records one fetch returned for one partition, as one faust message.
+
+    `offset` is the last record's, `first_offset` the first's; `value` is the list of aiokafka ConsumerRecords
+    (key, value, partition, offset, timestamp in ms).
+    """
+
+    __slots__ = ("first_offset",)
 
 
 class LeanDrainConsumer(faust_aiokafka.Consumer):
+    def ack(self, message) -> bool:
+        """Acking a FetchedBatch marks all its offsets done, so faust commits past it as it would past each record."""
+        first = getattr(message, "first_offset", None)
+        if first is None:
+            return super().ack(message)
+        with ack_lock:
+            if message.acked:
+                return False
+            message.acked = True
+            tp, last = message.tp, message.offset
+            if not self.app.topics.acks_enabled_for(message.topic):
+                return False
+            committed = self._committed_offset[tp]
+            start = first if committed is None else max(first, committed)
+            acked_index = self._acked_index[tp]
+            try:
+                if start in acked_index:  # the previous delivery's last offset (see first_offset)
+                    start += 1
+                if start > last or last in acked_index:
+                    return False
+                offsets = range(start, last + 1)
+                self._unacked_messages.discard(message)
+                acked_index.update(offsets)
+                self._acked[tp].extend(offsets)
+                self._n_acked += len(offsets)
+                return True
+            finally:
+                notify(self._waiting_for_ack)
+
     async def _drain_messages(self, fetcher) -> None:  # pragma: no cover - exercised by the stream worker tests
+        app = self.app
         callback = self.callback
-        getmany = self.getmany
         consumer_should_stop = self._stopped.is_set
         fetcher_should_stop = fetcher._stopped.is_set
         suspended = self.suspend_flow.is_set
-        get_read_offset = self._read_offset.__getitem__
+        get_read_offset = self._read_offset.get
         set_read_offset = self._read_offset.__setitem__
         set_flag, unset_flag = self.diag.set_flag, self.diag.unset_flag
-        commit_every = self._commit_every
-        acks_enabled_for = self.app.topics.acks_enabled_for
-        sleep = asyncio.sleep
-        yield_every, since_yield = 100, 0
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 set_flag(CONSUMER_FETCHING)
-                batch = getmany(timeout=1.0)
-                await sleep(0)  # getmany can return at once, loop after loop: let other tasks run
-                if self.should_stop:
+                records, active = await self._wait_next_records(1.0)
+                await asyncio.sleep(0)  # a fetch can return at once, loop after loop: let other tasks run
+                if not records or self.should_stop:
                     continue
-                async for tp, message in batch:
-                    since_yield += 1
-                    if since_yield > yield_every:
-                        await sleep(0)
-                        since_yield = 0
-                    offset = message.offset
-                    r_offset = get_read_offset(tp)
-                    if r_offset is not None and offset < r_offset:
-                        continue  # already delivered before a seek back; faust drops these too
-                    if r_offset and offset - r_offset > 1 and acks_enabled_for(message.topic):
-                        await self._add_gap(tp, r_offset + 1, offset)
-                    if commit_every is not None and self._n_acked >= commit_every:
+                if not self.flow_active:
+                    # Fetched while a rebalance stopped the flow: deliver nothing, re-read from committed offsets.
+                    await self._seek_back()
+                    continue
+                generation = app.consumer_generation_id
+                for tp, recs in records.items():
+                    if suspended() or not self.flow_active or app.consumer_generation_id != generation:
+                        break  # a rebalance began: deliver nothing more from this fetch
+                    if active is not None and tp not in active and tp not in self._buffered_partitions:
+                        continue
+                    r_offset = get_read_offset(tp)  # faust's: last delivered, or where a seek moved it
+                    if r_offset is not None and recs[0].offset < r_offset:
+                        recs = [r for r in recs if r.offset >= r_offset]  # delivered before a seek back
+                    if not recs:
+                        continue
+                    first, last = recs[0], recs[-1]
+                    # Offsets between the previous delivery and this one that hold no record (transaction markers,
+                    # compaction) are acked with this batch, so commits never stall on them.
+                    first_offset = first.offset if r_offset is None else min(first.offset, r_offset)
+                    batch = FetchedBatch(tp.topic, tp.partition, last.offset, last.timestamp / 1000.0,
+                                         last.timestamp_type, None, None, recs, None, 0, 0, tp,
+                                         generation_id=generation)
+                    batch.first_offset = first_offset
+                    await callback(batch)
+                    set_read_offset(tp, last.offset)
+                    if self._commit_every is not None and self._n_acked >= self._commit_every:
                         self._n_acked = 0
                         await self.commit()
-                    if suspended():
-                        break  # a rebalance began: deliver nothing more from this fetch
-                    await callback(message)
-                    set_read_offset(tp, offset)
                 unset_flag(CONSUMER_FETCHING)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
@@ -84,6 +134,12 @@ class LeanDrainConsumer(faust_aiokafka.Consumer):
         finally:
             unset_flag(CONSUMER_FETCHING)
 
+    async def _seek_back(self) -> None:
+        try:
+            await self.perform_seek()
+        except Exception as exc:  # faust logs and carries on here too; the next rebalance seeks again
+            self.log.warning("seek to committed offsets failed while the flow was stopped: %r", exc)
+
 
 class LeanDrainTransport(faust_aiokafka.Transport):
     Consumer: ClassVar = LeanDrainConsumer
@@ -97,10 +153,10 @@ class LeanDrainApp(faust.App):
 
 
 class RawBytesSchema(faust.Schema):
-    """Key and value reach the agent as the bytes on the wire.
+    """The agent gets what the consumer delivered, undecoded: for a FetchedBatch, its list of raw records.
 
-    The agent validates and parses them itself (featurestore.events), so faust's per-message codec lookup is
-    skipped, and a message faust could not decode cannot bypass the dead-letter path.
+    The agent validates and parses each record itself (featurestore.events), so faust's codec lookup is skipped,
+    and a record faust could not decode cannot bypass the dead-letter path.
     """
 
     def loads_key(self, app, message, *, loads=None, serializer=None):  # noqa: ARG002 - faust's signature

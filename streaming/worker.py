@@ -74,7 +74,7 @@ def build_app(cfg: StreamConfig) -> faust.App:
         # Offsets are committed every commit_interval_s; a count-triggered commit would stall the drain loop.
         broker_commit_every=max(50 * cfg.batch_size, 100_000),
         broker_max_poll_records=cfg.batch_size,
-        stream_buffer_maxsize=max(4 * cfg.batch_size, 8192),
+        stream_buffer_maxsize=16,  # fetched batches (of up to batch_size records each) waiting for the agent
         stream_recovery_delay=0.0,
         stream_wait_empty=False,  # a rebalance waits for the batch in flight only (see _finish_batch_in_flight)
         producer_acks=-1,
@@ -94,12 +94,8 @@ def build_app(cfg: StreamConfig) -> faust.App:
         await fut
 
     async def handle(agg: Aggregator, events: list) -> None:
-        """One batch: process it, then ack its events (faust commits acked offsets)."""
-        messages = [
-            RawMessage(e.message.key, e.message.value, e.message.partition, e.message.offset,
-                       int(e.message.timestamp * 1000))
-            for e in events
-        ]
+        """One batch (events of FetchedBatch messages): process its records, then ack (faust commits acked offsets)."""
+        messages = [RawMessage(r.key, r.value, r.partition, r.offset, r.timestamp) for e in events for r in e.value]
         await agg.process(messages)
         last: dict = {}
         for e in events:
@@ -113,8 +109,9 @@ def build_app(cfg: StreamConfig) -> faust.App:
 
     @app.agent(source)
     async def aggregate(stream):
-        # Batches form from what has arrived: the agent takes events until the channel is empty (or the batch
-        # is full), then processes them. Under load batches fill up; when idle, an event is processed at once.
+        # Batches form from what has arrived: the agent takes fetched record batches until the channel is empty
+        # (or batch_size records are taken), then processes them. Under load batches fill up; when idle, what
+        # arrived is processed at once.
         # Acks are manual, after the batch's Redis write, so a crash never commits an unprocessed offset.
         # The aggregator lives and dies with the agent: created in the running loop (its asyncio Redis client
         # binds to it) and closed only once the agent has stopped, so no batch can reach a closed archive.
@@ -122,17 +119,21 @@ def build_app(cfg: StreamConfig) -> faust.App:
         manual = stream.noack()
         arrived = manual.channel.queue
         events: list = []
+        taken = 0
         try:
             async for _ in manual:
                 if state.pop("revoked", False):
                     # Taken before a rebalance, never processed or acked: after a rebalance faust seeks every
                     # assigned partition back to its committed offset, so whoever owns them now reads them again.
                     events.clear()
-                events.append(manual.current_event)
-                if len(events) >= cfg.batch_size or arrived.empty():
+                    taken = 0
+                event = manual.current_event  # one partition's records from one fetch (faust_lean.FetchedBatch)
+                events.append(event)
+                taken += len(event.value)
+                if taken >= cfg.batch_size or arrived.empty():
                     async with writing:
                         await handle(agg, events)
-                    events = []
+                    events, taken = [], 0
         finally:
             await agg.close()
 
