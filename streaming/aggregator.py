@@ -69,10 +69,17 @@ class Aggregator:
 
     async def apply(self, prepared) -> BatchResult:
         """Redis write, archive append and DLQ sends of a prepared batch; returns once all are done."""
-        messages, batch, started = prepared
-        statuses = await self._apply_with_retry(batch.writes) if batch.writes else []
-        visible_ms = time.time() * 1000.0
+        return await self.finish(prepared, *await self.write_online(prepared))
 
+    async def write_online(self, prepared) -> tuple[list[ApplyStatus], float]:
+        """The Redis half of `apply`: window writes (retried until Redis takes them); returns statuses, when visible."""
+        _, batch, _ = prepared
+        statuses = await self._apply_with_retry(batch.writes) if batch.writes else []
+        return statuses, time.time() * 1000.0
+
+    async def finish(self, prepared, statuses: Sequence[ApplyStatus], visible_ms: float) -> BatchResult:
+        """The rest of `apply`: archive, DLQ sends and metrics. May overlap the next batch's `write_online`."""
+        messages, batch, started = prepared
         result = BatchResult(invalid=len(batch.rejects))
         sends = []
         for msg, exc in batch.rejects:

@@ -73,6 +73,19 @@ class LeanDrainConsumer(faust_aiokafka.Consumer):
             finally:
                 notify(self._waiting_for_ack)
 
+    def on_buffer_full(self, tp) -> None:
+        """No partition pausing when the agent's channel fills up: a full channel blocks delivery instead.
+
+        faust takes a partition out of the fetch set when the channel passes 80% of its size and puts it back at 40%.
+        With a channel of fetched batches that happens within milliseconds at a modest rate, and each round trip
+        of that dance stalled aiokafka's fetcher for its whole 1 s poll timeout (p99 freshness ~1.2 s at 5,000/s).
+        Blocking is backpressure enough: while delivery waits, nothing is fetched, and aiokafka fetches no more for a
+        partition whose records are still buffered.
+        """
+
+    def on_buffer_drop(self, tp) -> None:
+        """See on_buffer_full: nothing was paused, so nothing to resume."""
+
     async def _drain_messages(self, fetcher) -> None:  # pragma: no cover - exercised by the stream worker tests
         app = self.app
         callback = self.callback

@@ -76,7 +76,7 @@ def build_app(cfg: StreamConfig) -> faust.App:
         broker_max_poll_records=cfg.batch_size,
         stream_buffer_maxsize=16,  # fetched batches (of up to batch_size records each) waiting for the agent
         stream_recovery_delay=0.0,
-        stream_wait_empty=False,  # a rebalance waits for the batch in flight only (see _finish_batch_in_flight)
+        stream_wait_empty=False,  # a rebalance waits for the batches in flight only (see _finish_batches_in_flight)
         producer_acks=-1,
         producer_linger=0.005,
         key_serializer="raw",
@@ -84,8 +84,8 @@ def build_app(cfg: StreamConfig) -> faust.App:
     )
     source = app.topic(cfg.topic, schema=RawBytesSchema(key_serializer="raw", value_serializer="raw"))
     dlq = app.topic(cfg.dlq_topic, key_serializer="raw", value_serializer="raw", partitions=cfg.partitions)
-    state: dict = {}
-    writing = asyncio.Lock()  # held by the agent while a batch is written; a rebalance waits for it
+    rebalances = [0]  # bumped when partitions are revoked: batches taken before that are never written
+    in_flight: set[asyncio.Task] = set()  # batch writes not yet acked; a rebalance waits for them
 
     async def dlq_send(msg: RawMessage, reason: str, detail: str) -> None:
         headers = [("reason", reason.encode()), ("detail", detail.encode()[:500]),
@@ -93,10 +93,26 @@ def build_app(cfg: StreamConfig) -> faust.App:
         fut = await dlq.send(key=msg.key, value=msg.value if msg.value is not None else b"", headers=headers)
         await fut
 
-    async def handle(agg: Aggregator, events: list) -> None:
-        """One batch (events of FetchedBatch messages): process its records, then ack (faust commits acked offsets)."""
-        messages = [RawMessage(r.key, r.value, r.partition, r.offset, r.timestamp) for e in events for r in e.value]
-        await agg.process(messages)
+    async def write(agg: Aggregator, prepared, events: list, online: asyncio.Future,
+                    previous: asyncio.Task | None) -> None:
+        """One batch: Redis (then `online` resolves), archive, DLQ and metrics, then ack in batch order.
+
+        The agent starts the next batch's Redis write as soon as `online` resolves, so this batch's archive and
+        metrics work overlaps it; acks wait for the previous batch's, so offsets are acked in order.
+        """
+        try:
+            statuses, visible_ms = await agg.write_online(prepared)
+        except asyncio.CancelledError:
+            online.cancel()
+            raise
+        except Exception as exc:
+            online.set_exception(exc)
+            raise
+        online.set_result(None)
+        await asyncio.sleep(0)  # let the agent start the next batch's Redis write before this batch's CPU work
+        await agg.finish(prepared, statuses, visible_ms)
+        if previous is not None:
+            await previous
         last: dict = {}
         for e in events:
             e.ack()
@@ -110,46 +126,65 @@ def build_app(cfg: StreamConfig) -> faust.App:
     @app.agent(source)
     async def aggregate(stream):
         # Batches form from what has arrived: the agent takes fetched record batches until the channel is empty
-        # (or batch_size records are taken), then processes them. Under load batches fill up; when idle, what
-        # arrived is processed at once.
-        # Acks are manual, after the batch's Redis write, so a crash never commits an unprocessed offset.
-        # The aggregator lives and dies with the agent: created in the running loop (its asyncio Redis client
-        # binds to it) and closed only once the agent has stopped, so no batch can reach a closed archive.
+        # (or batch_size records are taken), then validates them while the previous batch is being written to
+        # Redis, and starts their write once Redis has finished that one. Under load batches fill up; when idle,
+        # what arrived is written at once. Acks are manual, after the batch is in Redis and archived, so a crash
+        # never commits an unprocessed offset. The aggregator lives and dies with the agent: created in the
+        # running loop (its asyncio Redis client binds to it) and closed only once the last write is done.
         agg = make_aggregator(cfg, dlq_send)
         manual = stream.noack()
         arrived = manual.channel.queue
+        loop = asyncio.get_running_loop()
         events: list = []
-        taken = 0
+        taken, epoch = 0, rebalances[0]
+        previous: asyncio.Task | None = None  # the last batch started
+        older: asyncio.Task | None = None  # the one before it
+        online: asyncio.Future | None = None  # resolves when `previous` is in Redis
         try:
             async for _ in manual:
-                if state.pop("revoked", False):
-                    # Taken before a rebalance, never processed or acked: after a rebalance faust seeks every
+                if rebalances[0] != epoch:
+                    # Taken before a rebalance, never written or acked: after a rebalance faust seeks every
                     # assigned partition back to its committed offset, so whoever owns them now reads them again.
-                    events.clear()
-                    taken = 0
+                    events, taken, epoch = [], 0, rebalances[0]
                 event = manual.current_event  # one partition's records from one fetch (faust_lean.FetchedBatch)
                 events.append(event)
                 taken += len(event.value)
-                if taken >= cfg.batch_size or arrived.empty():
-                    async with writing:
-                        await handle(agg, events)
-                    events, taken = [], 0
+                if taken < cfg.batch_size and not arrived.empty():
+                    continue
+                prepared = agg.prepare(
+                    [RawMessage(r.key, r.value, r.partition, r.offset, r.timestamp) for e in events for r in e.value]
+                )
+                if online is not None:
+                    await online  # Redis has the previous batch: one batch at a time there, in order
+                if older is not None:
+                    await older  # at most two batches in flight; a failed write surfaces here
+                    older = None
+                if rebalances[0] == epoch:  # else partitions were revoked while this batch was prepared
+                    online = loop.create_future()
+                    task = loop.create_task(write(agg, prepared, events, online, previous))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+                    older, previous = previous, task
+                events, taken = [], 0
         finally:
+            if in_flight:
+                await asyncio.gather(*in_flight, return_exceptions=True)
             await agg.close()
 
     @app.on_partitions_revoked.connect
-    async def _finish_batch_in_flight(app, revoked, **kwargs) -> None:  # noqa: ARG001 - signal signature
-        """Before partitions move, the batch being written completes and is committed.
+    async def _finish_batches_in_flight(app, revoked, **kwargs) -> None:  # noqa: ARG001 - signal signature
+        """Before partitions move, the batches being written complete and are committed.
 
         Two workers must never apply one card's events at the same time: lateness is judged against the card's
         newest event, so the outcome would depend on which worker got there first. faust's own remedy
         (stream_wait_empty) waits for every message in the agent's channel, which on shutdown can wait forever.
         """
-        state["revoked"] = True
-        async with writing:  # the batch in flight, if any, is written and acked
-            await app.consumer.commit()
+        rebalances[0] += 1
+        if in_flight:
+            await asyncio.gather(*list(in_flight), return_exceptions=True)
+        await app.consumer.commit()
         if revoked:
-            log.info("partitions %s revoked: the batch in flight is written and offsets committed",
+            log.info("partitions %s revoked: batches in flight are written and offsets committed",
                      sorted(tp.partition for tp in revoked))
 
     return app
