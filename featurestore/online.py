@@ -109,7 +109,7 @@ def fold_read(reply: Sequence, txn_id: str, ts: int, amount_cents: int, window_m
 
 
 def _apply_args(prefix: str, events: Sequence[EventWrite], lateness: int, retention: int) -> list:
-    packed = orjson.dumps([(e.card, e.txn_id, e.ts, e.seq, e.amount_cents) for e in events])
+    packed = orjson.dumps([(e.card, e.txn_id, str(e.ts), str(e.seq), str(e.amount_cents)) for e in events])
     return [prefix, lateness, retention, CARD_AGG_10M.ttl_s, CARD_AGG_10M.window_ms, int(time.time()), packed]
 
 
