@@ -165,6 +165,7 @@ def build_app(cfg: StreamConfig) -> faust.App:
                     in_flight.add(task)
                     task.add_done_callback(in_flight.discard)
                     older, previous = previous, task
+                    await asyncio.sleep(0)  # the task sends its Redis request now, not after the next batch's prep
                 events, taken = [], 0
         finally:
             if in_flight:
