@@ -107,6 +107,25 @@ def test_retention_trims_events_and_idempotency_records(online_store):
     assert state["newest"] == str(BASE + 3 * W) and state["n10m"] == "1"
 
 
+def test_card_idle_longer_than_retention_starts_afresh(online_store):
+    store = online_store
+    store.retention = 2 * W
+    store.apply_events([EventWrite("c", "old", BASE, 0, 100), EventWrite("c", "mid", BASE + W, 1, 200)])
+    far = BASE + 10 * W
+    assert store.apply_events([EventWrite("c", "new", far, 2, 300), EventWrite("c", "next", far + 1, 3, 400),
+                               EventWrite("c", "new", far + 2, 4, 999)]) == [
+        ApplyStatus.APPLIED, ApplyStatus.APPLIED, ApplyStatus.DUPLICATE]
+    r = store.redis
+    assert sorted(m.decode().split("|")[-1] for m in r.zrange(store.keys.window("c"), 0, -1)) == ["new", "next"]
+    assert set(k.decode() for k in r.hkeys(store.keys.events("c"))) == {"new", "next"}
+    assert all(r.ttl(k) > 0 for k in (store.keys.window("c"), store.keys.events("c"), store.keys.card("c")))
+    state = store.card_state("c")
+    assert (state["oldest"], state["newest"], state["n10m"], state["sum10m"]) == (str(far), str(far + 1), "2", "700")
+    assert store.apply_events([EventWrite("c", "mid", BASE + W, 1, 200)]) == [ApplyStatus.REDELIVERED]
+    got = store.read_features("c", "probe", far + 5, 1)
+    assert (got.num_trans_last_10m, got.sum_cents_last_10m) == (3, 701)
+
+
 def test_snapshot_as_of_and_atomic_replace(online_store):
     store = online_store
     day = 86_400_000

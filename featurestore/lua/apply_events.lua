@@ -36,6 +36,13 @@ for i = 1, #events do
           oldest_s = c[3], oldest = tonumber(c[3]), exp_at_s = c[4], exp_at = tonumber(c[4])}
     state[card] = st
     touched[#touched + 1] = card
+    if st.newest and ts - retention > st.newest and seq > st.last_seq then
+      -- The card was idle for longer than the retention: all it has stored is older than the cutoff this event
+      -- sets, so drop it in one call instead of trimming it record by record below (replayed history meeting
+      -- live traffic does this for every card at once). TTLs are set again when the keys are written.
+      call('DEL', ek, p .. ':w:' .. card)
+      st.oldest, st.oldest_s, st.exp_at = nil, nil, nil
+    end
   end
   if st.last_seq and seq <= st.last_seq then
     -- A redelivered message (its stream position was already applied): report what it was, change nothing.
