@@ -54,6 +54,17 @@ def raw_client(redis_settings):
     client.close()
 
 
+def assert_latest_aggregates(store: OnlineStore, rows) -> None:
+    """Each card's inspection aggregate: its on-time events with ts in [newest - W, newest]."""
+    for card in {r.card for r in rows}:
+        on_time = [r for r in rows if r.card == card and not r.late]
+        newest = max(r.ts for r in on_time)
+        live = [r for r in on_time if r.ts >= newest - W]
+        state = store.card_state(card)
+        got = (int(state["newest"]), int(state["n10m"]), int(state["sum10m"]))
+        assert got == (newest, len(live), sum(r.amount_cents for r in live)), (card, state)
+
+
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=streams())
 def test_online_read_equals_oracle(redis_settings, raw_client, data):
@@ -65,6 +76,7 @@ def test_online_read_equals_oracle(redis_settings, raw_client, data):
         statuses: list[ApplyStatus] = []
         for lo, hi in zip([0, *cuts], [*cuts, len(writes)], strict=True):  # several batches
             statuses += store.apply_events(writes[lo:hi])
+            assert_latest_aggregates(store, naive_window_features(arrivals[:hi], W, W))
         statuses += store.apply_events(writes)  # a full replay changes nothing
 
         rows = naive_window_features(arrivals, W, W)

@@ -7,7 +7,8 @@
 -- Keys per card (prefix p):
 --   p:w:<card>  ZSET  score = ts, member = "seq|cents|flag|txn_id"  (flag A = aggregated, L = late)
 --   p:e:<card>  HASH  txn_id -> member                               (idempotency: a txn_id is applied once)
---   p:c:<card>  HASH  newest, last_seq, oldest, n10m, sum10m (as of the newest event), updated, exp_at
+--   p:c:<card>  HASH  newest, last_seq, oldest, n10m, sum10m, win_lo (the latest aggregate, as of the newest event,
+--                     and its oldest counted ts), updated, exp_at
 -- Returns one status per event: 0 applied, 1 late, 2 duplicate of an applied event, 3 duplicate of a late event,
 -- 4 redelivery (stream position already passed) whose record was already trimmed.
 local p = ARGV[1]
@@ -31,9 +32,13 @@ for i = 1, #events do
   local ek = p .. ':e:' .. card
   local st = state[card]
   if not st then
-    local c = call('HMGET', p .. ':c:' .. card, 'newest', 'last_seq', 'oldest', 'exp_at')
+    local c = call('HMGET', p .. ':c:' .. card, 'newest', 'last_seq', 'oldest', 'exp_at', 'n10m', 'sum10m', 'win_lo')
     st = {newest_s = c[1], newest = tonumber(c[1]), last_seq_s = c[2], last_seq = tonumber(c[2]),
-          oldest_s = c[3], oldest = tonumber(c[3]), exp_at_s = c[4], exp_at = tonumber(c[4])}
+          oldest_s = c[3], oldest = tonumber(c[3]), exp_at_s = c[4], exp_at = tonumber(c[4]),
+          n = tonumber(c[5]) or 0, sum = tonumber(c[6]) or 0, win_lo = tonumber(c[7]), counted = {}}
+    st.base_newest = st.newest
+    -- A state written before win_lo existed: its aggregate is recomputed from the window once.
+    st.unknown = st.newest ~= nil and not c[7]
     state[card] = st
     touched[#touched + 1] = card
     if st.newest and ts - retention > st.newest and seq > st.last_seq then
@@ -42,6 +47,7 @@ for i = 1, #events do
       -- live traffic does this for every card at once). TTLs are set again when the keys are written.
       call('DEL', ek, p .. ':w:' .. card)
       st.oldest, st.oldest_s, st.exp_at = nil, nil, nil
+      st.n, st.sum, st.win_lo, st.unknown = 0, 0, nil, false
     end
   end
   if st.last_seq and seq <= st.last_seq then
@@ -64,6 +70,12 @@ for i = 1, #events do
       if flag == 'A' then
         status[i] = 0
         if (not st.newest) or ts > st.newest then st.newest = ts; st.newest_s = ts_s end
+        if ts >= st.newest - window then
+          -- Counted in the latest aggregate (as of newest); what a later newest pushes out is settled below.
+          st.n = st.n + 1; st.sum = st.sum + tonumber(cents)
+          if (not st.win_lo) or ts < st.win_lo then st.win_lo = ts end
+          st.counted[#st.counted + 1] = ts; st.counted[#st.counted + 1] = cents
+        end
       else
         status[i] = 1
       end
@@ -95,20 +107,40 @@ for _, card in ipairs(touched) do
       st.oldest_s = first[2]
       st.oldest = tonumber(first[2])
     end
-    -- The latest aggregate, as of the newest event, for inspection (`velocity features get`).
-    local cnt, sum = 0, 0
-    if st.newest then
-      local live = call('ZRANGEBYSCORE', wk, fmt('%d', st.newest - window), st.newest_s)
-      for _, m in ipairs(live) do
-        local _, _, c, f = find(m, '^[^|]*|([^|]*)|([^|]*)|')
-        if f == 'A' then cnt = cnt + 1; sum = sum + tonumber(c) end
+    -- The latest aggregate, as of the newest event, for inspection (`velocity features get`): the aggregated
+    -- events with ts in [newest - window, newest]. It is kept incrementally with the oldest counted ts (win_lo);
+    -- the window is read back only when a counted event from an earlier batch has left it.
+    local lo = st.newest and st.newest - window
+    if lo and (st.unknown or (st.win_lo and st.win_lo < lo)) then
+      st.n, st.sum, st.win_lo = 0, 0, nil
+      if st.unknown or (st.base_newest and st.base_newest >= lo) then
+        local live = call('ZRANGEBYSCORE', wk, fmt('%d', lo), st.newest_s, 'WITHSCORES')
+        for j = 1, #live, 2 do
+          local _, _, c, f = find(live[j], '^[^|]*|([^|]*)|([^|]*)|')
+          if f == 'A' then
+            local t = tonumber(live[j + 1])
+            st.n = st.n + 1; st.sum = st.sum + tonumber(c)
+            if (not st.win_lo) or t < st.win_lo then st.win_lo = t end
+          end
+        end
+      else
+        -- Everything counted before this batch is older than lo: only this batch's counted events can remain.
+        local counted = st.counted
+        for j = 1, #counted, 2 do
+          local t = counted[j]
+          if t >= lo then
+            st.n = st.n + 1; st.sum = st.sum + tonumber(counted[j + 1])
+            if (not st.win_lo) or t < st.win_lo then st.win_lo = t end
+          end
+        end
       end
     end
     -- TTLs are refreshed when half used up, not on every batch: three fewer calls per card per batch.
     local refresh = (not st.exp_at) or st.exp_at - now < ttl / 2
     if refresh then st.exp_at_s = fmt('%d', now + ttl) end
     call('HSET', ck, 'newest', st.newest_s or '', 'last_seq', st.last_seq_s, 'oldest', st.oldest_s or '',
-      'n10m', fmt('%d', cnt), 'sum10m', fmt('%d', sum), 'updated', now_s, 'exp_at', st.exp_at_s)
+      'n10m', fmt('%d', st.n), 'sum10m', fmt('%d', st.sum), 'win_lo', st.win_lo and fmt('%d', st.win_lo) or '',
+      'updated', now_s, 'exp_at', st.exp_at_s)
     if refresh then
       call('EXPIRE', wk, ttl_s)
       call('EXPIRE', ek, ttl_s)
