@@ -27,8 +27,8 @@ def register(app: typer.Typer) -> None:
                                                 "(default 600000 = 10 min)."),
         retention_ms: int = typer.Option(None, help="How long window events and txn_id records stay online "
                                          "(event time; default 1 day)."),
-        engine: str = typer.Option("faust", help="faust (the faust-streaming agent) or aiokafka (batched fetch, "
-                                   "several times the throughput; same semantics and guarantees)."),
+        engine: str = typer.Option("faust", help="faust (the faust-streaming agent) or aiokafka (a plain batched "
+                                   "aiokafka consumer; same semantics and guarantees)."),
         log_level: str = typer.Option("info", help="Log level."),
     ) -> None:
         """Run the stream worker: exact 10-minute windows per card in Redis, archive to Parquet, DLQ bad input.
