@@ -25,6 +25,12 @@ local status = {}
 local touched = {}
 local state = {}
 
+-- Count one aggregated event (ts t, cents as a string) in the card's latest aggregate.
+local function count_in(st, t, cents)
+  st.n = st.n + 1; st.sum = st.sum + tonumber(cents)
+  if (not st.win_lo) or t < st.win_lo then st.win_lo = t end
+end
+
 for i = 1, #events do
   local e = events[i]
   local card, txn, ts_s, seq_s, cents = e[1], e[2], e[3], e[4], e[5]
@@ -72,8 +78,7 @@ for i = 1, #events do
         if (not st.newest) or ts > st.newest then st.newest = ts; st.newest_s = ts_s end
         if ts >= st.newest - window then
           -- Counted in the latest aggregate (as of newest); what a later newest pushes out is settled below.
-          st.n = st.n + 1; st.sum = st.sum + tonumber(cents)
-          if (not st.win_lo) or ts < st.win_lo then st.win_lo = ts end
+          count_in(st, ts, cents)
           st.counted[#st.counted + 1] = ts; st.counted[#st.counted + 1] = cents
         end
       else
@@ -117,21 +122,13 @@ for _, card in ipairs(touched) do
         local live = call('ZRANGEBYSCORE', wk, fmt('%d', lo), st.newest_s, 'WITHSCORES')
         for j = 1, #live, 2 do
           local _, _, c, f = find(live[j], '^[^|]*|([^|]*)|([^|]*)|')
-          if f == 'A' then
-            local t = tonumber(live[j + 1])
-            st.n = st.n + 1; st.sum = st.sum + tonumber(c)
-            if (not st.win_lo) or t < st.win_lo then st.win_lo = t end
-          end
+          if f == 'A' then count_in(st, tonumber(live[j + 1]), c) end
         end
       else
         -- Everything counted before this batch is older than lo: only this batch's counted events can remain.
         local counted = st.counted
         for j = 1, #counted, 2 do
-          local t = counted[j]
-          if t >= lo then
-            st.n = st.n + 1; st.sum = st.sum + tonumber(counted[j + 1])
-            if (not st.win_lo) or t < st.win_lo then st.win_lo = t end
-          end
+          if counted[j] >= lo then count_in(st, counted[j], counted[j + 1]) end
         end
       end
     end
