@@ -20,6 +20,11 @@ class RawMessage:
     offset: int
     timestamp_ms: int
 
+    @classmethod
+    def from_record(cls, record) -> RawMessage:
+        """From a Kafka consumer record (aiokafka's: key, value, partition, offset, timestamp in ms)."""
+        return cls(record.key, record.value, record.partition, record.offset, record.timestamp)
+
 
 @dataclass(slots=True)
 class PreparedBatch:

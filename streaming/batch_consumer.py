@@ -92,7 +92,7 @@ class BatchRunner:
                 offsets: dict[TopicPartition, int] = {}
                 for tp, records in batches.items():
                     for r in records:
-                        messages.append(RawMessage(r.key, r.value, tp.partition, r.offset, r.timestamp))
+                        messages.append(RawMessage.from_record(r))
                     offsets[tp] = records[-1].offset
                 # One batch in flight: its Redis round trip overlaps with fetching and validating the next.
                 prepared = self.agg.prepare(messages)
