@@ -235,15 +235,25 @@ def run(cfg: StreamConfig, loglevel: str = "info", engine: str = "faust") -> Non
     _use_uvloop()
     if os.environ.get("VELOCITY_STREAM_GC_TUNING", "1") != "0":
         _tune_gc()
-    if engine == "aiokafka":
-        from streaming.batch_consumer import run_batch_engine
+    try:
+        if engine == "aiokafka":
+            from streaming.batch_consumer import run_batch_engine
 
-        logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s")
-        run_batch_engine(cfg, lambda send: make_aggregator(cfg, send))
-        return
-    app = build_app(cfg)
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
-    worker.execute_from_commandline()
+            logging.basicConfig(level=loglevel.upper(),
+                                format="[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s")
+            run_batch_engine(cfg, lambda send: make_aggregator(cfg, send))
+            return
+        app = build_app(cfg)
+        worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+        worker.execute_from_commandline()
+    finally:
+        # faust gives stopping agents about a second before it closes the loop; rolling a large spool can take
+        # longer, which left this worker's last rows in the spool until the next start. Every row in the spool
+        # was flushed before its batch was acked, so whatever is left is rolled here, after the loop.
+        if cfg.offline_dir is not None:
+            rows = recover_spools(archive_dir(cfg.offline_dir))
+            if rows:
+                log.info("archived %d rows left in this worker's spool at shutdown", rows)
 
 
 def default_config(**overrides) -> StreamConfig:
