@@ -70,11 +70,11 @@ def messages(n: int, cards: int, t0: int, keyer: EntityKeyer, live: bool = False
         yield keys[c], v, ts
 
 
-def start_worker(topic: str, prefix: str, port: int, offline: Path, engine: str, extra: list[str]) -> subprocess.Popen:
+def start_worker(topic: str, prefix: str, port: int, offline: Path, extra: list[str]) -> subprocess.Popen:
     env = {**os.environ, "VELOCITY_ENTITY_SECRET": SECRET}
     cmd = [str(REPO / ".venv/bin/velocity"), "stream", "--topic", topic, "--dlq-topic", f"{topic}.dlq",
            "--group", f"bench-{topic}", "--key-prefix", prefix, "--metrics-port", str(port),
-           "--offline-dir", str(offline), "--log-level", "warning", "--engine", engine, *extra]
+           "--offline-dir", str(offline), "--log-level", "warning", *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(offline / "worker.log", "w"))
 
 
@@ -106,7 +106,6 @@ def main() -> None:
     ap.add_argument("--rate", type=int, default=5000)
     ap.add_argument("--seconds", type=int, default=30)
     ap.add_argument("--port", type=int, default=9480)
-    ap.add_argument("--engine", choices=["aiokafka", "faust"], default="faust")
     ap.add_argument("--no-record", action="store_true")
     ap.add_argument("--worker-arg", action="append", default=[], help="extra `velocity stream` argument (repeatable)")
     args = ap.parse_args()
@@ -124,7 +123,7 @@ def main() -> None:
         prod.send(topic, key=k, value=v, timestamp_ms=ts)
     prod.flush()
 
-    worker = start_worker(topic, prefix, args.port, offline, args.engine, args.worker_arg)
+    worker = start_worker(topic, prefix, args.port, offline, args.worker_arg)
     try:
         wait_metrics(args.port)
         first = None
@@ -142,7 +141,7 @@ def main() -> None:
                 raise SystemExit("worker died; see " + str(offline / "worker.log"))
             time.sleep(0.25)  # scraping /metrics costs the worker CPU: do not poll it hard
         tps = (args.events - n_first) / (now - first)
-        print(f"throughput [{args.engine}]: {tps:,.0f} events/s (one worker process, {args.events:,} events, {args.cards:,} cards)")
+        print(f"throughput: {tps:,.0f} events/s (one worker process, {args.events:,} events, {args.cards:,} cards)")
 
         print(f"freshness: live events at {args.rate}/s for {args.seconds}s ...", flush=True)
         live = KafkaProducer(bootstrap_servers=BOOT, acks=1, linger_ms=1)
@@ -170,7 +169,7 @@ def main() -> None:
                    re.finditer(r'velocity_stream_freshness_seconds_bucket\{le="([0-9.e+-]+)"\} ([0-9.e+]+)', text)}
         print(f"freshness p99 (all {args.rate * args.seconds:,} live events): {p99:.1f} ms at {args.rate * args.seconds / sent_s:,.0f}/s "
               f"achieved send rate; histogram: {json.dumps(buckets)}")
-        if not args.no_record and args.engine == "faust":  # the default engine of `velocity stream`
+        if not args.no_record:
             update(stream_tps=round(tps), stream_freshness_p99_ms_at_5k=round(p99, 1))
     finally:
         worker.send_signal(signal.SIGTERM)

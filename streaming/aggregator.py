@@ -61,7 +61,7 @@ class Aggregator:
             delay = min(delay * 2, self.max_backoff_s)
 
     def prepare(self, messages: Sequence[RawMessage]):
-        """CPU-only half of a batch; both engines run it while Redis still works on the previous one."""
+        """CPU-only half of a batch; the worker runs it while Redis still works on the previous one."""
         return messages, prepare_batch(messages, self.keyer), time.perf_counter()
 
     async def process(self, messages: Sequence[RawMessage]) -> BatchResult:

@@ -15,8 +15,6 @@ def register(app: typer.Typer) -> None:
         topic: str = typer.Option(None, help="Input topic [default transactions]."),
         dlq_topic: str = typer.Option(None, help="Dead-letter topic [default transactions.dlq]."),
         batch_size: int = typer.Option(2000, help="Max messages per batch (one Redis round trip per batch)."),
-        batch_ms: float = typer.Option(10, help="aiokafka engine: max time a fetch waits to fill a batch, in ms. "
-                                      "The faust engine never waits: a batch is whatever has arrived."),
         metrics_port: int = typer.Option(9464, help="Prometheus metrics port (0 = off)."),
         metrics_host: str = typer.Option("127.0.0.1", help="Address the metrics server binds (0.0.0.0 in a container)."),
         offline_dir: Path = typer.Option(None, help="Offline store root for the archive [default $VELOCITY_DATA_DIR/offline]."),
@@ -27,8 +25,6 @@ def register(app: typer.Typer) -> None:
                                                 "(default 600000 = 10 min)."),
         retention_ms: int = typer.Option(None, help="How long window events and txn_id records stay online "
                                          "(event time; default 1 day)."),
-        engine: str = typer.Option("faust", help="faust (the faust-streaming agent) or aiokafka (a plain batched "
-                                   "aiokafka consumer; same semantics and guarantees)."),
         log_level: str = typer.Option("info", help="Log level."),
     ) -> None:
         """Run the stream worker: exact 10-minute windows per card in Redis, archive to Parquet, DLQ bad input.
@@ -38,7 +34,7 @@ def register(app: typer.Typer) -> None:
         """
         from streaming.worker import default_config, run
 
-        overrides = {"group": group, "batch_size": batch_size, "batch_within_s": batch_ms / 1000.0,
+        overrides = {"group": group, "batch_size": batch_size,
                      "metrics_port": metrics_port, "metrics_host": metrics_host,
                      "archive_roll_s": archive_roll_s}
         for name, value in (("bootstrap", bootstrap), ("topic", topic), ("dlq_topic", dlq_topic),
@@ -49,6 +45,4 @@ def register(app: typer.Typer) -> None:
         cfg = default_config(**overrides)
         if not archive:
             cfg.offline_dir = None
-        if engine not in ("faust", "aiokafka"):
-            raise typer.BadParameter("engine must be faust or aiokafka", param_hint="--engine")
-        run(cfg, loglevel=log_level, engine=engine)
+        run(cfg, loglevel=log_level)

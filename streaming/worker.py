@@ -31,7 +31,6 @@ class StreamConfig:
     dlq_topic: str = "transactions.dlq"
     partitions: int = 4
     batch_size: int = 2000
-    batch_within_s: float = 0.01
     commit_interval_s: float = 1.0
     #: A killed worker's partitions move to the survivors after this long (Kafka's session timeout).
     session_timeout_s: float = 10.0
@@ -229,20 +228,13 @@ def _tune_gc() -> None:
     gc.set_threshold(50_000, 20, 20)
 
 
-def run(cfg: StreamConfig, loglevel: str = "info", engine: str = "faust") -> None:
+def run(cfg: StreamConfig, loglevel: str = "info") -> None:
     """Run the worker until SIGTERM/SIGINT; offsets of processed batches are committed as it goes."""
     prepare(cfg)
     _use_uvloop()
     if os.environ.get("VELOCITY_STREAM_GC_TUNING", "1") != "0":
         _tune_gc()
     try:
-        if engine == "aiokafka":
-            from streaming.batch_consumer import run_batch_engine
-
-            logging.basicConfig(level=loglevel.upper(),
-                                format="[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s")
-            run_batch_engine(cfg, lambda send: make_aggregator(cfg, send))
-            return
         app = build_app(cfg)
         worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
         worker.execute_from_commandline()

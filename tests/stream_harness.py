@@ -22,10 +22,10 @@ def free_port() -> int:
 
 
 class Worker:
-    def __init__(self, *, topic: str, prefix: str, group: str, offline: Path, engine: str, bootstrap: str,
+    def __init__(self, *, topic: str, prefix: str, group: str, offline: Path, bootstrap: str,
                  redis_port: int, log: Path, retention_ms: int | None = None) -> None:
         self.args = [sys.executable, "-m", "velocity_cli", "stream", "--topic", topic, "--dlq-topic", f"{topic}.dlq",
-                     "--group", group, "--key-prefix", prefix, "--offline-dir", str(offline), "--engine", engine,
+                     "--group", group, "--key-prefix", prefix, "--offline-dir", str(offline),
                      "--batch-size", "500", "--log-level", "info"]
         if retention_ms is not None:  # reading old transactions back after a replay needs their events online
             self.args += ["--retention-ms", str(retention_ms)]

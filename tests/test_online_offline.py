@@ -37,7 +37,7 @@ def test_training_rows_equal_online_features_after_stream_replay(services, make_
     group = f"g-{uuid.uuid4().hex[:8]}"
     keyer = EntityKeyer(SECRET)
     synthetic.produce(services["bootstrap"], topic, rows, keyer)
-    worker = Worker(topic=topic, prefix=key_prefix, group=group, offline=tmp_path, engine="faust",
+    worker = Worker(topic=topic, prefix=key_prefix, group=group, offline=tmp_path,
                     bootstrap=services["bootstrap"], redis_port=services["redis_port"], log=tmp_path / "w.log",
                     retention_ms=60 * 86_400_000)
     worker.start()

@@ -30,8 +30,8 @@ def stream_env(services, make_topic, key_prefix, redis_settings, tmp_path):
     ensure_topics(services["bootstrap"], {make_topic_name: 4})
     group = f"g-{uuid.uuid4().hex[:8]}"
 
-    def worker(engine: str, retention_ms: int | None = None) -> Worker:
-        return Worker(topic=topic, prefix=key_prefix, group=group, offline=tmp_path, engine=engine,
+    def worker(retention_ms: int | None = None) -> Worker:
+        return Worker(topic=topic, prefix=key_prefix, group=group, offline=tmp_path,
                       bootstrap=services["bootstrap"], redis_port=services["redis_port"], log=tmp_path / "worker.log",
                       retention_ms=retention_ms)
 
@@ -63,11 +63,10 @@ def assert_archive_exactly_once(offline, rows: list[dict]) -> None:
     assert set(archived["card"]) <= {keyer(r["cc_num"]) for r in rows}  # entity keys, never PANs
 
 
-@pytest.mark.parametrize("engine", ["faust", "aiokafka"])
-def test_replayed_history_online_state_equals_oracle(stream_env, engine, kafka_admin):
+def test_replayed_history_online_state_equals_oracle(stream_env, kafka_admin):
     rows = synthetic.history(n=3000, cards=40, seed=11)
     synthetic.produce(stream_env["bootstrap"], stream_env["topic"], rows, EntityKeyer(SECRET))
-    worker = stream_env["worker"](engine).start()
+    worker = stream_env["worker"]().start()
     try:
         wait_committed(kafka_admin, worker, stream_env["group"], stream_env["topic"], stream_env["bootstrap"])
     finally:
@@ -77,17 +76,16 @@ def test_replayed_history_online_state_equals_oracle(stream_env, engine, kafka_a
     assert_archive_exactly_once(stream_env["offline"], rows)
 
 
-@pytest.mark.parametrize("engine", ["faust", "aiokafka"])
-def test_sigkill_mid_stream_loses_and_double_counts_nothing(stream_env, engine, kafka_admin):
+def test_sigkill_mid_stream_loses_and_double_counts_nothing(stream_env, kafka_admin):
     rows = synthetic.history(n=6000, cards=60, seed=23)
     synthetic.produce(stream_env["bootstrap"], stream_env["topic"], rows, EntityKeyer(SECRET))
-    worker = stream_env["worker"](engine).start()
+    worker = stream_env["worker"]().start()
     wait_until(lambda: (worker.metric("velocity_stream_events_total") or 0) >= 1500, timeout=90,
                what="the worker to be mid-stream")
     worker.kill()
     processed_before = len(list(stream_env["store"].redis.scan_iter(match=f"{stream_env['store'].keys.prefix}:c:*")))
     assert processed_before > 0
-    restarted = stream_env["worker"](engine).start()
+    restarted = stream_env["worker"]().start()
     try:
         wait_committed(kafka_admin, restarted, stream_env["group"], stream_env["topic"], stream_env["bootstrap"])
         # The restart re-read at least what the killed worker had not committed: redeliveries were absorbed.
@@ -97,19 +95,18 @@ def test_sigkill_mid_stream_loses_and_double_counts_nothing(stream_env, engine, 
     assert_archive_exactly_once(stream_env["offline"], rows)
 
 
-@pytest.mark.parametrize("engine", ["faust", "aiokafka"])
-def test_second_worker_joining_and_leaving_loses_and_double_counts_nothing(stream_env, engine, kafka_admin):
+def test_second_worker_joining_and_leaving_loses_and_double_counts_nothing(stream_env, kafka_admin):
     """Partitions move to a worker that joins mid-stream, and back when it leaves, while events keep flowing."""
     rows = synthetic.history(n=9000, cards=80, seed=37)  # ~2 days: keep every event online to read it back
     keyer = EntityKeyer(SECRET)
     thirds = [rows[:3000], rows[3000:6000], rows[6000:]]
     synthetic.produce(stream_env["bootstrap"], stream_env["topic"], thirds[0], keyer)
-    first = stream_env["worker"](engine, RETAIN_ALL_MS).start()
+    first = stream_env["worker"](RETAIN_ALL_MS).start()
     second = None
     try:
         wait_until(lambda: (first.metric("velocity_stream_events_total") or 0) >= 1000, timeout=90,
                    what="the first worker to be mid-stream")
-        second = stream_env["worker"](engine, RETAIN_ALL_MS).start()
+        second = stream_env["worker"](RETAIN_ALL_MS).start()
         wait_until(lambda: stable_members(kafka_admin, stream_env["group"]) == 2, timeout=90,
                    what="the group to rebalance onto two workers")
         synthetic.produce(stream_env["bootstrap"], stream_env["topic"], thirds[1], keyer)
@@ -143,7 +140,7 @@ def test_malformed_and_late_messages_go_to_dlq_with_reason(stream_env, kafka_adm
     }
     synthetic.produce(stream_env["bootstrap"], stream_env["topic"], good + [late], keyer,
                       extra=[(b"k", raw) for raw in bad])
-    worker = stream_env["worker"]("faust").start()
+    worker = stream_env["worker"]().start()
     try:
         wait_committed(kafka_admin, worker, stream_env["group"], stream_env["topic"], stream_env["bootstrap"])
         assert worker.metric('velocity_stream_dlq_total{reason="late"}') == 1
