@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from featurestore.definitions import DEFAULT_ALLOWED_LATENESS_MS, DEFAULT_EVENT_RETENTION_MS
+from featurestore.definitions import DEFAULT_ALLOWED_LATENESS_MS, DEFAULT_EVENT_RETENTION_MS, DEFAULT_MAX_FUTURE_MS
 
 
 class RedisSettings(BaseSettings):
@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     run_dir: Path = Path(".velocity")
     allowed_lateness_ms: int = DEFAULT_ALLOWED_LATENESS_MS
     event_retention_ms: int = DEFAULT_EVENT_RETENTION_MS
+    #: Event times further ahead of the worker's clock are dead-lettered with reason `future`.
+    max_future_ms: int = DEFAULT_MAX_FUTURE_MS
     redis: RedisSettings = Field(default_factory=RedisSettings)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
 

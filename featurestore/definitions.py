@@ -86,5 +86,8 @@ ALL_FEATURES: tuple[str, ...] = (
 
 #: An event more than this far behind its card's newest event is not aggregated (SPEC section 7).
 DEFAULT_ALLOWED_LATENESS_MS = 10 * MINUTE_MS
+#: An event time further than this ahead of the worker's clock is refused (reason `future`, SPEC section 2), and no
+#: event moves a card's lateness horizon past the worker's clock.
+DEFAULT_MAX_FUTURE_MS = DAY_MS
 #: How long window events are kept online; older ones can no longer count for any on-time event.
 DEFAULT_EVENT_RETENTION_MS = CARD_AGG_10M.window_ms + DEFAULT_ALLOWED_LATENESS_MS

@@ -12,6 +12,7 @@ import faust
 
 from featurestore.archive import ArchiveWriter, archive_dir, recover_spools
 from featurestore.config import RedisSettings, get_settings
+from featurestore.definitions import DEFAULT_ALLOWED_LATENESS_MS, DEFAULT_MAX_FUTURE_MS
 from featurestore.entity import EntityKeyer
 from featurestore.online import DEFAULT_RETENTION_MS, AsyncOnlineStore
 from featurestore.stream_batch import RawMessage
@@ -41,7 +42,8 @@ class StreamConfig:
     archive_roll_s: float = 60.0
     redis: RedisSettings = field(default_factory=RedisSettings)
     key_prefix: str | None = None
-    allowed_lateness_ms: int = 600_000
+    allowed_lateness_ms: int = DEFAULT_ALLOWED_LATENESS_MS
+    max_future_ms: int = DEFAULT_MAX_FUTURE_MS
     retention_ms: int = DEFAULT_RETENTION_MS
     entity_secret: str = ""
     datadir: Path = Path(".velocity/faust")
@@ -253,6 +255,7 @@ def default_config(**overrides) -> StreamConfig:
     base = StreamConfig(
         bootstrap=s.kafka.bootstrap, topic=s.kafka.topic_transactions, dlq_topic=s.kafka.topic_dlq,
         partitions=s.kafka.partitions, redis=s.redis, allowed_lateness_ms=s.allowed_lateness_ms,
+        max_future_ms=s.max_future_ms,
         entity_secret=s.entity_secret, offline_dir=s.offline_dir, datadir=s.run_dir / "faust",
     )
     for k, v in overrides.items():
