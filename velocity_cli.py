@@ -36,13 +36,16 @@ def _register() -> None:
 
 
 def _configure_logging() -> None:
-    from featurestore.entity import install_pan_redaction
+    from featurestore.entity import install_excepthook_redaction, install_pan_redaction
 
     logging.basicConfig(
         level=os.environ.get("VELOCITY_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # PANs are masked in every log record (a log-record factory, so it survives faust replacing the handlers
+    # when the stream worker starts) and in uncaught tracebacks.
     install_pan_redaction()
+    install_excepthook_redaction()
     # kafka-python and aiokafka narrate every connection at INFO; keep their warnings only.
     for noisy in ("kafka", "aiokafka"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,4 +1,9 @@
-"""Entity keys and PAN masking: clear card numbers never leave the edge of the system."""
+"""Entity keys and PAN masking: clear card numbers never leave the edge of the system.
+
+A "PAN-like digit run" (SPEC sections 2 and 3) is a run of 13-19 ASCII digits, not part of a longer run, whose
+last digit is a valid Luhn check digit. Such runs are masked (`************1248`: all but the last 4 digits
+replaced by `*`, same length) wherever free text is stored or logged: validated events, dead letters, log records.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,20 @@ import hashlib
 import hmac
 import logging
 import re
+import sys
+from collections.abc import Callable
 
 ENTITY_KEY_LEN = 32
-_PAN_RE = re.compile(r"(?<!\d)(\d{8,15})(\d{4})(?!\d)")
+#: The entity-key secret configured by default (featurestore.config.Settings.entity_secret): public, local use only.
+DEFAULT_ENTITY_SECRET = "velocity-local-dev-secret"
+
+_PAN_RUN = re.compile(r"(?<![0-9])[0-9]{13,19}(?![0-9])")
+_PAN_RUN_BYTES = re.compile(rb"(?<![0-9])[0-9]{13,19}(?![0-9])")
+#: The cheap pre-check: no run of 13 digits, nothing to mask (most text never gets to the Luhn check).
+_RUN13 = re.compile(r"[0-9]{13}").search
+_RUN13_BYTES = re.compile(rb"[0-9]{13}").search
+
+log = logging.getLogger(__name__)
 
 
 def entity_key(pan: str, secret: str) -> str:
@@ -34,31 +50,140 @@ class EntityKeyer:
         return key
 
 
+def luhn_valid(digits: str | bytes) -> bool:
+    """True when the last digit of `digits` (ASCII digits only) is a valid Luhn check digit."""
+    total = 0
+    for i, ch in enumerate(reversed(digits.encode() if isinstance(digits, str) else digits)):
+        d = ch - 48
+        if i & 1:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
 def mask_pan(pan: str) -> str:
     """`4111111111111111` -> `************1111`: the only form of a PAN fit for logs and screens."""
     digits = str(pan)
     return "*" * max(len(digits) - 4, 0) + digits[-4:]
 
 
-def redact_pans(text: str) -> str:
-    """Mask every 12–19 digit run in free text (error messages, raw payloads in logs)."""
-    return _PAN_RE.sub(lambda m: "*" * len(m.group(1)) + m.group(2), text)
+def has_digit_run(text: str) -> bool:
+    """The cheap pre-check of `redact_pans`: does `text` hold a run of at least 13 digits?"""
+    return len(text) >= 13 and _RUN13(text) is not None
+
+
+def redact_pans(text: str, tag: Callable[[str], str] | None = None) -> str:
+    """Mask every PAN-like digit run (13-19 digits with a valid Luhn digit) in free text.
+
+    With `tag` (e.g. an EntityKeyer), a masked run is followed by `~` and the first 12 characters of tag(run):
+    ids stay unique after masking (two PANs with the same last 4 digits would otherwise mask to the same id), and
+    nothing about the PAN can be read from them without the secret.
+    """
+    if len(text) < 13 or _RUN13(text) is None:
+        return text
+
+    def mask(m: re.Match) -> str:
+        run = m.group()
+        if not luhn_valid(run):
+            return run
+        masked = "*" * (len(run) - 4) + run[-4:]
+        return masked if tag is None else f"{masked}~{tag(run)[:12]}"
+
+    return _PAN_RUN.sub(mask, text)
+
+
+def redact_pans_bytes(data: bytes) -> bytes:
+    """`redact_pans` on raw bytes (any encoding, or none): PAN-like ASCII digit runs masked, length unchanged."""
+    if len(data) < 13 or _RUN13_BYTES(data) is None:
+        return data
+
+    def mask(m: re.Match) -> bytes:
+        run = m.group()
+        return b"*" * (len(run) - 4) + run[-4:] if luhn_valid(run) else run
+
+    return _PAN_RUN_BYTES.sub(mask, data)
+
+
+def _redact_record(record: logging.LogRecord) -> None:
+    """Mask PANs in a log record's message, exception text and stack (once per record)."""
+    if getattr(record, "_pans_redacted", False):
+        return
+    try:
+        message = record.getMessage()
+    except Exception:  # a malformed logging call: keep what it said, masked (logging's error report prints it)
+        record.msg, record.args = redact_pans(f"{record.msg!s} {record.args!r}"), ()
+    else:
+        redacted = redact_pans(message)
+        if redacted != message:
+            record.msg, record.args = redacted, ()  # () not None: mode's formatter wraps None in a tuple
+    if record.exc_info and not record.exc_text:
+        record.exc_text = logging.Formatter().formatException(record.exc_info)
+    if record.exc_text:
+        record.exc_text = redact_pans(record.exc_text)
+    if record.stack_info:
+        record.stack_info = redact_pans(record.stack_info)
+    record._pans_redacted = True
 
 
 class RedactPANFilter(logging.Filter):
     """Logging filter that masks PAN-like digit runs in every record, whatever the caller formatted."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        redacted = redact_pans(message)
-        if redacted != message:
-            record.msg, record.args = redacted, None
+        _redact_record(record)
         return True
 
 
+def _redacting_factory(previous: Callable[..., logging.LogRecord]) -> Callable[..., logging.LogRecord]:
+    def factory(*args, **kwargs) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        _redact_record(record)
+        return record
+
+    factory._velocity_redacts_pans = True  # type: ignore[attr-defined]
+    return factory
+
+
 def install_pan_redaction(logger: logging.Logger | None = None) -> None:
-    """Attach the redaction filter to every handler of `logger` (root by default)."""
+    """Mask PANs in every log record of this process, whoever configures the handlers afterwards.
+
+    Two layers: the log-record factory masks each record as it is created (this survives any later logging
+    set-up, such as faust's `dictConfig` that replaces the root handlers when the worker starts), and the
+    redaction filter goes on every handler of `logger` (root by default). Idempotent.
+    """
+    current = logging.getLogRecordFactory()
+    if not getattr(current, "_velocity_redacts_pans", False):
+        logging.setLogRecordFactory(_redacting_factory(current))
     target = logger or logging.getLogger()
     for handler in target.handlers:
         if not any(isinstance(f, RedactPANFilter) for f in handler.filters):
             handler.addFilter(RedactPANFilter())
+
+
+def install_excepthook_redaction() -> None:
+    """Uncaught exceptions are printed by the interpreter, not by logging: mask PANs in that output too."""
+    if getattr(sys.excepthook, "_velocity_redacts_pans", False):
+        return
+
+    def hook(exc_type, exc, tb) -> None:
+        import traceback
+
+        text = "".join(traceback.format_exception(exc_type, exc, tb))
+        sys.stderr.write(redact_pans(text))
+
+    hook._velocity_redacts_pans = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
+
+
+def warn_if_default_secret(secret: str, command: str) -> bool:
+    """Log a loud WARNING when `secret` is the public default entity secret; True if it is."""
+    if secret != DEFAULT_ENTITY_SECRET:
+        return False
+    bar = "!" * 78
+    log.warning(
+        "\n%s\n`velocity %s` is using the DEFAULT entity-key secret (%r).\nIt is public: anyone can turn a card "
+        "number into its entity key and look the card up in Kafka, Redis and the archive.\nSet "
+        "VELOCITY_ENTITY_SECRET to a long random value (e.g. `python -c \"import secrets; "
+        "print(secrets.token_hex(32))\"`) before real card data flows; every entity key changes with it.\n%s",
+        bar, command, DEFAULT_ENTITY_SECRET, bar,
+    )
+    return True

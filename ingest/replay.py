@@ -1,4 +1,10 @@
-"""`velocity replay`: produce a history file to Kafka in event-time order, keyed by entity key.
+"""`velocity replay`: produce a history file to Kafka in the file's row order, keyed by entity key.
+
+The row order is the stream order (SPEC section 1): rows go out in file order, paced by event time (a row whose
+`ts` is behind the pace goes out at once), and each card's rows stay in order (a card lives in one partition).
+The clear PAN stops here: each message carries `card` (the entity key of the file's `cc_num`) and `pan_last4`,
+never `cc_num`, and PAN-like digit runs in txn_id, merchant and category are masked as the worker would. Rows the
+stream worker would dead-letter are refused before anything is produced (`check_rows`).
 
 kafka-python checksums every record batch with CRC-32C; without the `crc32c` C extension it falls back to a
 pure-Python CRC that alone caps a process near 36k messages/s, so `crc32c` is a pinned dependency and a missing
@@ -21,9 +27,24 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from featurestore.entity import EntityKeyer
+from featurestore.definitions import DEFAULT_MAX_FUTURE_MS
+from featurestore.entity import EntityKeyer, redact_pans
+from featurestore.events import (
+    MAX_AMOUNT,
+    MAX_TEXT_LEN,
+    MAX_TS_MS,
+    MAX_TXN_ID_LEN,
+    MIN_TS_MS,
+    InvalidEvent,
+    mask_text_fields,
+    validate_transaction,
+)
 
 log = logging.getLogger(__name__)
+
+
+class ReplayError(ValueError):
+    """The replay is refused before anything is produced; the message names the first offending row."""
 
 
 @dataclass
@@ -97,24 +118,118 @@ def _producer(bootstrap: str):
     )
 
 
-def _encode_rows(table: pa.Table, rows: np.ndarray) -> list[bytes]:
-    cols = {c: table.column(c).take(pa.array(rows)).to_pylist() for c in table.column_names}
-    has_label = "fraud_label" in cols
-    out = []
-    for i in range(len(rows)):
-        d = {"txn_id": cols["txn_id"][i], "cc_num": cols["cc_num"][i], "amount": cols["amount"][i],
-             "ts": cols["ts"][i], "merchant": cols["merchant"][i], "category": cols["category"][i]}
-        if has_label and cols["fraud_label"][i] is not None:
-            d["fraud_label"] = int(cols["fraud_label"][i])
-        out.append(orjson.dumps(d))
+def _bad_rows(table: pa.Table, now_ms: int, max_future_ms: int) -> list[tuple[np.ndarray, str, str]]:
+    """(rows as a boolean mask, reason, what is wrong) for each rule of the worker's validation (vectorized)."""
+    def col_mask(arr) -> np.ndarray:
+        return np.asarray(pc.fill_null(arr, True).to_numpy(zero_copy_only=False), dtype=bool)
+
+    def length_outside(name: str, max_len: int) -> np.ndarray:
+        col = table.column(name)
+        n = pc.utf8_length(col) if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) else None
+        if n is None:
+            return np.ones(table.num_rows, dtype=bool)
+        return col_mask(pc.or_(pc.less(n, 1), pc.greater(n, max_len)))
+
+    cc = table.column("cc_num")
+    out = [(col_mask(pc.invert(pc.match_substring_regex(cc, r"^[0-9]{12,19}$"))), "bad_field",
+            "cc_num is empty or not a card number of 12-19 digits")]
+    out.append((length_outside("txn_id", MAX_TXN_ID_LEN), "bad_field",
+                f"txn_id must be a non-empty string of at most {MAX_TXN_ID_LEN} chars"))
+    amount = pc.cast(table.column("amount"), pa.float64()).to_numpy(zero_copy_only=False)
+    with np.errstate(invalid="ignore", over="ignore"):
+        cents = np.round(amount * 100)
+        bad_amount = (~np.isfinite(amount) | (amount <= 0) | (amount > MAX_AMOUNT)
+                      | (np.abs(amount * 100 - cents) > 1e-6 * np.maximum(1.0, amount)) | (cents < 1))
+    out.append((bad_amount, "bad_amount", "amount must be > 0 with at most 2 decimals, and at least 0.01"))
+    ts = table.column("ts").to_numpy(zero_copy_only=False).astype(np.int64)
+    out.append(((ts < MIN_TS_MS) | (ts >= MAX_TS_MS), "bad_ts", "ts must be epoch ms between 2000 and 2100"))
+    out.append((ts > now_ms + max_future_ms, "future",
+                f"ts is more than {max_future_ms / 3_600_000:g} h ahead of now"))
+    for name in ("merchant", "category"):
+        out.append((length_outside(name, MAX_TEXT_LEN), "bad_field",
+                    f"{name} must be a non-empty string of at most {MAX_TEXT_LEN} chars"))
+    if "fraud_label" in table.column_names:
+        label = table.column("fraud_label")
+        out.append((~col_mask(pc.or_(pc.is_null(label), pc.is_in(label, pa.array([0, 1], label.type)))),
+                    "bad_field", "fraud_label must be 0 or 1"))
     return out
 
 
-def _shard(table, rows, key_of_row, part_of_row, bootstrap, topic, speed, clock0, counter, results, shard_id):
-    """One producer process: its partitions' rows, in input order, paced by event time if asked.
+def check_rows(table: pa.Table, start: int = 0, end: int | None = None, *, now_ms: int | None = None,
+               max_future_ms: int = DEFAULT_MAX_FUTURE_MS) -> None:
+    """Raise ReplayError if any row in [start, end) would be dead-lettered by the stream worker.
 
-    clock0 = (first event time of the whole replay, monotonic start): every shard paces against the same origin,
-    so partitions stay in step with each other (CLOCK_MONOTONIC is shared by forked processes).
+    The same rules as `featurestore.events.validate_transaction`, applied to whole columns; the message names
+    the first bad row (its index in the file and txn_id, PANs masked), why, and how many rows are bad.
+    """
+    end = table.num_rows if end is None else end
+    if end <= start:
+        return
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    part = table.slice(start, end - start)
+    bad = np.zeros(part.num_rows, dtype=bool)
+    first: tuple[int, str, str] | None = None
+    for mask, reason, what in _bad_rows(part, now_ms, max_future_ms):
+        bad |= mask
+        hits = np.flatnonzero(mask)
+        if hits.size and (first is None or hits[0] < first[0]):
+            first = (int(hits[0]), reason, what)
+    if first is None:
+        return
+    i, reason, what = first
+    row = {c: part.column(c)[i].as_py() for c in part.column_names}
+    if row.get("amount") is not None:
+        row["amount"] = float(row["amount"])  # a decimal column reads as Decimal
+    try:  # the worker's own words for it, when the row reaches the validator in that form
+        validate_transaction({k: v for k, v in row.items() if k != "card"}, EntityKeyer("-"), now_ms,
+                             max_future_ms)
+    except (InvalidEvent, TypeError, ValueError) as exc:
+        if isinstance(exc, InvalidEvent):
+            reason, what = exc.reason, exc.detail
+    more = int(bad.sum()) - 1
+    txn_id = redact_pans(str(row.get("txn_id")))[:60]
+    raise ReplayError(redact_pans(
+        f"row {start + i} (txn_id {txn_id!r}) would be dead-lettered by the stream worker ({reason}: {what})"
+        + (f"; {more:,} more row(s) in the range are bad too" if more else "")
+        + ". Nothing was sent: fix or drop the bad rows, or replay a range without them (--start-at/--limit)."))
+
+
+def _encode_rows(table: pa.Table, rows: np.ndarray, codes: np.ndarray, cards: list[str], last4s: list[str],
+                 keyer) -> list[bytes]:
+    """Messages as SPEC section 2 has Velocity's producers write them: card + pan_last4, never the PAN."""
+    take = pa.array(rows)
+    cols = {c: table.column(c).take(take) for c in ("txn_id", "amount", "ts", "merchant", "category")}
+    texts = {c: cols[c].to_pylist() for c in ("txn_id", "merchant", "category")}
+    for i in np.flatnonzero(np.logical_or.reduce([  # rows with a run of 13+ digits in free text: mask as the worker
+            np.asarray(pc.fill_null(pc.match_substring_regex(cols[c], "[0-9]{13}"), False)
+                       .to_numpy(zero_copy_only=False), dtype=bool) for c in texts])).tolist():
+        texts["txn_id"][i], texts["merchant"][i], texts["category"][i] = mask_text_fields(
+            texts["txn_id"][i], texts["merchant"][i], texts["category"][i], keyer)
+    row_codes = codes[rows].tolist()
+    card_col = [cards[c] for c in row_codes]
+    last4_col = [last4s[c] for c in row_codes]
+    labels = (table.column("fraud_label").take(take).to_pylist() if "fraud_label" in table.column_names
+              else [None] * len(rows))
+    dumps = orjson.dumps
+    out = []
+    for txn_id, card, last4, amount, ts, merchant, category, label in zip(
+            texts["txn_id"], card_col, last4_col, cols["amount"].to_pylist(), cols["ts"].to_pylist(),
+            texts["merchant"], texts["category"], labels, strict=True):
+        d = {"txn_id": txn_id, "card": card, "pan_last4": last4, "amount": amount, "ts": ts, "merchant": merchant,
+             "category": category}
+        if label is not None:
+            d["fraud_label"] = int(label)
+        out.append(dumps(d))
+    return out
+
+
+def _shard(table, rows, cards, part_of_row, bootstrap, topic, speed, clock0, counter, results, shard_id):
+    """One producer process: its partitions' rows, in file order, paced by event time if asked.
+
+    clock0 = (event time of the replay's first row, monotonic start): every shard paces against the same origin,
+    so partitions stay in step with each other (CLOCK_MONOTONIC is shared by forked processes). A row is due at
+    origin + (ts - first ts) / speed; one whose ts went backwards is already due and goes out without waiting.
+    `cards` = (codes: the row's card index, entity keys, last 4 digits, keyer).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; we stop on SIGTERM
     stop = {"flag": False}
@@ -133,11 +248,13 @@ def _shard(table, rows, key_of_row, part_of_row, bootstrap, topic, speed, clock0
             stats["error"] = stats["error"] or repr(exc)
 
         ts_all = table.column("ts").to_numpy()
+        codes, card_keys, last4s, keyer = cards
+        key_bytes = [k.encode() for k in card_keys]
         t0_event, t0_wall = clock0
         chunk = 20_000
         for lo in range(0, len(rows), chunk):
             idx = rows[lo:lo + chunk]
-            values = _encode_rows(table, idx)
+            values = _encode_rows(table, idx, codes, card_keys, last4s, keyer)
             for j, row in enumerate(idx):
                 if stop["flag"]:
                     raise KeyboardInterrupt
@@ -147,7 +264,7 @@ def _shard(table, rows, key_of_row, part_of_row, bootstrap, topic, speed, clock0
                     delay = due - time.monotonic()
                     if delay > 0:
                         time.sleep(delay)
-                producer.send(topic, key=key_of_row[row], value=values[j], timestamp_ms=ts,
+                producer.send(topic, key=key_bytes[codes[row]], value=values[j], timestamp_ms=ts,
                               partition=int(part_of_row[row])).add_errback(on_error)
                 stats["last"] = int(row)
                 stats["sent"] += 1
@@ -169,25 +286,35 @@ def _shard(table, rows, key_of_row, part_of_row, bootstrap, topic, speed, clock0
 
 def replay_table(table: pa.Table, *, bootstrap: str, topic: str, secret: str, speed: float | None = None,
                  limit: int | None = None, start_at: int = 0, partitions: int = 4, workers: int = 2,
-                 progress=None) -> ReplayStats:
-    """Produce rows [start_at, start_at + limit) of `table` to `topic`. speed None = as fast as possible."""
+                 progress=None, max_future_ms: int = DEFAULT_MAX_FUTURE_MS, check: bool = True) -> ReplayStats:
+    """Produce rows [start_at, start_at + limit) of `table` to `topic`, in file order. speed None = max.
+
+    Refused (ReplayError, before connecting to Kafka) when `limit` or `start_at` is negative or a row in the range
+    would be dead-lettered by the stream worker (`check_rows`, against the clock now and `max_future_ms`).
+    """
     from featurestore.topics import ensure_topics
+
+    if limit is not None and limit < 0:
+        raise ReplayError(f"--limit must be 0 or more, got {limit}")
+    if start_at < 0:
+        raise ReplayError(f"--start-at must be a row index of 0 or more, got {start_at}")
+    end = table.num_rows if limit is None else min(table.num_rows, start_at + limit)
+    stats = ReplayStats()
+    if end <= start_at:
+        return stats
+    if check:  # the CLI checks before its progress bar and says check=False
+        check_rows(table, start_at, end, now_ms=int(time.time() * 1000), max_future_ms=max_future_ms)
+    rows_all = np.arange(start_at, end)
 
     ensure_topics(bootstrap, {topic: partitions})
     partitions = _partition_count(bootstrap, topic)
-    end = table.num_rows if limit is None else min(table.num_rows, start_at + limit)
-    rows_all = np.arange(start_at, end)
-    stats = ReplayStats()
-    if rows_all.size == 0:
-        return stats
-
     keyer = EntityKeyer(secret)
     dict_pan = pc.dictionary_encode(table.column("cc_num")).combine_chunks()
     pans = dict_pan.dictionary.to_pylist()
-    keys = [keyer(p).encode() for p in pans]
-    parts = np.array([partition_for(k, partitions) for k in keys], dtype=np.int32)
+    card_keys = [keyer(p) for p in pans]
+    last4s = [p[-4:] for p in pans]
+    parts = np.array([partition_for(k.encode(), partitions) for k in card_keys], dtype=np.int32)
     codes = dict_pan.indices.to_numpy()
-    key_of_row = np.array(keys, dtype=object)[codes]
     part_of_row = parts[codes]
 
     workers = max(1, min(workers, partitions))
@@ -200,8 +327,8 @@ def replay_table(table: pa.Table, *, bootstrap: str, topic: str, secret: str, sp
     clock0 = (int(table.column("ts")[int(rows_all[0])].as_py()), time.monotonic())
     for w in range(workers):
         mine = rows_all[shard_of_partition[part_of_row[rows_all]] == w]
-        p = ctx.Process(target=_shard, args=(table, mine, key_of_row, part_of_row, bootstrap, topic, speed,
-                                             clock0, counter, results, w), daemon=True)
+        p = ctx.Process(target=_shard, args=(table, mine, (codes, card_keys, last4s, keyer), part_of_row,
+                                             bootstrap, topic, speed, clock0, counter, results, w), daemon=True)
         p.start()
         procs.append(p)
     got: dict[int, dict] = {}
@@ -266,4 +393,4 @@ def _partition_count(bootstrap: str, topic: str) -> int:
 def replay_file(path, **kwargs) -> ReplayStats:
     from featurestore.history import load_history
 
-    return replay_table(load_history(path), **kwargs)
+    return replay_table(load_history(path), **kwargs)  # in file order: the row order is the stream order

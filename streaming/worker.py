@@ -5,15 +5,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import faust
+from prometheus_client import Counter
 
 from featurestore.archive import ArchiveWriter, archive_dir, recover_spools
 from featurestore.config import RedisSettings, get_settings
 from featurestore.definitions import DEFAULT_ALLOWED_LATENESS_MS, DEFAULT_MAX_FUTURE_MS
-from featurestore.entity import EntityKeyer
+from featurestore.entity import (
+    EntityKeyer,
+    install_pan_redaction,
+    redact_pans,
+    redact_pans_bytes,
+    warn_if_default_secret,
+)
+from featurestore.events import dead_letter
 from featurestore.online import DEFAULT_RETENTION_MS, AsyncOnlineStore
 from featurestore.stream_batch import RawMessage
 from featurestore.topics import ensure_topics
@@ -22,6 +31,15 @@ from streaming.aggregator import Aggregator
 from streaming.faust_lean import LeanDrainApp, RawBytesSchema, WebViewlessMonitor
 
 log = logging.getLogger(__name__)
+
+#: A dead letter is tried this many times, each attempt bounded, before it is dropped (see dlq_send).
+DLQ_SEND_ATTEMPTS = 4
+DLQ_SEND_TIMEOUT_S = 5.0
+DLQ_SEND_FAILURES = Counter("velocity_stream_dlq_send_failures_total",
+                            "Failed attempts to write a dead letter (each is retried, then dropped)", ["reason"])
+DLQ_DROPPED = Counter("velocity_stream_dlq_dropped_total",
+                      "Dead letters given up after every attempt failed (logged at ERROR with their source "
+                      "partition and offset)", ["reason"])
 
 
 @dataclass
@@ -55,7 +73,7 @@ def make_aggregator(cfg: StreamConfig, dlq_send) -> Aggregator:
     archive = None
     if cfg.offline_dir is not None:
         archive = ArchiveWriter(cfg.offline_dir, roll_bytes=cfg.archive_roll_bytes, roll_seconds=cfg.archive_roll_s)
-    return Aggregator(store, EntityKeyer(cfg.entity_secret), dlq_send, archive)
+    return Aggregator(store, EntityKeyer(cfg.entity_secret), dlq_send, archive, max_future_ms=cfg.max_future_ms)
 
 
 def build_app(cfg: StreamConfig) -> faust.App:
@@ -88,11 +106,67 @@ def build_app(cfg: StreamConfig) -> faust.App:
     rebalances = [0]  # bumped when partitions are revoked: batches taken before that are never written
     in_flight: set[asyncio.Task] = set()  # batch writes not yet acked; a rebalance waits for them
 
+    dlq_log = {"window": 0.0, "lines": 0, "quiet": 0}  # dlq_send's log lines: at most 20 per 10 s
+
+    def dlq_log_allowed() -> bool:
+        now = time.monotonic()
+        if now - dlq_log["window"] >= 10.0:
+            if dlq_log["quiet"]:
+                log.warning("%d more dead-letter write failures were not logged in the last 10 s (see "
+                            "velocity_stream_dlq_send_failures_total and velocity_stream_dlq_dropped_total)",
+                            dlq_log["quiet"])
+            dlq_log.update(window=now, lines=0, quiet=0)
+        dlq_log["lines"] += 1
+        if dlq_log["lines"] > 20:
+            dlq_log["quiet"] += 1
+            return False
+        return True
+
     async def dlq_send(msg: RawMessage, reason: str, detail: str) -> None:
-        headers = [("reason", reason.encode()), ("detail", detail.encode()[:500]),
-                   ("source", f"{cfg.topic}/{msg.partition}/{msg.offset}".encode())]
-        fut = await dlq.send(key=msg.key, value=msg.value if msg.value is not None else b"", headers=headers)
-        await fut
+        """Dead-letter one message; returns once the broker has it, or once it is given up. Never raises.
+
+        The copy is bounded and masked (featurestore.events.dead_letter), so no size, encoding or content stops
+        it. A failed send is retried DLQ_SEND_ATTEMPTS times with backoff, each attempt bounded by
+        DLQ_SEND_TIMEOUT_S; the later attempts send a smaller copy (1 KiB, then headers only), in case the DLQ
+        topic refuses the size. If every attempt fails (the DLQ topic unreachable or refusing), the dead letter
+        is dropped: an ERROR log line (masked) names the original's partition and offset in the source topic,
+        which keeps it (no time limit), and velocity_stream_dlq_dropped_total counts it. Dropping is the safe
+        choice: a dead letter is a diagnostic copy of a message that is not applied (or, for `late`, is archived
+        anyway), while waiting for it would stall the partition and every valid event behind it.
+        """
+        key, value, headers = dead_letter(msg.value, msg.key, reason=reason, detail=detail, topic=cfg.topic,
+                                          partition=msg.partition, offset=msg.offset)
+        delay = 0.2
+        for attempt in range(1, DLQ_SEND_ATTEMPTS + 1):
+            if attempt >= DLQ_SEND_ATTEMPTS - 1:  # a smaller copy, in case the DLQ topic refuses the size
+                value = value[:1024] if attempt < DLQ_SEND_ATTEMPTS else b""
+                if len(value) < len(msg.value or b""):
+                    headers = [(k, b"1" if k == "truncated" else v) for k, v in headers]
+            try:
+                fut = await asyncio.wait_for(
+                    dlq.send(key=key, value=value, headers=headers, force=True), DLQ_SEND_TIMEOUT_S)
+                await asyncio.wait_for(asyncio.shield(fut), DLQ_SEND_TIMEOUT_S)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                DLQ_SEND_FAILURES.labels(reason).inc()
+                what = (f"dead letter of {redact_pans(cfg.topic)}/{msg.partition}/{msg.offset} (reason {reason}, "
+                        f"{len(msg.value or b'')} bytes)")
+                problem = redact_pans(" ".join(f"{type(exc).__name__}: {exc}".split()))[:300]
+                if attempt < DLQ_SEND_ATTEMPTS:
+                    if dlq_log_allowed():
+                        log.warning("%s not written to %s (attempt %d of %d: %s); retrying in %.1fs", what,
+                                    cfg.dlq_topic, attempt, DLQ_SEND_ATTEMPTS, problem, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                DLQ_DROPPED.labels(reason).inc()
+                if dlq_log_allowed():
+                    log.error("%s DROPPED after %d attempts to write it to %s (%s); the original stays in the source "
+                              "topic at that partition and offset. Detail: %s. Starts: %r", what,
+                              DLQ_SEND_ATTEMPTS, cfg.dlq_topic, problem, redact_pans(detail)[:200],
+                              redact_pans_bytes(bytes((msg.value or b"")[:200])))
 
     async def write(agg: Aggregator, prepared, events: list, online: asyncio.Future,
                     previous: asyncio.Task | None) -> None:
@@ -230,15 +304,37 @@ def _tune_gc() -> None:
     gc.set_threshold(50_000, 20, 20)
 
 
+class _Worker(faust.Worker):
+    velocity_cfg: StreamConfig | None = None
+
+    def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+        """faust replaces the root logger's handlers when the worker starts (mode's `dictConfig`), dropping the
+        PAN-masking filter the CLI put on them: put it back on the new ones. (The masking log-record factory that
+        `install_pan_redaction` also installs survives that set-up; this is the second layer.)"""
+        super().on_setup_root_logger(logger, level)
+        install_pan_redaction()
+
+    async def on_startup_finished(self) -> None:
+        await super().on_startup_finished()
+        cfg = self.velocity_cfg
+        if cfg is not None:  # what this worker does, in one line, once faust's logging is in place
+            log.info("stream worker ready: topic %s, group %s, dead letters to %s, Redis %s:%d, archive %s, "
+                     "lateness %d ms, future bound %d ms", cfg.topic, cfg.group, cfg.dlq_topic, cfg.redis.host,
+                     cfg.redis.port, cfg.offline_dir or "off", cfg.allowed_lateness_ms, cfg.max_future_ms)
+
+
 def run(cfg: StreamConfig, loglevel: str = "info") -> None:
     """Run the worker until SIGTERM/SIGINT; offsets of processed batches are committed as it goes."""
+    install_pan_redaction()  # also when run from Python rather than the CLI
+    warn_if_default_secret(cfg.entity_secret, "stream")
     prepare(cfg)
     _use_uvloop()
     if os.environ.get("VELOCITY_STREAM_GC_TUNING", "1") != "0":
         _tune_gc()
     try:
         app = build_app(cfg)
-        worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+        worker = _Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+        worker.velocity_cfg = cfg
         worker.execute_from_commandline()
     finally:
         # faust gives stopping agents about a second before it closes the loop; rolling a large spool can take

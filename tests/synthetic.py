@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import orjson
 
-from featurestore.windows import Arrival, to_cents
+from tests.oracle import Arrival
 
 W = 600_000
 T0 = 1_577_836_800_000  # 2020-01-01
@@ -64,15 +64,29 @@ def history(n: int = 3000, cards: int = 40, seed: int = 7, disorder: int = 30, l
 
 
 def arrivals(rows: list[dict], keyer) -> list[Arrival]:
-    return [Arrival(keyer(r["cc_num"]), r["txn_id"], r["ts"], to_cents(r["amount"])) for r in rows]
+    return [Arrival(keyer(r["cc_num"]), r["txn_id"], r["ts"], round(r["amount"] * 100)) for r in rows]
 
 
-def produce(bootstrap: str, topic: str, rows: list[dict], keyer, extra: list[tuple[bytes, bytes]] = ()) -> None:
+def message(row: dict, keyer, send_pan: bool = False) -> bytes:
+    """A row as Velocity's producers send it (SPEC section 2): `card` (entity key) and `pan_last4`, no PAN.
+
+    send_pan=True sends the row as it is, with `cc_num`, as an outside producer may.
+    """
+    if send_pan:
+        return orjson.dumps(row)
+    d = {k: v for k, v in row.items() if k != "cc_num"}
+    d["card"], d["pan_last4"] = keyer(row["cc_num"]), row["cc_num"][-4:]
+    return orjson.dumps(d)
+
+
+def produce(bootstrap: str, topic: str, rows: list[dict], keyer, extra: list[tuple[bytes, bytes]] = (),
+            send_pan: bool = False) -> None:
+    """Rows in list order, keyed by entity key, as `velocity replay` sends them (or with cc_num: send_pan)."""
     from kafka import KafkaProducer
 
     p = KafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5)
     for r in rows:
-        p.send(topic, key=keyer(r["cc_num"]).encode(), value=orjson.dumps(r), timestamp_ms=r["ts"])
+        p.send(topic, key=keyer(r["cc_num"]).encode(), value=message(r, keyer, send_pan), timestamp_ms=r["ts"])
     for key, value in extra:
         p.send(topic, key=key, value=value)
     p.flush(timeout=60)

@@ -70,6 +70,8 @@ def test_published_ports_are_unique_and_match_what_listens(compose):
     for name, svc in compose["services"].items():
         for spec in svc.get("ports", []):
             host, _, container = str(spec).rpartition(":")
+            # Kafka and Redis run without authentication: published on the loopback interface only.
+            assert host.startswith("127.0.0.1:"), f"{name}: publishes {spec} on every interface, bind 127.0.0.1"
             assert host not in published, f"{name} and {published.get(host)} both publish {host}"
             published[host] = name
             if name in _app_services(compose):

@@ -18,7 +18,7 @@ from featurestore.entity import EntityKeyer
 from featurestore.history import HistoryError, load_history
 from ingest.generate import SCHEMA, GenerateConfig, generate_history, write_history
 from ingest.profiles import luhn_valid
-from ingest.replay import native_crc_available
+from ingest.replay import ReplayError, check_rows, native_crc_available, replay_table
 from tests.conftest import REPO
 
 SMALL = GenerateConfig(cards=300, days=20, start=dt.date(2020, 3, 1), seed=5, fraud_rate=0.01)
@@ -90,7 +90,7 @@ def test_legitimate_rows_untouched_by_fraud():
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("problem", ["missing", "not_parquet", "missing_column", "unsorted", "dup_ids", "negative"])
+@pytest.mark.parametrize("problem", ["missing", "not_parquet", "missing_column", "dup_ids", "negative"])
 def test_bad_input_files_give_clear_errors(tmp_path, small, problem):
     path = tmp_path / "h.parquet"
     t = small.table.slice(0, 50)
@@ -98,8 +98,6 @@ def test_bad_input_files_give_clear_errors(tmp_path, small, problem):
         path.write_text("hello")
     elif problem == "missing_column":
         pq.write_table(t.drop(["amount"]), path)
-    elif problem == "unsorted":
-        pq.write_table(t.take(pa.array(list(range(49, -1, -1)))), path)
     elif problem == "dup_ids":
         ids = t.column("txn_id").to_pylist()
         ids[3] = ids[2]
@@ -134,12 +132,15 @@ def test_replay_delivers_every_row_once_in_order_with_keys_and_timestamps(servic
     assert sorted(v["txn_id"] for _, v, _, _ in got) == sorted(table.column("txn_id").to_pylist())
     keyer = EntityKeyer("k")
     position = {t: i for i, t in enumerate(table.column("txn_id").to_pylist())}
+    pan_of = dict(zip(table.column("txn_id").to_pylist(), table.column("cc_num").to_pylist(), strict=True))
     per_card: dict[str, list[int]] = {}
     partition_of: dict[bytes, int] = {}
     for key, v, ts, part in got:
-        assert key == keyer(v["cc_num"]).encode() and ts == v["ts"]
+        pan = pan_of[v["txn_id"]]
+        assert "cc_num" not in v and v["card"] == keyer(pan) and v["pan_last4"] == pan[-4:], "no PAN on Kafka"
+        assert key == v["card"].encode() and ts == v["ts"]
         assert partition_of.setdefault(key, part) == part, "a card lives in one partition"
-        per_card.setdefault(v["cc_num"], []).append(position[v["txn_id"]])
+        per_card.setdefault(v["card"], []).append(position[v["txn_id"]])
     assert all(rows == sorted(rows) for rows in per_card.values()), "per-card stream order is the file order"
 
 
@@ -302,3 +303,114 @@ def test_replay_survives_a_broker_restart_mid_run(services, small, tmp_path):
         if proc.poll() is None:
             proc.kill()
         _stop(cfg.kafka_dir / "kafka.pid", "Kafka", 30)
+
+
+PAN = "4111111111111111"
+
+
+def _bad(table: pa.Table, row: int, **values) -> pa.Table:
+    """`table` with the given columns of one row replaced (types kept)."""
+    for name, value in values.items():
+        col = table.column(name).to_pylist()
+        col[row] = value
+        table = table.set_column(table.column_names.index(name), name, pa.array(col, table.schema.field(name).type))
+    return table
+
+
+NOW_MS = int(__import__("time").time() * 1000)  # replay_table judges "future" by the clock, as the worker does
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("values,reason", [
+    ({"cc_num": ""}, "bad_field"),
+    ({"cc_num": "4111-1111-1111"}, "bad_field"),
+    ({"cc_num": "12345"}, "bad_field"),
+    ({"amount": 1e-9}, "bad_amount"),
+    ({"amount": 0.004}, "bad_amount"),
+    ({"amount": 1.234}, "bad_amount"),
+    ({"amount": float("inf")}, "bad_amount"),
+    ({"ts": 4_070_908_800_000}, "future"),  # 2099
+    ({"ts": NOW_MS + 2 * 86_400_000}, "future"),
+    ({"ts": 4_200_000_000_000}, "bad_ts"),
+    ({"ts": 900_000_000_000}, "bad_ts"),  # 1998
+    ({"merchant": ""}, "bad_field"),
+    ({"txn_id": "x" * 129}, "bad_field"),
+    ({"fraud_label": 3}, "bad_field"),
+])
+def test_replay_refuses_rows_the_worker_would_reject_before_sending_anything(small, values, reason):
+    table = _bad(small.table.slice(0, 50), 17, **values)
+    with pytest.raises(ReplayError) as info:
+        check_rows(table, now_ms=NOW_MS)
+    message = str(info.value)
+    assert "row 17 " in message and reason in message and "Nothing was sent" in message
+    assert PAN not in message
+    # Nothing is produced: the refusal comes before any connection (this broker address is unreachable).
+    with pytest.raises(ReplayError):
+        replay_table(table, bootstrap="127.0.0.1:1", topic="never", secret="k")
+    check_rows(table, 18, 50, now_ms=NOW_MS)  # a range without the bad row is fine
+    check_rows(table, 0, 17, now_ms=NOW_MS)
+
+
+@pytest.mark.unit
+def test_replay_refuses_a_negative_limit_or_start(small):
+    for kwargs in ({"limit": -1}, {"start_at": -5}):
+        with pytest.raises(ReplayError, match="0 or more"):
+            replay_table(small.table.slice(0, 10), bootstrap="127.0.0.1:1", topic="never", secret="k", **kwargs)
+
+
+@pytest.mark.unit
+def test_replay_cli_refusals_exit_2_with_the_row_and_warn_about_the_default_secret(small, tmp_path):
+    import os
+
+    path = tmp_path / "h.parquet"
+    write_history(_bad(small.table.slice(0, 30), 4, amount=1e-9), path)
+    env = {k: v for k, v in os.environ.items() if k != "VELOCITY_ENTITY_SECRET"}
+    env["VELOCITY_KAFKA_BOOTSTRAP"] = "127.0.0.1:1"  # nothing may be sent anywhere
+    cmd = [sys.executable, "-m", "velocity_cli", "replay", "--input", str(path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60, env=env)
+    err = " ".join(res.stderr.split())
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "row 4 " in err and "bad_amount" in err and "Nothing was sent" in err, res.stderr
+    assert "WARNING" in err and "DEFAULT entity-key secret" in err and "VELOCITY_ENTITY_SECRET" in err
+    res = subprocess.run([*cmd, "--limit", "-1"], capture_output=True, text=True, cwd=REPO, timeout=60, env=env)
+    assert res.returncode == 2 and "--limit" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60,
+                         env={**env, "VELOCITY_ENTITY_SECRET": "a-real-secret"})
+    assert "DEFAULT entity-key secret" not in res.stderr
+
+
+@pytest.mark.integration
+def test_replay_sends_an_unsorted_file_in_file_order_without_waiting_when_ts_goes_back(services, make_topic, small,
+                                                                                       tmp_path):
+    """File order is stream order: rows go out as the file has them, and a row behind the pace is not waited for.
+
+    The file runs backwards in time over hours; at real-time speed a replay that sorted it, or paced from the
+    smallest ts, would take hours. PAN-like runs in free text are masked before Kafka.
+    """
+    import orjson
+    from kafka import KafkaConsumer
+
+    table = small.table.slice(0, 400)
+    table = table.take(pa.array(np.arange(table.num_rows)[::-1]))
+    table = _bad(table, 3, merchant=f"shop {PAN}", txn_id=f"id-{PAN}")
+    assert (np.diff(table.column("ts").to_numpy()) <= 0).all() and table.column("ts")[0].as_py() > \
+        table.column("ts")[399].as_py() + 3_600_000
+    path = tmp_path / "backwards.parquet"
+    pq.write_table(table, path)
+    topic = make_topic("replay-order")
+    stats = replay_table(load_history(path), bootstrap=services["bootstrap"], topic=topic,
+                         secret="k", speed=1.0)
+    assert (stats.sent, stats.failed) == (table.num_rows, 0) and stats.elapsed_s < 60
+    consumer = KafkaConsumer(topic, bootstrap_servers=services["bootstrap"], auto_offset_reset="earliest",
+                             enable_auto_commit=False, consumer_timeout_ms=8000)
+    got = [(m.partition, m.value) for m in consumer]
+    consumer.close()
+    assert len(got) == table.num_rows
+    assert not any(PAN.encode() in v for _, v in got), "no clear PAN on Kafka, not even in free text"
+    position = {t: i for i, t in enumerate(table.column("txn_id").to_pylist())}
+    masked = [orjson.loads(v) for _, v in got if b'"merchant":"shop ' in v]
+    assert len(masked) == 1 and masked[0]["merchant"] == "shop ************1111" and masked[0]["txn_id"].startswith("id-************1111~")
+    position[masked[0]["txn_id"]] = 3
+    for part in {p for p, _ in got}:
+        order = [position[orjson.loads(v)["txn_id"]] for p, v in got if p == part]
+        assert order == sorted(order), f"partition {part} is not in file order"
