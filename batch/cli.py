@@ -3,12 +3,50 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 err = Console(stderr=True)
+log = logging.getLogger(__name__)
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    """One line on stderr (no wrapping, no markup from the message), then exit with `code`."""
+    err.print(f"[red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _clear_errors() -> Iterator[None]:
+    """Bad input in the offline store, a history file or an output path: a one-line message and exit 2.
+
+    The DuckDB errors caught are the ones a damaged Parquet file raises while its rows are read (the footer
+    check in featurestore.archive catches most damage before); the traceback is logged at DEBUG.
+    """
+    import duckdb
+
+    from featurestore.archive import ArchiveError
+    from featurestore.history import HistoryError
+    from featurestore.offline import OfflineError
+    from featurestore.outputs import OutputError
+
+    try:
+        yield
+    except (OfflineError, ArchiveError, HistoryError, OutputError) as exc:
+        _fail(str(exc))
+    except (duckdb.IOException, duckdb.InvalidInputException) as exc:
+        log.debug("DuckDB could not read the input", exc_info=True)
+        first = " ".join(str(exc).split("\n\n", 1)[0].split())
+        _fail(f"DuckDB could not read the offline input ({first}); if it names a damaged file, move that file "
+              "aside (out of the offline store) and rerun")
 
 
 def _date(value: str | None, flag: str) -> dt.date | None:
@@ -29,6 +67,25 @@ def _common(engine: str, history: Path | None, offline_dir: Path | None, master:
     return settings, (offline_dir or settings.offline_dir)
 
 
+def _redis_error(exc: BaseException) -> bool:
+    return "redis" in type(exc).__module__.lower()
+
+
+@contextmanager
+def _remove_partial_spark_output(out: Path) -> Iterator[None]:
+    """Spark writes its dataset next to --out (`NAME.writing-*`) and swaps it in when complete; a run that
+    fails midway removes the work folder it started, so nothing half-written is left."""
+    pattern = f"{out.name}.writing-*"
+    before = set(out.parent.glob(pattern)) if out.parent.is_dir() else set()
+    try:
+        yield
+    except BaseException:
+        if out.parent.is_dir():
+            for partial in set(out.parent.glob(pattern)) - before:
+                shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
 def register(app: typer.Typer, features_app: typer.Typer) -> None:
     @app.command()
     def batch(
@@ -38,40 +95,48 @@ def register(app: typer.Typer, features_app: typer.Typer) -> None:
         engine: str = typer.Option("spark", help="spark (PySpark, any --master) or duckdb (in-process)."),
         history: Path = typer.Option(None, help="History file (Parquet/CSV) instead of the stream's archive."),
         master: str = typer.Option("local[*]", help="Spark master URL."),
-        offline_dir: Path = typer.Option(None, help="Offline store root [default $VELOCITY_DATA_DIR/offline]."),
+        offline_dir: Path = typer.Option(None, help="Offline store root (default: $VELOCITY_DATA_DIR/offline)."),
         online: bool = typer.Option(True, help="Also materialize the snapshot to the Redis online store."),
     ) -> None:
-        """Compute card_agg_1w snapshots: offline Parquet by cut-off (atomic replace) and Redis (atomic switch)."""
+        """Compute card_agg_1w snapshots: offline Parquet by cut-off (atomic replace) and Redis (atomic switch).
+
+        Bad input (a damaged archive file, a bad --history file, an unwritable --offline-dir) stops the run
+        before anything is written, with a one-line message and exit code 2; Redis unreachable exits 1.
+        """
         from batch.jobs import dates_between, open_engine, run_snapshots
-        from featurestore.offline import OfflineError
         from featurestore.online import OnlineStore
+        from featurestore.outputs import check_output_dir
 
         settings, root = _common(engine, history, offline_dir, master)
         d, s, e = _date(date, "--date"), _date(start, "--start"), _date(end, "--end")
         if (d is None) == (s is None and e is None) or (d is None and (s is None or e is None)):
             raise typer.BadParameter("give --date D, or --start D1 --end D2")
+        store = None
         try:
-            days = [d] if d else dates_between(s, e)
-            with err.status(f"loading events ({engine})"):
-                eng = open_engine(engine, offline_dir=root, history=history, secret=settings.entity_secret,
-                                  master=master)
-            store = OnlineStore(settings.redis) if online else None
-            if store is not None:
-                store.ping()
-            from rich.progress import Progress
+            with _clear_errors():
+                days = [d] if d else dates_between(s, e)
+                check_output_dir(root, flag="--offline-dir")
+                if online:  # before the (long) load: an unreachable Redis fails in seconds
+                    store = OnlineStore(settings.redis)
+                    store.ping()
+                with err.status(f"loading events ({engine})"):
+                    eng = open_engine(engine, offline_dir=root, history=history, secret=settings.entity_secret,
+                                      master=master, allowed_lateness_ms=settings.allowed_lateness_ms)
+                try:
+                    from rich.progress import Progress
 
-            with Progress(console=err) as bar:
-                task = bar.add_task("snapshots", total=2 * len(days))
-                written = run_snapshots(eng, days, offline_dir=root, online=store,
-                                        progress=lambda label: bar.update(task, advance=1, description=label))
-            eng.close()
-        except OfflineError as exc:
-            err.print(f"[red]error:[/] {exc}")
-            raise typer.Exit(2) from None
+                    with Progress(console=err) as bar:
+                        task = bar.add_task("snapshots", total=2 * len(days))
+                        written = run_snapshots(eng, days, offline_dir=root, online=store,
+                                                progress=lambda label: bar.update(task, advance=1, description=label))
+                finally:
+                    eng.close()
         except Exception as exc:
-            if "Redis" in type(exc).__module__ or "redis" in type(exc).__module__:
-                err.print(f"[red]error:[/] Redis unreachable ({exc}); rerun with --no-online to skip it")
-                raise typer.Exit(1) from None
+            if _redis_error(exc):
+                log.debug("Redis error", exc_info=True)
+                _fail(f"Redis at {settings.redis.host}:{settings.redis.port} is unreachable or failed "
+                      f"({' '.join(str(exc).split())}); start it (`velocity services up`) or rerun with --no-online",
+                      code=1)
             raise
         for day, n in written:
             err.print(f"{day}: {n:,} cards -> offline{' + Redis' if online else ''}")
@@ -80,26 +145,32 @@ def register(app: typer.Typer, features_app: typer.Typer) -> None:
     def training_set(
         start: str = typer.Option(..., help="First day (UTC) of transactions, inclusive."),
         end: str = typer.Option(..., help="Last day, exclusive."),
-        out: Path = typer.Option(..., help="Output Parquet file."),
+        out: Path = typer.Option(..., help="Output Parquet file (with --engine spark: a Parquet dataset folder). "
+                                 "Checked before any work: an existing folder or an unwritable path is refused."),
         engine: str = typer.Option("duckdb", help="duckdb (in-process) or spark."),
         history: Path = typer.Option(None, help="History file instead of the stream's archive."),
         master: str = typer.Option("local[*]", help="Spark master URL."),
-        offline_dir: Path = typer.Option(None, help="Offline store root [default $VELOCITY_DATA_DIR/offline]."),
+        offline_dir: Path = typer.Option(None, help="Offline store root (default: $VELOCITY_DATA_DIR/offline)."),
     ) -> None:
-        """Point-in-time training set: 10-minute window as of each transaction, 1-week snapshot as-of joined."""
+        """Point-in-time training set: 10-minute window as of each transaction, 1-week snapshot as-of joined.
+
+        Written atomically: a failed run leaves no partial file. Bad input exits 2 with a one-line message.
+        """
         from batch.jobs import build_training_set, open_engine
-        from featurestore.offline import OfflineError
+        from featurestore.outputs import check_output_file
 
         settings, root = _common(engine, history, offline_dir, master)
-        try:
-            with err.status(f"building training set ({engine})"):
+        first, last = _date(start, "--start"), _date(end, "--end")
+        with _clear_errors():
+            # Spark replaces a dataset folder it wrote before; any other folder is the user's and is refused.
+            check_output_file(out, flag="--out", allow_dataset_dir=engine == "spark")
+            with _remove_partial_spark_output(out), err.status(f"building training set ({engine})"):
                 eng = open_engine(engine, offline_dir=root, history=history, secret=settings.entity_secret,
-                                  master=master)
-                frame = build_training_set(eng, _date(start, "--start"), _date(end, "--end"), out)
-                eng.close()
-        except OfflineError as exc:
-            err.print(f"[red]error:[/] {exc}")
-            raise typer.Exit(2) from None
+                                  master=master, allowed_lateness_ms=settings.allowed_lateness_ms)
+                try:
+                    frame = build_training_set(eng, first, last, out)
+                finally:
+                    eng.close()
         if isinstance(frame, int):
             err.print(f"{frame:,} rows -> {out} (Parquet dataset written by Spark)")
             return

@@ -4,7 +4,7 @@ Rows are appended per batch to a JSON-lines spool file (a killed worker loses no
 since the spool is written before the batch's offsets can be committed) and rolled into Parquet files under
 `archive/date=YYYY-MM-DD/` by size or age, atomically (temp file + rename). A crash between writing Parquet and
 removing the spool, or a redelivered batch, can leave a transaction twice: readers deduplicate by `txn_id`,
-keeping the row with the smallest (partition, offset) (see `read_archive`). Cards' PANs are never archived,
+keeping the earliest arrival (smallest `seq`; a redelivered copy carries its first copy's seq) (see `read_archive`). Cards' PANs are never archived,
 only entity keys.
 """
 
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 ARCHIVE_SCHEMA = pa.schema([
     ("txn_id", pa.string()),
     ("card", pa.string()),
+    ("pan_last4", pa.string()),
     ("amount", pa.float64()),
     ("amount_cents", pa.int64()),
     ("ts", pa.int64()),
@@ -37,6 +38,7 @@ ARCHIVE_SCHEMA = pa.schema([
     ("category", pa.string()),
     ("fraud_label", pa.int8()),
     ("late", pa.bool_()),
+    ("seq", pa.int64()),  # the card's arrival position (SPEC section 4); seq // 1000 is the arrival time in ms
     ("partition", pa.int32()),
     ("offset", pa.int64()),
     ("archived_ms", pa.int64()),
@@ -164,7 +166,7 @@ def recover_spools(root: Path) -> int:
 
 
 def read_archive(offline_dir: Path, columns: Iterable[str] | None = None):
-    """The archive as a DuckDB relation-ready pandas frame, deduplicated by txn_id (smallest partition, offset)."""
+    """The archive as a pandas frame, deduplicated by txn_id (earliest arrival), in arrival order per card."""
     import duckdb
 
     root = archive_dir(offline_dir)
@@ -177,10 +179,43 @@ def read_archive(offline_dir: Path, columns: Iterable[str] | None = None):
         return con.execute(
             f"""
             SELECT {cols} FROM read_parquet(?, union_by_name = true)
-            QUALIFY row_number() OVER (PARTITION BY txn_id ORDER BY "partition", "offset") = 1
-            ORDER BY ts, "partition", "offset"
+            QUALIFY row_number() OVER (PARTITION BY txn_id ORDER BY seq, archived_ms) = 1
+            ORDER BY seq, card
             """,
             [files],
         ).df()
     finally:
         con.close()
+
+
+class ArchiveError(ValueError):
+    """A file in the offline store cannot be read; the message names it and says what to do."""
+
+
+def check_parquet_files(files: Iterable[Path], what: str = "archive file") -> list[Path]:
+    """Each file's Parquet footer is readable (cheap: the footer only), else ArchiveError naming the file.
+
+    A footer check catches the usual damage (a truncated copy, a file that is not Parquet, a zero-length file
+    left by a full disk); damage inside a data page only shows when the rows are read.
+    """
+    checked = []
+    for path in files:
+        path = Path(path)
+        try:
+            pq.read_metadata(path)
+        except (pa.ArrowException, OSError) as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise ArchiveError(
+                f"{what} {path} is not readable Parquet ({reason}); move it aside, out of the offline store "
+                "(e.g. into a quarantine folder), and rerun: its rows are left out until a good copy is put back"
+            ) from None
+        checked.append(path)
+    return checked
+
+
+def archive_files(offline_dir: Path) -> list[Path]:
+    """The archive's Parquet files (`archive/date=*/*.parquet`), sorted, each one's footer checked.
+
+    Raises ArchiveError naming the first unreadable file. An empty list means nothing is archived yet.
+    """
+    return check_parquet_files(sorted(archive_dir(offline_dir).glob("date=*/*.parquet")))

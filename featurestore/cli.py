@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(help="Inspect features: the online store for a card, PAN -> entity key, training sets.",
@@ -26,8 +25,18 @@ def key(pan: str = typer.Argument(..., help="A card number (PAN).")) -> None:
 def get(
     card: str = typer.Argument(..., help="A PAN or an entity key."),
     at: int | None = typer.Option(None, help="Event time (epoch ms) to read the window as of; default now."),
+    txn: str | None = typer.Option(None, help="A stored transaction's txn_id: its features exactly as its score saw "
+                                   "them at arrival (its own time, only what arrived before it, plus itself)."),
 ) -> None:
-    """Show a card's current online features: both groups and the card's window state."""
+    """Show a card's online features: both groups and the card's window state.
+
+    Without --txn, the window as of --at over everything that has arrived so far; with --txn, what that
+    transaction was scored with. A read reaching back beyond what Redis still holds (events trimmed, the
+    snapshot expired) is refused with exit 1 rather than answered from a truncated window: the offline store
+    (`velocity features training-set`) has the answer.
+    """
+    import redis
+
     from featurestore.config import get_settings
     from featurestore.entity import entity_key, mask_pan
     from featurestore.online import OnlineStore, now_ms
@@ -37,22 +46,32 @@ def get(
     key = entity_key(card, settings.entity_secret) if is_pan else card
     store = OnlineStore(settings.redis)
     ts = at if at is not None else now_ms()
-    state = store.card_state(key)
+    try:
+        state = store.card_state(key)
+        stored = txn is not None and bool(store.redis.hexists(store.keys.events(key), txn))
+        feats = store.read_features(key, txn or "__inspect__", ts, None)  # no amount of its own
+    except redis.RedisError as exc:
+        Console(stderr=True).print(
+            f"[red]error:[/] Redis at {settings.redis.host}:{settings.redis.port} is unreachable or failed "
+            f"({escape(' '.join(str(exc).split()))}); start it (`velocity services up`) or set VELOCITY_REDIS_*",
+            soft_wrap=True, highlight=False)
+        raise typer.Exit(1) from None
     if not state and not is_pan:
         console.print(f"[yellow]no online state for entity key {key}[/]")
-    feats = store.read_features(key, "__inspect__", ts, 0)
-    table = Table(title=f"card {mask_pan(card) if is_pan else key} as of ts={ts}")
+    if not feats.complete:
+        Console(stderr=True).print(
+            f"[red]error:[/] ts={feats.ts} is older than what the online store still holds for this card (its window "
+            "events or the 1-week snapshot were trimmed by retention); read it from the offline store instead "
+            "(`velocity features training-set`)", soft_wrap=True, highlight=False)
+        raise typer.Exit(1)
+    if txn is not None and not stored:
+        console.print(f"[yellow]{escape(txn)} is not stored for this card: read as a new transaction at ts={ts}[/]")
+    title = f"{escape(txn)} as scored" if stored else f"as of ts={feats.ts}"
+    table = Table(title=f"card {mask_pan(card) if is_pan else key} {title}")
     table.add_column("feature")
     table.add_column("value", justify="right")
-    # The probe transaction (0 cents) is folded in like any read; take it back out for display.
-    n10 = feats.num_trans_last_10m - 1
-    avg10 = feats.sum_cents_last_10m / (100 * n10) if n10 else math.nan
-    for name, value in [
-        ("num_trans_last_10m", n10),
-        ("avg_amt_last_10m", avg10),
-        ("num_trans_last_1w", feats.num_trans_last_1w),
-        ("avg_amt_last_1w", feats.avg_amt_last_1w),
-        ("snapshot_cutoff_ms", feats.snapshot_cutoff_ms),
-    ] + [(f"state.{k}", v) for k, v in sorted(state.items())]:
+    shown = [(name, feats.values[name]) for name in store.registry.group_features]
+    for name, value in [*shown, ("snapshot_cutoff_ms", feats.snapshot_cutoff_ms)] + \
+            [(f"state.{k}", v) for k, v in sorted(state.items())]:
         table.add_row(name, str(value))
     console.print(table)

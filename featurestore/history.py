@@ -41,13 +41,18 @@ def read_table(path: Path) -> pa.Table:
         import pyarrow.parquet as pq
 
         return pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as exc:
+    except (pa.ArrowException, OSError) as exc:
         kind = "CSV" if path.suffix.lower() == ".csv" else "Parquet"
-        raise HistoryError(f"{path}: cannot be read as {kind} ({str(exc).splitlines()[0]})") from None
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise HistoryError(f"{path}: cannot be read as {kind} ({reason}); check the file (a .csv suffix is read "
+                           "as CSV, anything else as Parquet), or regenerate it with `velocity generate`") from None
 
 
-def load_history(path: Path, *, require_sorted: bool = True) -> pa.Table:
-    """Read and check a history file: columns and types of SPEC section 2, positive amounts, unique ids, sorted ts."""
+def load_history(path: Path) -> pa.Table:
+    """Read and check a history file: columns and types of SPEC section 2, positive amounts, unique ids.
+
+    Its row order is its stream order (SPEC section 4), whatever the timestamps say: it need not be sorted.
+    """
     table = read_table(path)
     missing = [c for c in REQUIRED if c not in table.column_names]
     if missing:
@@ -66,7 +71,4 @@ def load_history(path: Path, *, require_sorted: bool = True) -> pa.Table:
         raise HistoryError(f"{path}: amounts must be finite and > 0")
     if pc.count_distinct(table.column("txn_id")).as_py() != table.num_rows:
         raise HistoryError(f"{path}: txn_id values are not unique")
-    ts = table.column("ts").combine_chunks()
-    if require_sorted and table.num_rows > 1 and pc.any(pc.less(ts.slice(1), ts.slice(0, len(ts) - 1))).as_py():
-        raise HistoryError(f"{path}: rows are not sorted by ts (the row order is the stream order)")
     return table

@@ -21,17 +21,21 @@ def _parse_date(value: str, flag: str) -> dt.date:
 def register(app: typer.Typer) -> None:
     @app.command()
     def generate(
-        out: Path = typer.Option(Path("data/history.parquet"), help="Output file (.parquet, or .csv for CSV)."),
-        cards: int = typer.Option(10_000, help="Number of cards."),
-        days: int = typer.Option(152, help="Days of history."),
-        start: str = typer.Option("2020-01-01", help="First day (UTC), YYYY-MM-DD."),
+        out: Path = typer.Option(Path("data/history.parquet"),
+                                 help="Output file: .parquet, or .csv for CSV (other extensions are refused)."),
+        cards: int = typer.Option(10_000, help="Number of cards (at least 1)."),
+        days: int = typer.Option(152, help="Days of history (at least 1)."),
+        start: str = typer.Option("2020-01-01", help="First day (UTC), YYYY-MM-DD: not before 2000-01-01, and the "
+                                  "last day at most VELOCITY_MAX_FUTURE_MS (default 1 day) ahead of now, the "
+                                  "event times the stream worker accepts."),
         seed: int = typer.Option(42, help="Random seed: same seed and flags give a byte-identical file."),
         fraud_rate: float = typer.Option(0.0025, help="Share of rows that are fraud-chain transactions."),
         chain_min: int = typer.Option(3, help="Shortest fraud chain (extra transactions on the victim card)."),
         chain_max: int = typer.Option(10, help="Longest fraud chain."),
         chain_gap_min_s: float = typer.Option(30.0, help="Shortest gap between chain transactions (s)."),
         chain_gap_max_s: float = typer.Option(120.0, help="Longest gap between chain transactions (s)."),
-        fmt: str = typer.Option(None, "--format", help="parquet or csv (default: from the file suffix)."),
+        fmt: str = typer.Option(None, "--format", help="parquet or csv (default: from the file suffix, which "
+                                "must match)."),
     ) -> None:
         """Generate a realistic card-transaction history with Faker profiles (vectorized; ~10 s at default scale)."""
         import time
@@ -43,13 +47,17 @@ def register(app: typer.Typer) -> None:
         cfg = GenerateConfig(cards=cards, days=days, start=_parse_date(start, "--start"), seed=seed,
                              fraud_rate=fraud_rate, chain_min=chain_min, chain_max=chain_max,
                              gap_min_s=chain_gap_min_s, gap_max_s=chain_gap_max_s)
-        try:
-            cfg.validate()
+        from rich.markup import escape
+
+        from featurestore.config import get_settings
+        from ingest.generate import output_format
+
+        try:  # everything that can be refused is refused before generating
+            cfg.validate(now_ms=int(time.time() * 1000), max_future_ms=get_settings().max_future_ms)
+            fmt = output_format(out, fmt)
         except ValueError as exc:
-            err.print(f"[red]error:[/] {exc}")
+            err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
             raise typer.Exit(2) from None
-        if fmt not in (None, "parquet", "csv"):
-            raise typer.BadParameter("must be parquet or csv", param_hint="--format")
         t0 = time.perf_counter()
         with Progress(TextColumn("{task.description:<36}"), BarColumn(), TimeElapsedColumn(), console=err) as bar:
             task = bar.add_task("generating", total=1.0)
@@ -69,27 +77,33 @@ def register(app: typer.Typer) -> None:
     def replay(
         input: Path = typer.Option(..., "--input", "-i", help="History file (Parquet or CSV) from `velocity generate`."),
         speed: str = typer.Option("max", help="max (as fast as possible), 1 (real time), 60 (60x), any positive factor."),
-        limit: int = typer.Option(None, help="Send at most this many rows."),
-        start_at: str = typer.Option("0", help="Row index, or an ISO time (first row at or after it), to start from."),
+        limit: int = typer.Option(None, min=0, help="Send at most this many rows (0 or more)."),
+        start_at: str = typer.Option("0", help="Row index, or an ISO time (the first row, in file order, at or after "
+                                     "it), to start from."),
         topic: str = typer.Option(None, help="Topic [env VELOCITY_KAFKA_TOPIC_TRANSACTIONS, default transactions]."),
         bootstrap: str = typer.Option(None, help="Kafka brokers [env VELOCITY_KAFKA_BOOTSTRAP, default 127.0.0.1:9092]."),
         workers: int = typer.Option(2, help="Producer processes (each owns whole partitions, so per-card order holds)."),
     ) -> None:
-        """Replay a history into Kafka in event-time order, keyed by entity key, message timestamp = event time.
+        """Replay a history into Kafka in file order (its stream order), paced by event time, keyed by entity key.
 
-        acks=all with idempotence; delivery errors are retried with backoff and reported (exit 1), never dropped
-        silently. Ctrl-C flushes what was sent and prints where to resume with --start-at.
+        Messages carry the card's entity key and last 4 digits, never the card number; message timestamp = event
+        time. Rows the stream worker would reject (bad card numbers, amounts, times: older than 2000 or more than
+        VELOCITY_MAX_FUTURE_MS ahead of now) are refused before anything is sent (exit 2). acks=all with
+        idempotence; delivery errors are retried with backoff and reported (exit 1), never dropped silently.
+        Ctrl-C flushes what was sent and prints where to resume with --start-at.
         """
         import numpy as np
         from kafka.errors import KafkaError
+        from rich.markup import escape
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         from featurestore.config import get_settings
-        from featurestore.entity import redact_pans
+        from featurestore.entity import redact_pans, warn_if_default_secret
         from featurestore.history import HistoryError, load_history
-        from ingest.replay import replay_table
+        from ingest.replay import ReplayError, check_rows, replay_table
 
         settings = get_settings()
+        warn_if_default_secret(settings.entity_secret, "replay")
         if speed == "max":
             factor = None
         else:
@@ -99,9 +113,9 @@ def register(app: typer.Typer) -> None:
             except (ValueError, AssertionError):
                 raise typer.BadParameter("must be 'max' or a positive number", param_hint="--speed") from None
         try:
-            table = load_history(input)
+            table = load_history(input)  # unsorted is fine: the row order is the stream order
         except HistoryError as exc:
-            err.print(f"[red]error:[/] {redact_pans(str(exc))}")
+            err.print(f"[red]error:[/] {escape(redact_pans(str(exc)))}", soft_wrap=True, highlight=False)
             raise typer.Exit(2) from None
         if start_at.isdigit():
             first = int(start_at)
@@ -111,8 +125,14 @@ def register(app: typer.Typer) -> None:
             except ValueError:
                 raise typer.BadParameter("row index or ISO time", param_hint="--start-at") from None
             when = when if when.tzinfo else when.replace(tzinfo=dt.UTC)
-            first = int(np.searchsorted(table.column("ts").to_numpy(), int(when.timestamp() * 1000)))
+            at_or_after = table.column("ts").to_numpy() >= int(when.timestamp() * 1000)
+            first = int(np.argmax(at_or_after)) if at_or_after.any() else table.num_rows
         total = max(0, min(table.num_rows, first + limit if limit is not None else table.num_rows) - first)
+        try:  # before anything is produced: rows the stream worker would dead-letter
+            check_rows(table, first, first + total, max_future_ms=settings.max_future_ms)
+        except ReplayError as exc:
+            err.print(f"[red]error:[/] {escape(str(input))}: {escape(str(exc))}", soft_wrap=True, highlight=False)
+            raise typer.Exit(2) from None
         topic_name = topic or settings.kafka.topic_transactions
         brokers = bootstrap or settings.kafka.bootstrap
         err.print(f"replaying {total:,} rows of {input} to {topic_name} @ {brokers} (speed {speed})")
@@ -127,8 +147,9 @@ def register(app: typer.Typer) -> None:
 
             try:
                 stats = replay_table(table, bootstrap=brokers, topic=topic_name, secret=settings.entity_secret,
-                                     speed=factor, limit=limit, start_at=first, partitions=settings.kafka.partitions,
-                                     workers=workers, progress=progress)
+                                     speed=factor, limit=total, start_at=first, partitions=settings.kafka.partitions,
+                                     workers=workers, progress=progress, max_future_ms=settings.max_future_ms,
+                                     check=False)
             except KafkaError as exc:
                 err.print(f"[red]error:[/] Kafka at {brokers} is not reachable ({type(exc).__name__}); "
                           "is it running? (`velocity services status`)")

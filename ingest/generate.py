@@ -8,6 +8,7 @@ larger cash-out charges; every chain row is labeled 1 and no legitimate row is t
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from featurestore.events import MAX_TS_MS, MIN_TS_MS
 from ingest.profiles import make_profiles
 
 DAY_MS = 86_400_000
@@ -44,15 +46,73 @@ class GenerateConfig:
     fast_share: float = 0.15  # share of chains that are fast bursts (1-10 s apart)
     mean_rate_per_day: float = 3.55  # 10,000 cards x 152 days x 3.55 = 5.4M rows
 
-    def validate(self) -> None:
-        if self.cards < 1 or self.days < 1:
-            raise ValueError("--cards and --days must be at least 1")
+    def validate(self, *, now_ms: int | None = None, max_future_ms: int | None = None) -> None:
+        """Raise ValueError (naming the flag, saying what to use instead) for a configuration to refuse.
+
+        With now_ms and max_future_ms (the CLI passes them), rows must also fall where the stream worker
+        accepts them: not before 2000-01-01 and not more than max_future_ms ahead of now.
+        """
+        for flag, value in (("--cards", self.cards), ("--days", self.days)):
+            if value < 1:
+                raise ValueError(f"{flag} must be at least 1 (got {value})")
+        start_ms = _midnight_ms(self.start)
+        if start_ms < MIN_TS_MS:
+            raise ValueError(f"--start {self.start} is before {_day_of(MIN_TS_MS)}: the stream worker refuses "
+                             f"event times before then (reason bad_ts); use --start {_day_of(MIN_TS_MS)} or later")
+        last_ts = start_ms + self.days * DAY_MS - 1  # every row's ts is < start + days
+        limit = MAX_TS_MS - 1 if now_ms is None or max_future_ms is None else min(now_ms + max_future_ms,
+                                                                                   MAX_TS_MS - 1)
+        if last_ts > limit:
+            latest_ms = (limit + 1 - self.days * DAY_MS) // DAY_MS * DAY_MS
+            bound = (f"more than {_duration(max_future_ms)} ahead of now (the stream worker dead-letters them as "
+                     "`future`; the bound is VELOCITY_MAX_FUTURE_MS)" if limit < MAX_TS_MS - 1
+                     else f"on or after {_day_of(MAX_TS_MS)}, which the stream worker refuses")
+            fix = (f"the latest allowed start for --days {self.days} is {_day_of(latest_ms)}"
+                   if latest_ms >= MIN_TS_MS else f"use fewer --days (at most {(limit + 1 - MIN_TS_MS) // DAY_MS})")
+            raise ValueError(f"--start {self.start} with --days {self.days} gives rows up to "
+                             f"{_day_of(last_ts)} 23:59 UTC, {bound}; {fix}")
         if not 0 <= self.fraud_rate < 0.5:
             raise ValueError("--fraud-rate must be in [0, 0.5)")
         if not 1 <= self.chain_min <= self.chain_max:
             raise ValueError("need 1 <= --chain-min <= --chain-max")
         if not 0 < self.gap_min_s <= self.gap_max_s:
             raise ValueError("need 0 < --chain-gap-min-s <= --chain-gap-max-s")
+
+
+def _midnight_ms(day: dt.date) -> int:
+    return int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp() * 1000)
+
+
+def _day_of(ts_ms: int) -> str:
+    return dt.datetime.fromtimestamp(ts_ms / 1000, dt.UTC).date().isoformat()
+
+
+def _duration(ms: int) -> str:
+    for unit, size in (("day", DAY_MS), ("hour", HOUR_MS), ("minute", 60_000), ("second", 1000)):
+        if ms >= size and ms % size == 0:
+            n = ms // size
+            return f"{n} {unit}{'s' if n != 1 else ''}"
+    return f"{ms} ms"
+
+
+#: File extensions `velocity generate --out` accepts, and the format each one means.
+OUTPUT_SUFFIXES = {".parquet": "parquet", ".csv": "csv"}
+
+
+def output_format(path: Path, fmt: str | None = None) -> str:
+    """The format to write `path` in, checked before any work: a known extension, a matching --format, and a
+    path that can be written. Raises ValueError (featurestore.outputs.OutputError for the path) otherwise."""
+    from featurestore.outputs import check_output_file
+
+    path = Path(path)
+    if fmt is not None and fmt not in ("parquet", "csv"):
+        raise ValueError(f"--format {fmt!r}: use parquet or csv")
+    check_output_file(path, flag="--out", suffixes=tuple(OUTPUT_SUFFIXES))
+    by_suffix = OUTPUT_SUFFIXES[path.suffix.lower()]
+    if fmt is not None and fmt != by_suffix:
+        raise ValueError(f"--format {fmt} does not match --out {path} ({path.suffix} is {by_suffix}); "
+                         f"name the file {path.with_suffix('.' + fmt).name}, or drop --format")
+    return by_suffix
 
 
 @dataclass
@@ -67,7 +127,7 @@ def generate_history(cfg: GenerateConfig, progress: Callable[[str, float], None]
     cfg.validate()
     step = progress or (lambda _label, _frac: None)
     rng = np.random.default_rng(cfg.seed)
-    start_ms = int(dt.datetime(cfg.start.year, cfg.start.month, cfg.start.day, tzinfo=dt.UTC).timestamp() * 1000)
+    start_ms = _midnight_ms(cfg.start)
     span_ms = cfg.days * DAY_MS
 
     step("card and merchant profiles (Faker)", 0.0)
@@ -148,15 +208,19 @@ def write_history(table: pa.Table, path: Path, fmt: str | None = None) -> str:
     """Write Parquet (default) or CSV, atomically (temp file + rename). Returns the format used."""
     path = Path(path)
     fmt = fmt or ("csv" if path.suffix.lower() == ".csv" else "parquet")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    if fmt == "csv":
-        import pyarrow.csv as pacsv
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if fmt == "csv":
+            import pyarrow.csv as pacsv
 
-        pacsv.write_csv(table, tmp)
-    else:
-        import pyarrow.parquet as pq
+            pacsv.write_csv(table, tmp)
+        else:
+            import pyarrow.parquet as pq
 
-        pq.write_table(table, tmp, compression="zstd", row_group_size=1_000_000)
-    tmp.replace(path)
+            pq.write_table(table, tmp, compression="zstd", row_group_size=1_000_000)
+        tmp.replace(path)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)  # a failed write leaves no temp file behind
     return fmt

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+import orjson
+
 from featurestore.archive import ArchiveWriter, roll_spool
 from featurestore.entity import EntityKeyer
-from featurestore.online import ApplyStatus, AsyncOnlineStore
+from featurestore.online import Applied, ApplyStatus, AsyncOnlineStore
 from featurestore.stream_batch import RawMessage, archive_rows, prepare_batch
 from streaming import metrics
 
@@ -33,10 +38,132 @@ class BatchResult:
     invalid: int = 0
 
 
+def redis_unavailable(exc: BaseException) -> bool:
+    """A connection-level failure (retry the batch), as opposed to an error in the request itself."""
+    if isinstance(exc, (OSError, ConnectionError, TimeoutError)):
+        return True
+    name = type(exc).__name__  # redis-py's ConnectionError/TimeoutError (BusyLoadingError is one) are its own
+    return "Connection" in name or "Timeout" in name or "BusyLoading" in name
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class RedisWatch:
+    """Truthful outage logs, and a loud report when Redis comes back empty.
+
+    Outages: each failed write attempt is timed (one attempt can take seconds: redis-py retries the connection
+    inside it, each try bounded by the connect/socket timeout). The first failure is logged at once, then a
+    summary at most every `log_every_s` while it lasts, then one line when Redis is back: after how long and how
+    many attempts. Nothing is logged per attempt, so a long outage does not flood the log.
+
+    Emptied Redis (restarted without persistence, or flushed): the worker keeps a marker key
+    `<prefix>:meta:instance` (an id and a creation time, no TTL) in the online store. It is created at the first
+    write and read again after every outage and otherwise at most every `check_every_s`, on the write path (one
+    GET every few seconds, never an extra round trip per batch). A marker that is gone, or that differs from the
+    one this worker saw (another worker found it gone and re-created it), means the windows and 1-week snapshots
+    are gone: an ERROR says so and how to rebuild, the metric velocity_stream_redis_data_lost_total counts it,
+    and the marker is re-created.
+    """
+
+    def __init__(self, store: AsyncOnlineStore, *, check_every_s: float = 5.0, log_every_s: float = 30.0) -> None:
+        self.store = store
+        self.key = f"{store.keys.prefix}:meta:instance"
+        self.check_every_s = check_every_s
+        self.log_every_s = log_every_s
+        self.marker: bytes | None = None  # the marker value this worker last saw
+        self.losses = 0
+        self._next_check = 0.0  # monotonic time of the next marker check; 0: at the next write
+        self._down_since: float | None = None  # monotonic start of the current outage's first failed attempt
+        self._failures = 0  # failed attempts in the current outage
+        self._logged_at = 0.0
+
+    def failed(self, exc: BaseException, attempt_s: float, next_delay_s: float) -> None:
+        """One write attempt failed after `attempt_s` seconds; the next starts in `next_delay_s` seconds."""
+        now = time.monotonic()
+        self._failures += 1
+        metrics.REDIS_WRITE_FAILURES.inc()
+        metrics.REDIS_UP.set(0)
+        where = f"{self.store.settings.host}:{self.store.settings.port}"
+        if self._down_since is None:
+            self._down_since = now - attempt_s
+            self._logged_at = now
+            log.warning("online store (Redis at %s) write failed: attempt 1 took %.1f s (%s); the batch is held "
+                        "and retried, next attempt in %.1f s (while Redis stays down, a summary every %.0f s)",
+                        where, attempt_s, _one_line(exc), next_delay_s, self.log_every_s)
+        elif now - self._logged_at >= self.log_every_s:
+            self._logged_at = now
+            log.warning("online store (Redis at %s) still unavailable after %.1f s: %d failed attempts, attempt %d "
+                        "took %.1f s (%s); next attempt in %.1f s", where, now - self._down_since, self._failures,
+                        self._failures, attempt_s, _one_line(exc), next_delay_s)
+
+    async def succeeded(self) -> None:
+        """A write went through: close an outage (log it, check the marker now), else check when due."""
+        if self._down_since is not None:
+            log.warning("online store (Redis at %s:%s) is back after %.1f s and %d failed attempt%s; the held "
+                        "batch is written", self.store.settings.host, self.store.settings.port,
+                        time.monotonic() - self._down_since, self._failures, "" if self._failures == 1 else "s")
+            self._down_since, self._failures = None, 0
+            metrics.REDIS_UP.set(1)
+            self._next_check = 0.0
+        if time.monotonic() >= self._next_check:
+            await self.check()
+
+    def _new_marker(self) -> bytes:
+        return orjson.dumps({"id": uuid.uuid4().hex[:16], "created_ms": int(time.time() * 1000),
+                             "host": socket.gethostname(), "pid": os.getpid()})
+
+    async def check(self) -> bool:
+        """Read the marker; False when Redis lost its data since this worker last looked (reported here)."""
+        self._next_check = time.monotonic() + self.check_every_s
+        redis = self.store.redis
+        try:
+            seen = await redis.get(self.key)
+            if seen is not None and seen == (self.marker or seen):
+                self.marker = seen
+                metrics.REDIS_UP.set(1)
+                return True
+            if seen is None:
+                created = await redis.set(self.key, self._new_marker(), nx=True)
+                current = await redis.get(self.key)
+            else:
+                created, current = False, seen
+        except Exception as exc:  # the check never fails a batch (the batch itself is already written)
+            if redis_unavailable(exc):
+                self._next_check = 0.0  # the next write checks again
+            else:  # e.g. an ACL that forbids the key: say so once, and stop checking
+                self._next_check = float("inf")
+                log.warning("cannot read or write the online store marker %s (%s): a Redis that comes back empty "
+                            "will not be detected; allow this key for the worker's Redis user", self.key,
+                            _one_line(exc))
+            return True
+        first, self.marker = self.marker is None, current
+        if first:
+            if created:
+                log.info("online store marker %s created: the first worker on this Redis, or one that was emptied "
+                         "while no worker ran (then re-run `velocity batch` for the latest date)", self.key)
+            return True
+        self.losses += 1
+        metrics.REDIS_DATA_LOST.inc()
+        metrics.REDIS_DATA_LOST_AT.set(time.time())
+        how = (f"the marker {self.key} is gone" if created
+               else f"another worker found the marker {self.key} gone and re-created it")
+        log.error("Redis at %s:%s LOST ITS DATA (%s): it restarted without persistence or was flushed. The "
+                  "10-minute windows and the 1-week snapshots it held are gone. Windows refill as events arrive "
+                  "(until then cards are scored on partial windows); restore the latest snapshot now with "
+                  "`velocity batch --date %s`. To avoid this, run Redis with persistence (appendonly yes).",
+                  self.store.settings.host, self.store.settings.port, how, time.strftime("%Y-%m-%d", time.gmtime()))
+        return False
+
+
 class Aggregator:
     def __init__(self, store: AsyncOnlineStore, keyer: EntityKeyer, dlq_send: DlqSend,
-                 archive: ArchiveWriter | None = None, max_backoff_s: float = 5.0) -> None:
+                 archive: ArchiveWriter | None = None, max_backoff_s: float = 5.0,
+                 max_future_ms: int | None = None) -> None:
         self.store = store
+        self.max_future_ms = max_future_ms
         self.keyer = keyer
         self.dlq_send = dlq_send
         self.archive = archive
@@ -44,25 +171,34 @@ class Aggregator:
         self.rate = metrics.RateWindow()
         self.freshness = metrics.Reservoir()
         self._rolls: set[asyncio.Task] = set()
+        self.redis_watch = RedisWatch(store)
 
-    async def _apply_with_retry(self, writes) -> list[ApplyStatus]:
-        """Redis unavailable is not a reason to drop or skip a batch: retry with backoff until it is back."""
+    async def _apply_with_retry(self, writes):
+        """Redis unavailable is not a reason to drop or skip a batch: retry with backoff until it is back.
+
+        What the log says is measured (see RedisWatch): how long each failed attempt really took (redis-py
+        reconnects inside one attempt, so one can take seconds), the attempt count and the real next delay.
+        """
         delay = 0.1
+        watch = self.redis_watch
         while True:
+            started = time.monotonic()
             try:
-                return await self.store.apply_events(writes)
-            except (OSError, ConnectionError, TimeoutError) as exc:
-                log.warning("online store write failed (%s); retrying in %.1fs", exc, delay)
+                applied = await self.store.apply_events(writes)
             except Exception as exc:  # redis-py raises its own ConnectionError/TimeoutError types
-                if "Connection" not in type(exc).__name__ and "Timeout" not in type(exc).__name__:
+                if not redis_unavailable(exc):
                     raise
-                log.warning("online store write failed (%s); retrying in %.1fs", exc, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self.max_backoff_s)
+                watch.failed(exc, time.monotonic() - started, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.max_backoff_s)
+                continue
+            await watch.succeeded()  # after an outage, or every few seconds: is the marker still there?
+            return applied
 
     def prepare(self, messages: Sequence[RawMessage]):
         """CPU-only half of a batch; the worker runs it while Redis still works on the previous one."""
-        return messages, prepare_batch(messages, self.keyer), time.perf_counter()
+        now = time.time_ns() // 1_000_000
+        return messages, prepare_batch(messages, self.keyer, now, self.max_future_ms), time.perf_counter()
 
     async def process(self, messages: Sequence[RawMessage]) -> BatchResult:
         return await self.apply(self.prepare(messages))
@@ -71,13 +207,13 @@ class Aggregator:
         """Redis write, archive append and DLQ sends of a prepared batch; returns once all are done."""
         return await self.finish(prepared, *await self.write_online(prepared))
 
-    async def write_online(self, prepared) -> tuple[list[ApplyStatus], float]:
-        """The Redis half of `apply`: window writes (retried until Redis takes them); returns statuses, when visible."""
+    async def write_online(self, prepared) -> tuple[list[Applied], float]:
+        """The Redis half of `apply`: window writes (retried until Redis takes them); returns outcomes, when visible."""
         _, batch, _ = prepared
-        statuses = await self._apply_with_retry(batch.writes) if batch.writes else []
-        return statuses, time.time() * 1000.0
+        applied = await self._apply_with_retry(batch.writes) if batch.writes else []
+        return applied, time.time() * 1000.0
 
-    async def finish(self, prepared, statuses: Sequence[ApplyStatus], visible_ms: float) -> BatchResult:
+    async def finish(self, prepared, applied: Sequence[Applied], visible_ms: float) -> BatchResult:
         """The rest of `apply`: archive, DLQ sends and metrics. May overlap the next batch's `write_online`."""
         messages, batch, started = prepared
         result = BatchResult(invalid=len(batch.rejects))
@@ -85,7 +221,7 @@ class Aggregator:
         for msg, exc in batch.rejects:
             sends.append(self.dlq_send(msg, exc.reason, exc.detail))
             metrics.DLQ.labels(exc.reason).inc()
-        for src, status in zip(batch.sources, statuses, strict=True):
+        for src, (status, _) in zip(batch.sources, applied, strict=True):
             if status == ApplyStatus.APPLIED:
                 result.applied += 1
             elif status in (ApplyStatus.LATE, ApplyStatus.DUPLICATE_LATE):
@@ -98,7 +234,7 @@ class Aggregator:
             else:
                 result.duplicate += 1
         if self.archive is not None and batch.writes:
-            rows = archive_rows(batch, statuses, int(visible_ms))
+            rows = archive_rows(batch, applied, int(visible_ms))
             self.archive.append(rows)
             metrics.ARCHIVED.inc(len(rows))
         if sends:

@@ -23,6 +23,15 @@ FRESHNESS_P99 = Gauge("velocity_stream_freshness_p99_ms", "p99 freshness over th
 EVENTS_PER_S = Gauge("velocity_stream_events_per_second", "Messages per second over the last 5 s")
 LAG = Gauge("velocity_stream_consumer_lag", "Messages behind the log end, per partition", ["partition"])
 ARCHIVED = Counter("velocity_stream_archived_rows_total", "Rows appended to the archive spool")
+REDIS_UP = Gauge("velocity_stream_redis_up", "1 while the online store takes writes, 0 while a batch's write is "
+                 "failing and being retried")
+REDIS_WRITE_FAILURES = Counter("velocity_stream_redis_write_failures_total",
+                               "Failed online store write attempts (each batch is retried until Redis takes it)")
+REDIS_DATA_LOST = Counter("velocity_stream_redis_data_lost_total",
+                          "Times the online store was found emptied (its instance marker gone): windows and 1-week "
+                          "snapshots were lost; see the worker's ERROR log for how to rebuild")
+REDIS_DATA_LOST_AT = Gauge("velocity_stream_redis_data_lost_timestamp_seconds",
+                           "When this worker last found the online store emptied (Unix time; 0: never)")
 
 #: A message whose Kafka timestamp is older than this is a replay of history, not live: no freshness sample.
 LIVE_HORIZON_MS = 60_000
