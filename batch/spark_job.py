@@ -13,12 +13,20 @@ import shutil
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from featurestore import offline_sql as sql
-from featurestore.archive import archive_dir
-from featurestore.offline import DAY_MS, OfflineError, cutoff_ms_of, finish_training_frame, pan_keys, read_snapshots
+from featurestore.archive import ArchiveError, archive_dir, archive_files
+from featurestore.definitions import DEFAULT_ALLOWED_LATENESS_MS, REGISTRY, Registry
+from featurestore.offline import (
+    OfflineError,
+    finish_training_frame,
+    pan_keys,
+    read_snapshots,
+    snapshot_tables,
+    split_snapshots,
+    week_days,
+)
 
 
 def spark_session(master: str = "local[*]", app: str = "velocity-batch"):
@@ -43,8 +51,9 @@ def _quiet(spark):
     return spark
 
 
-def load_events(spark, *, offline_dir: Path, history: Path | None, secret: str) -> int:
-    """Register the deduplicated `events` view; returns its row count."""
+def load_events(spark, *, offline_dir: Path, history: Path | None, secret: str,
+                allowed_lateness_ms: int = DEFAULT_ALLOWED_LATENESS_MS) -> int:
+    """Register the deduplicated `events` view (same rules as the DuckDB loader); returns its row count."""
     from pyspark.sql import functions as F
 
     if history is not None:
@@ -69,54 +78,59 @@ def load_events(spark, *, offline_dir: Path, history: Path | None, secret: str) 
               .select("txn_id", "card", F.col("amount").cast("double").alias("amount"),
                       F.round(F.col("amount") * 100).cast("long").alias("amount_cents"),
                       F.col("ts").cast("long").alias("ts"), F.col("fraud_label").cast("tinyint").alias("fraud_label"),
-                      F.lit(False).alias("late"), "seq"))
-        ev.createOrReplaceTempView("raw_events")
-        spark.sql(sql.dedup_sql("raw_events", "seq")).createOrReplaceTempView("events")
+                      F.lit(False).alias("late"), "seq", F.col("ts").cast("long").alias("arrived_ms")))
+        ev.createOrReplaceTempView("raw_events")  # txn_ids are unique (load_history checked)
+        events = spark.sql(sql.arrival_order_sql("raw_events", allowed_lateness_ms))
     else:
         root = archive_dir(offline_dir)
-        if not list(root.glob("date=*/*.parquet")):
+        try:
+            files = archive_files(offline_dir)
+        except ArchiveError as exc:
+            raise OfflineError(str(exc)) from None
+        if not files:
             raise OfflineError(f"no archived transactions under {root} (run `velocity stream`, or pass --history PATH)")
-        raw = spark.read.option("basePath", str(root)).parquet(str(root / "date=*"))
-        raw.select("txn_id", "card", "amount", "amount_cents", "ts", "fraud_label", "late",
-                   F.col("offset").alias("seq"), F.col("partition").alias("part")).createOrReplaceTempView("raw_events")
-        spark.sql(sql.dedup_sql("raw_events", "part, seq")).createOrReplaceTempView("events")
-    spark.table("events").cache()
+        raw = spark.read.option("basePath", str(root)).parquet(*[str(f) for f in files])
+        raw.select("txn_id", "card", "amount", "amount_cents", "ts", "fraud_label", "late", "seq",
+                   F.expr(sql.arrival_ms_of_seq("seq")).alias("arrived_ms"),
+                   "archived_ms").createOrReplaceTempView("raw_events")
+        spark.sql(sql.dedup_sql("raw_events", "seq, archived_ms")).createOrReplaceTempView("first_events")
+        events = spark.sql(sql.arrival_order_sql("first_events"))
+    events.cache().createOrReplaceTempView("events")
     n = spark.table("events").count()
     if n == 0:
         raise OfflineError("the history is empty")
     return n
 
 
-def snapshot(spark, day: dt.date) -> pd.DataFrame:
-    return spark.sql(sql.snapshot_1w_sql(cutoff_ms_of(day)) + " ORDER BY card").toPandas()
+def snapshots(spark, days: list[dt.date], registry: Registry = REGISTRY) -> list[tuple[dt.date, pd.DataFrame]]:
+    """Every night of `days` in one pass (same SQL as DuckDB); one row per card and night reaches the driver."""
+    group = registry.batch_group
+    spark.createDataFrame(week_days(days, group), "day long, cutoff_ms long").createOrReplaceTempView("week_days")
+    return split_snapshots(spark.sql(sql.snapshots_sql(group)).toPandas(), days)
 
 
-TRAINING_SCHEMA = (
-    "txn_id string, card string, ts long, amount double, fraud_label tinyint, num_trans_last_10m long, "
-    "avg_amt_last_10m double, num_trans_last_1w double, avg_amt_last_1w double, snapshot_cutoff_ms long, "
-    "amt_ratio1 double, amt_ratio2 double, count_ratio double"
-)
+def training_schema(registry: Registry = REGISTRY) -> str:
+    """The training set's Spark schema, from the declarations (`offline_sql.training_columns`)."""
+    stream_counts = {a.name for g in registry.stream_groups for a in g.features if a.function == "count"}
+    types = {"txn_id": "string", "card": "string", "ts": "long", "fraud_label": "tinyint",
+             "snapshot_cutoff_ms": "long", **{n: "long" for n in stream_counts}}
+    return ", ".join(f"{c} {types.get(c, 'double')}" for c in sql.training_columns(registry))
 
 
-def _with_ratios(batches):
-    """Runs on the executors: the shared ratio function, batch by batch (no collect to the driver)."""
-    for pdf in batches:
-        yield finish_training_frame(pdf)
+def training_set(spark, offline_dir: Path, start_ms: int, end_ms: int, registry: Registry = REGISTRY) -> pd.DataFrame:
+    frame = training_frame(spark, offline_dir, start_ms, end_ms, registry).orderBy("ts", "card", "txn_id").toPandas()
+    return finish_training_frame(frame, registry)
 
 
-def training_set(spark, offline_dir: Path, start_ms: int, end_ms: int) -> pd.DataFrame:
-    frame = training_frame(spark, offline_dir, start_ms, end_ms).orderBy("ts", "card", "txn_id").toPandas()
-    return finish_training_frame(frame)
-
-
-def write_training_set(spark, offline_dir: Path, start_ms: int, end_ms: int, out: Path) -> int:
+def write_training_set(spark, offline_dir: Path, start_ms: int, end_ms: int, out: Path,
+                       registry: Registry = REGISTRY) -> int:
     """Distributed write (a directory of Parquet parts), swapped into place when complete.
 
     The work directory is not hidden: Spark's file listing skips names starting with '.' or '_'.
     """
     out = Path(out)
     tmp = out.with_name(f"{out.name}.writing-{uuid.uuid4().hex[:8]}")
-    frame = training_frame(spark, offline_dir, start_ms, end_ms)
+    frame = training_frame(spark, offline_dir, start_ms, end_ms, registry)
     frame.write.parquet(str(tmp))
     rows = spark.read.parquet(str(tmp)).count()
     if out.is_dir():
@@ -127,34 +141,19 @@ def write_training_set(spark, offline_dir: Path, start_ms: int, end_ms: int, out
     return rows
 
 
-def training_frame(spark, offline_dir: Path, start_ms: int, end_ms: int):
-    """Point-in-time rows for ts in [start_ms, end_ms). The as-of join: cut-offs are midnights, so the latest
-    cut-off <= t is the latest cut-off <= t's midnight; a day -> cut-off map (tiny, broadcast) makes it an
-    equi-join instead of a range join."""
-    from pyspark.sql import functions as F
-
-    spark.sql(sql.features_10m_sql("events")).createOrReplaceTempView("f10_all")
-    f10 = spark.table("f10_all").where((F.col("ts") >= start_ms - 0) & (F.col("ts") < end_ms))
+def training_frame(spark, offline_dir: Path, start_ms: int, end_ms: int, registry: Registry = REGISTRY):
+    """Point-in-time rows for ts in [start_ms, end_ms): the same SQL text as DuckDB (`offline_sql.training_sql`)
+    over the same small as-of tables (`offline.snapshot_tables`), broadcast to the executors."""
+    snap_days, snap_cutoffs = snapshot_tables(offline_dir, start_ms, end_ms)
+    spark.createDataFrame(snap_days, "day long, c1 long, p1 long").createOrReplaceTempView("snap_days")
+    spark.createDataFrame(snap_cutoffs, "cutoff_ms long, published_ms long").createOrReplaceTempView("snap_cutoffs")
     snaps = read_snapshots(offline_dir)
     if snaps:
-        snap = spark.read.parquet(*[str(p) for p in snaps])
-        cutoffs = np.array(sorted({int(r[0]) for r in snap.select("cutoff_ms").distinct().collect()}))
-        first_day, last_day = start_ms // DAY_MS, (end_ms - 1) // DAY_MS
-        days = np.arange(first_day, last_day + 1)
-        pos = np.searchsorted(cutoffs, days * DAY_MS, side="right") - 1
-        day_map = pd.DataFrame({"day": days.astype("int64"),
-                                "snapshot_cutoff_ms": np.where(pos >= 0, cutoffs[np.maximum(pos, 0)], -1)})
-        dm = spark.createDataFrame(day_map).withColumn(
-            "snapshot_cutoff_ms", F.when(F.col("snapshot_cutoff_ms") >= 0, F.col("snapshot_cutoff_ms")))
-        f10 = f10.withColumn("day", F.floor(F.col("ts") / DAY_MS).cast("long")).join(F.broadcast(dm), "day", "left")
-        snap.createOrReplaceTempView("snap")
-        join = "LEFT JOIN snap s ON s.cutoff_ms = f.snapshot_cutoff_ms AND s.card = f.card"
+        spark.read.parquet(*[str(p) for p in snaps]).createOrReplaceTempView("snap")
     else:
-        f10 = f10.withColumn("snapshot_cutoff_ms", F.lit(None).cast("long"))
-        spark.createDataFrame([], "card string, num_trans_last_1w long, avg_amt_last_1w double, cutoff_ms long") \
-            .createOrReplaceTempView("snap")
-        join = "LEFT JOIN snap s ON s.cutoff_ms = f.snapshot_cutoff_ms AND s.card = f.card"
-    f10.createOrReplaceTempView("f10_asof")
-    return spark.sql(sql.training_select_sql("f10_asof", join)).mapInPandas(_with_ratios, TRAINING_SCHEMA)
-
-
+        stats = ", ".join(f"{sql.SNAPSHOT_STATS[k]} long" for k in registry.batch_group.stats)
+        spark.createDataFrame([], f"card string, {stats}, cutoff_ms long").createOrReplaceTempView("snap")
+    spark.sql(sql.features_in_range_sql(start_ms, end_ms, registry)).cache().createOrReplaceTempView("f10")
+    schema = training_schema(registry)
+    return spark.sql(sql.training_sql("f10", registry)).mapInPandas(
+        lambda batches: (finish_training_frame(pdf, registry) for pdf in batches), schema)

@@ -78,6 +78,8 @@ class Settings(BaseSettings):
     event_retention_ms: int = DEFAULT_EVENT_RETENTION_MS
     #: Event times further ahead of the worker's clock are dead-lettered with reason `future`.
     max_future_ms: int = DEFAULT_MAX_FUTURE_MS
+    #: A backfilled snapshot is recorded as published at its cut-off plus this delay (SPEC section 4).
+    snapshot_publish_delay_ms: int = 0
     redis: RedisSettings = Field(default_factory=RedisSettings)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
 

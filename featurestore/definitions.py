@@ -1,43 +1,132 @@
-"""Feature groups as data: the single place that names every feature, its window and the model's input order."""
+"""Feature groups as data: the one place that declares every feature, its window, its aggregation and the model's
+input order. The offline SQL (DuckDB and Spark), the online read, the training-set schema, the serving vector and
+`velocity features get` are all generated from a `Registry`; adding an aggregate is one edit here.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 
 MINUTE_MS = 60_000
 DAY_MS = 86_400_000
 
+#: What an aggregate can compute over the amounts of the events in its window.
+FUNCTIONS = ("count", "sum", "mean", "min", "max")
+#: The per-window statistics (integer cents) every function is derived from: count, sum, min, max.
+STATS_OF = {"count": ("n",), "sum": ("s",), "mean": ("n", "s"), "min": ("mn",), "max": ("mx",)}
+
 
 @dataclass(frozen=True)
-class Feature:
+class Aggregate:
+    """One feature: `function` over the event `column` of the transactions in its group's window."""
+
     name: str
-    aggregation: str  # "count" or "mean"
-    column: str  # the event field it aggregates
+    function: str
+    column: str = "amount"  # windows hold each event's amount (in cents); it is the only aggregated column
+
+    def __post_init__(self) -> None:
+        if self.function not in FUNCTIONS:
+            raise ValueError(f"{self.name}: unknown aggregation {self.function!r} (one of {', '.join(FUNCTIONS)})")
+        if self.column != "amount":
+            raise ValueError(f"{self.name}: only the event's amount is aggregated, not {self.column!r}")
 
 
 @dataclass(frozen=True)
 class FeatureGroup:
-    """A set of per-card aggregates over one window, computed by one path (stream or batch)."""
+    """Per-entity aggregates over one window, computed by one path: the stream (as of each transaction) or the
+    nightly batch (as of each cut-off)."""
 
     name: str
     entity: str
     window_ms: int
     source: str  # "stream" or "batch"
     ttl_s: int
-    features: tuple[Feature, ...]
+    features: tuple[Aggregate, ...]
+
+    def __post_init__(self) -> None:
+        if self.source not in ("stream", "batch"):
+            raise ValueError(f"{self.name}: source must be stream or batch, not {self.source!r}")
+        if self.source == "batch" and self.window_ms % DAY_MS:
+            raise ValueError(f"{self.name}: a batch window is whole days (cut-offs are midnights)")
 
     @property
     def feature_names(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.features)
 
+    @property
+    def stats(self) -> tuple[str, ...]:
+        """The statistics this group's features need, in a fixed order."""
+        need = {s for f in self.features for s in STATS_OF[f.function]}
+        return tuple(s for s in ("n", "s", "mn", "mx") if s in need)
+
 
 @dataclass(frozen=True)
 class RatioFeature:
-    """numerator / denominator, computed at request time by `featurestore.ratios`."""
+    """numerator / denominator, computed at request time by `featurestore.ratios.safe_ratio`."""
 
     name: str
     numerator: str
     denominator: str
+
+
+@dataclass(frozen=True)
+class Registry:
+    """Every declared group and ratio, and the model's input order."""
+
+    groups: tuple[FeatureGroup, ...]
+    ratios: tuple[RatioFeature, ...]
+    model_features: tuple[str, ...]
+    #: Values every score carries besides the declared features (the transaction's own amount).
+    inputs: tuple[str, ...] = field(default=("amount",))
+
+    def __post_init__(self) -> None:
+        names = [*self.inputs, *(n for g in self.groups for n in g.feature_names), *(r.name for r in self.ratios)]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"feature names must be unique across groups: {', '.join(dupes)}")
+        for r in self.ratios:
+            for operand in (r.numerator, r.denominator):
+                if operand not in names:
+                    raise ValueError(f"ratio {r.name}: {operand!r} is not a declared feature")
+        unknown = [m for m in self.model_features if m not in names]
+        if unknown:
+            raise ValueError(f"model features not declared: {', '.join(unknown)}")
+        if len(self.batch_groups) > 1:
+            raise ValueError("one batch group is served online for now (card_agg_1w)")
+
+    @property
+    def stream_groups(self) -> tuple[FeatureGroup, ...]:
+        return tuple(g for g in self.groups if g.source == "stream")
+
+    @property
+    def batch_groups(self) -> tuple[FeatureGroup, ...]:
+        return tuple(g for g in self.groups if g.source == "batch")
+
+    @property
+    def batch_group(self) -> FeatureGroup:
+        return self.batch_groups[0]
+
+    @property
+    def longest_stream_window_ms(self) -> int:
+        return max(g.window_ms for g in self.stream_groups)
+
+    @property
+    def group_features(self) -> tuple[str, ...]:
+        return tuple(n for g in self.groups for n in g.feature_names)
+
+    @property
+    def all_features(self) -> tuple[str, ...]:
+        """Every named value a score carries: the inputs, every group's features, then the ratios."""
+        return (*self.inputs, *self.group_features, *(r.name for r in self.ratios))
+
+    @property
+    def version(self) -> str:
+        """Changes whenever a declaration changes: a model records it, a scorer checks it."""
+        return hashlib.sha256(repr((self.groups, self.ratios, self.model_features)).encode()).hexdigest()[:12]
+
+    def group_of(self, feature: str) -> FeatureGroup | None:
+        return next((g for g in self.groups if feature in g.feature_names), None)
 
 
 CARD_AGG_10M = FeatureGroup(
@@ -47,8 +136,8 @@ CARD_AGG_10M = FeatureGroup(
     source="stream",
     ttl_s=2 * 86_400,
     features=(
-        Feature("num_trans_last_10m", "count", "amount"),
-        Feature("avg_amt_last_10m", "mean", "amount"),
+        Aggregate("num_trans_last_10m", "count"),
+        Aggregate("avg_amt_last_10m", "mean"),
     ),
 )
 
@@ -57,15 +146,13 @@ CARD_AGG_1W = FeatureGroup(
     entity="card",
     window_ms=7 * DAY_MS,
     source="batch",
-    # A snapshot stays readable for two nights so a late batch run never leaves the scorer empty-handed.
+    # A superseded snapshot stays readable this long; the latest one stays until a newer one is published.
     ttl_s=2 * 86_400 + 6 * 3_600,
     features=(
-        Feature("num_trans_last_1w", "count", "amount"),
-        Feature("avg_amt_last_1w", "mean", "amount"),
+        Aggregate("num_trans_last_1w", "count"),
+        Aggregate("avg_amt_last_1w", "mean"),
     ),
 )
-
-FEATURE_GROUPS: tuple[FeatureGroup, ...] = (CARD_AGG_10M, CARD_AGG_1W)
 
 RATIO_FEATURES: tuple[RatioFeature, ...] = (
     RatioFeature("amt_ratio1", "avg_amt_last_10m", "avg_amt_last_1w"),
@@ -73,16 +160,19 @@ RATIO_FEATURES: tuple[RatioFeature, ...] = (
     RatioFeature("count_ratio", "num_trans_last_10m", "num_trans_last_1w"),
 )
 
-#: The model's input columns, in order. Training and serving both build vectors from this tuple.
-MODEL_FEATURES: tuple[str, ...] = ("amount", "amt_ratio1", "amt_ratio2", "count_ratio")
-
-#: Every named value a score carries: the raw amount, both groups, and the ratios.
-ALL_FEATURES: tuple[str, ...] = (
-    ("amount",)
-    + CARD_AGG_10M.feature_names
-    + CARD_AGG_1W.feature_names
-    + tuple(r.name for r in RATIO_FEATURES)
+#: The product's declarations. Everything that computes, stores or serves features takes a Registry and
+#: defaults to this one.
+REGISTRY = Registry(
+    groups=(CARD_AGG_10M, CARD_AGG_1W),
+    ratios=RATIO_FEATURES,
+    model_features=("amount", "amt_ratio1", "amt_ratio2", "count_ratio"),
 )
+
+FEATURE_GROUPS: tuple[FeatureGroup, ...] = REGISTRY.groups
+#: The model's input columns, in order. Training and serving both build vectors from this tuple.
+MODEL_FEATURES: tuple[str, ...] = REGISTRY.model_features
+#: Every named value a score carries: the raw amount, both groups, and the ratios.
+ALL_FEATURES: tuple[str, ...] = REGISTRY.all_features
 
 #: An event more than this far behind its card's newest event is not aggregated (SPEC section 7).
 DEFAULT_ALLOWED_LATENESS_MS = 10 * MINUTE_MS

@@ -9,18 +9,19 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from importlib import resources
+from typing import NamedTuple
 
 import orjson
 import redis
 import redis.asyncio as aioredis
 
 from featurestore.config import RedisSettings
-from featurestore.definitions import CARD_AGG_1W, CARD_AGG_10M, DEFAULT_ALLOWED_LATENESS_MS
-from featurestore.windows import SEQ_LAST, WindowAggregate, WindowEvent, mean_amount, window_aggregate
+from featurestore.definitions import CARD_AGG_1W, CARD_AGG_10M, DEFAULT_ALLOWED_LATENESS_MS, REGISTRY, Registry
+from featurestore.windows import SEQ_LAST, WindowAggregate, WindowEvent, window_aggregate
 
 #: Events per EVALSHA call: bounds the time Redis spends in one script (it blocks other clients meanwhile).
 APPLY_CHUNK = 2_000
@@ -28,6 +29,8 @@ SNAPSHOT_CHUNK = 5_000
 #: Default online retention of window events (event time). Must exceed window + lateness; longer keeps
 #: idempotency records for redelivered messages after a crash.
 DEFAULT_RETENTION_MS = 86_400_000
+#: The latest 1-week snapshot stays online this long without a newer one (a month of missed nights).
+KEEP_LATEST_S = 30 * 86_400
 
 
 def _script(name: str) -> str:
@@ -39,78 +42,142 @@ class ApplyStatus(IntEnum):
     LATE = 1
     DUPLICATE = 2
     DUPLICATE_LATE = 3
-    REDELIVERED = 4
+
+
+class Applied(NamedTuple):
+    """What the store did with one event, and the card's arrival position it holds (the stored one for a duplicate)."""
+
+    status: ApplyStatus
+    seq: int
+
+
+class RetentionError(LookupError):
+    """A read reaches back beyond what the online store still holds; the offline store has the answer."""
 
 
 @dataclass(frozen=True, slots=True)
 class EventWrite:
-    """One transaction as the window state needs it."""
+    """One transaction as the window state needs it; the store assigns its arrival position."""
 
     card: str
     txn_id: str
     ts: int
-    seq: int
     amount_cents: int
 
 
 @dataclass(frozen=True, slots=True)
 class OnlineFeatures:
-    """Both feature groups for one transaction, as of its own time, the transaction itself folded in."""
+    """Every declared group's features for one transaction, as of its own time, the transaction folded in.
 
-    num_trans_last_10m: int
-    sum_cents_last_10m: int
-    num_trans_last_1w: float  # NaN when no snapshot covers the time
-    sum_cents_last_1w: float
+    Feature values are attributes too (`f.num_trans_last_10m`); `stats` holds each group's statistics in cents
+    (None for a batch group without a snapshot).
+    """
+
+    values: dict[str, float]
+    stats: dict[str, WindowAggregate | None]
     snapshot_cutoff_ms: int | None
     ts: int
+    #: False when the read reaches back beyond the store's retention (events trimmed, or the chosen snapshot
+    #: expired): the values above are then not the full answer.
+    complete: bool = True
 
-    @property
-    def avg_amt_last_10m(self) -> float:
-        return mean_amount(self.num_trans_last_10m, self.sum_cents_last_10m)
-
-    @property
-    def avg_amt_last_1w(self) -> float:
-        if math.isnan(self.num_trans_last_1w):
-            return math.nan
-        return mean_amount(int(self.num_trans_last_1w), int(self.sum_cents_last_1w))
+    def __getattr__(self, name: str) -> float:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
     def as_dict(self) -> dict[str, float]:
-        return {
-            "num_trans_last_10m": self.num_trans_last_10m,
-            "avg_amt_last_10m": self.avg_amt_last_10m,
-            "num_trans_last_1w": self.num_trans_last_1w,
-            "avg_amt_last_1w": self.avg_amt_last_1w,
-        }
+        return dict(self.values)
+
+    @property
+    def sum_cents_last_10m(self) -> int:
+        """The product's 10-minute summed cents (inspection and tests)."""
+        return self.stats[CARD_AGG_10M.name].sum_cents
+
+    @property
+    def sum_cents_last_1w(self) -> float:
+        w = self.stats.get(CARD_AGG_1W.name)
+        return math.nan if w is None else float(w.sum_cents)
 
 
 def parse_member(member: bytes | str, score: float) -> WindowEvent:
+    """A stored window member "seq|cents|flag|txn_id": the txn_id is last, so it may contain '|'."""
     if isinstance(member, bytes):
         member = member.decode()
     seq, cents, flag, txn_id = member.split("|", 3)
     return WindowEvent(txn_id, int(score), int(seq), int(cents), flag == "L")
 
 
-def fold_read(reply: Sequence, txn_id: str, ts: int, amount_cents: int, window_ms: int) -> OnlineFeatures:
-    """Turn the read script's reply into features, with the SPEC section 4 window fold."""
-    stored, flat, cutoff, n1w, s1w, ts_used = reply
+def _snapshot_stats(flat: Sequence) -> WindowAggregate:
+    """A card's statistics in a snapshot (no fields: it had no transactions in that window)."""
+    got = {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
+    return WindowAggregate(got.get("n", 0), got.get("s", 0), got.get("mn"), got.get("mx"))
+
+
+def fold_read(reply: Sequence, txn_id: str, ts: int, amount_cents: int | None,
+              registry: Registry = REGISTRY) -> OnlineFeatures:
+    """Turn the read script's reply into every declared feature, with the SPEC section 4 window fold.
+
+    A stored transaction is read as of its own arrival (its seq); one the store has not seen arrives now,
+    after everything stored. `amount_cents=None` reads the windows without a transaction of its own (inspection).
+    """
+    stored, flat, cutoff, snap, ts_used, trimmed, expired = reply
     members = [parse_member(flat[i], float(flat[i + 1])) for i in range(0, len(flat), 2)]
+    t = int(ts_used)
     if stored:
-        current = next((m for m in members if m.txn_id == txn_id), None)
-        if current is None:  # cannot happen while the stored member is in the zset; be explicit anyway
-            current = WindowEvent(txn_id, int(ts_used), SEQ_LAST, amount_cents)
+        seq, cents, flag, _ = (stored.decode() if isinstance(stored, bytes) else stored).split("|", 3)
+        current = WindowEvent(txn_id, t, int(seq), int(cents), flag == "L")
     else:
-        current = WindowEvent(txn_id, ts, SEQ_LAST, amount_cents)
-    agg: WindowAggregate = window_aggregate(members, current, window_ms)
-    if cutoff:
-        n1, s1, cut = float(int(n1w)), float(int(s1w)), int(cutoff)
-    else:
-        n1, s1, cut = math.nan, math.nan, None
-    return OnlineFeatures(agg.count, agg.sum_cents, n1, s1, cut, current.ts)
+        current = WindowEvent(txn_id, t, SEQ_LAST, amount_cents or 0)
+    values: dict[str, float] = {}
+    stats: dict[str, WindowAggregate | None] = {}
+    for group in registry.stream_groups:
+        stats[group.name] = agg = window_aggregate(members, current, group.window_ms,
+                                                   include_current=bool(stored) or amount_cents is not None)
+        values.update(agg.values(group))
+    batch = registry.batch_group
+    known = cutoff and not expired
+    stats[batch.name] = agg = _snapshot_stats(snap or []) if known else None
+    values.update(agg.values(batch) if agg is not None else {n: math.nan for n in batch.feature_names})
+    if known:  # a count from a snapshot is a float like the training set's (NaN when there is none)
+        values.update({a.name: float(values[a.name]) for a in batch.features if a.function == "count"})
+    complete = not expired and not (trimmed and t - registry.longest_stream_window_ms < int(trimmed))
+    return OnlineFeatures(values, stats, int(cutoff) if cutoff else None, t, complete)
 
 
 def _apply_args(prefix: str, events: Sequence[EventWrite], lateness: int, retention: int) -> list:
-    packed = orjson.dumps([(e.card, e.txn_id, str(e.ts), str(e.seq), str(e.amount_cents)) for e in events])
-    return [prefix, lateness, retention, CARD_AGG_10M.ttl_s, CARD_AGG_10M.window_ms, int(time.time()), packed]
+    packed = orjson.dumps([(e.card, e.txn_id, str(e.ts), str(e.amount_cents)) for e in events])
+    now_ns = time.time_ns()
+    return [prefix, lateness, retention, CARD_AGG_10M.ttl_s, CARD_AGG_10M.window_ms, now_ns // 1_000_000,
+            now_ns // 1_000, packed]
+
+
+def _read_args(prefix: str, card: str, txn_id: str, ts: int, arrival_ms: int | None, registry: Registry) -> list:
+    now = now_ms()
+    return [prefix, card, txn_id, ts, registry.longest_stream_window_ms, now if arrival_ms is None else arrival_ms,
+            now]
+
+
+def _applied(reply: Sequence) -> list[Applied]:
+    return [Applied(ApplyStatus(int(reply[i])), int(reply[i + 1])) for i in range(0, len(reply), 2)]
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotEntry:
+    """A published snapshot in the index: its key id, when it became visible, when its keys expire."""
+
+    snap_id: str
+    published_ms: int
+    expires_ms: int
+
+    @classmethod
+    def parse(cls, raw: bytes | str) -> SnapshotEntry:
+        snap_id, published, expires = (raw.decode() if isinstance(raw, bytes) else raw).split("|")
+        return cls(snap_id, int(published), int(expires))
+
+    def dump(self) -> str:
+        return f"{self.snap_id}|{self.published_ms}|{self.expires_ms}"
 
 
 class _Keys:
@@ -149,7 +216,9 @@ class OnlineStore:
         allowed_lateness_ms: int = DEFAULT_ALLOWED_LATENESS_MS,
         retention_ms: int = DEFAULT_RETENTION_MS,
         client: redis.Redis | None = None,
+        registry: Registry = REGISTRY,
     ) -> None:
+        self.registry = registry
         self.settings = settings or RedisSettings()
         self.keys = _Keys(prefix or self.settings.key_prefix)
         self.lateness = allowed_lateness_ms
@@ -164,19 +233,25 @@ class OnlineStore:
     def close(self) -> None:
         self.redis.close()
 
-    def apply_events(self, events: Sequence[EventWrite]) -> list[ApplyStatus]:
+    def apply_events(self, events: Sequence[EventWrite]) -> list[Applied]:
         """Apply window events in arrival order; replaying a txn_id changes nothing."""
-        out: list[ApplyStatus] = []
+        out: list[Applied] = []
         for i in range(0, len(events), APPLY_CHUNK):
             chunk = events[i : i + APPLY_CHUNK]
-            res = self._apply(keys=[], args=_apply_args(self.keys.prefix, chunk, self.lateness, self.retention))
-            out.extend(ApplyStatus(int(s)) for s in res)
+            out.extend(_applied(self._apply(keys=[], args=_apply_args(self.keys.prefix, chunk, self.lateness,
+                                                                          self.retention))))
         return out
 
-    def read_features(self, card: str, txn_id: str, ts: int, amount_cents: int) -> OnlineFeatures:
-        """Both groups as of `ts` for one transaction (known or not yet seen), in one round trip."""
-        reply = self._read(keys=[], args=[self.keys.prefix, card, txn_id, ts, CARD_AGG_10M.window_ms])
-        return fold_read(reply, txn_id, ts, amount_cents, CARD_AGG_10M.window_ms)
+    def read_features(self, card: str, txn_id: str, ts: int, amount_cents: int | None,
+                      arrival_ms: int | None = None) -> OnlineFeatures:
+        """Both groups as of `ts` for one transaction, in one round trip.
+
+        A transaction the store holds is read as of its own arrival; one it has not seen as if it arrived at
+        `arrival_ms` (default now), after everything stored.
+        """
+        reply = self._read(keys=[], args=_read_args(self.keys.prefix, card, txn_id, ts, arrival_ms,
+                                                                 self.registry))
+        return fold_read(reply, txn_id, ts, amount_cents, self.registry)
 
     def card_state(self, card: str) -> dict[str, str]:
         raw = self.redis.hgetall(self.keys.card(card))
@@ -185,54 +260,79 @@ class OnlineStore:
     def snapshot_cutoffs(self) -> list[int]:
         return [int(c) for c in self.redis.zrange(self.keys.snapshot_cutoffs, 0, -1)]
 
+    def snapshot_entries(self) -> dict[int, SnapshotEntry]:
+        """Every published snapshot the index lists: cut-off -> (id, published_ms, expires_ms)."""
+        return {int(k): SnapshotEntry.parse(v) for k, v in self.redis.hgetall(self.keys.snapshot_index).items()}
+
     def write_snapshot(
         self,
         cutoff_ms: int,
-        rows: Iterable[tuple[str, int, int]],
+        rows: Iterable[tuple[str, Mapping[str, int]] | tuple[str, int, int]],
         *,
-        ttl_s: int = CARD_AGG_1W.ttl_s,
+        published_ms: int | None = None,
         chunk: int = SNAPSHOT_CHUNK,
         on_progress=None,
     ) -> str:
-        """Materialize one `card_agg_1w` snapshot (card, count, summed cents), then switch readers to it.
+        """Materialize one batch snapshot, then publish it. Rows are (card, statistics) with the statistics its
+        features need (`FeatureGroup.stats`: n, s, mn, mx in cents), or (card, count, summed cents).
 
-        Rows go to fresh keys under a new snapshot id in bounded pipelines; only when all are written
-        does one MULTI/EXEC publish the id for the cutoff. Readers see the old snapshot or the new one,
-        never a mix or nothing. Superseded snapshot keys expire by TTL.
+        Rows go to fresh keys under a new snapshot id in bounded pipelines; only when all are written does one
+        MULTI/EXEC publish the id for the cut-off, with `published_ms` (default now; a backfill passes C + delay).
+        Readers see the old snapshot or the new one, never a mix or nothing. The latest cut-off is kept until a
+        newer one is published (`KEEP_LATEST_S`, a month of missed nights); a superseded one expires after
+        `card_agg_1w`'s TTL, and the index remembers when, so a read never mistakes expired keys for absent cards.
+        A rerun of a night keeps the first publication time: readers have used that cut-off since then.
         """
+        now = now_ms()
+        published_ms = now if published_ms is None else int(published_ms)
+        entries = self.snapshot_entries()
+        is_latest = not entries or cutoff_ms >= max(entries)
+        ttl_s = KEEP_LATEST_S if is_latest else self.registry.batch_group.ttl_s
         snap_id = f"{cutoff_ms}.{uuid.uuid4().hex[:8]}"
+        cards: list[str] = []
         pipe = self.redis.pipeline(transaction=False)
-        pending = 0
-        for card, n, sum_cents in rows:
+        for card, *values in rows:
+            stats = values[0] if len(values) == 1 else {"n": values[0], "s": values[1]}
             key = self.keys.snapshot(snap_id, card)
-            pipe.hset(key, mapping={"n": int(n), "s": int(sum_cents)})
+            pipe.hset(key, mapping={k: int(v) for k, v in stats.items()})
             pipe.expire(key, ttl_s)
-            pending += 1
-            if pending >= chunk:
+            cards.append(card)
+            if len(pipe) >= 2 * chunk:
                 pipe.execute()
                 if on_progress:
-                    on_progress(pending)
-                pending = 0
-        if pending:
+                    on_progress(chunk)
+        if len(pipe):
+            done = len(pipe) // 2
             pipe.execute()
             if on_progress:
-                on_progress(pending)
-        previous = self.redis.hget(self.keys.snapshot_index, str(cutoff_ms))
+                on_progress(done)
+        previous = entries.get(cutoff_ms)
+        if previous is not None:
+            published_ms = min(published_ms, previous.published_ms)
+        entry = SnapshotEntry(snap_id, published_ms, now + ttl_s * 1000)
         tx = self.redis.pipeline(transaction=True)
-        tx.hset(self.keys.snapshot_index, str(cutoff_ms), snap_id)
+        tx.hset(self.keys.snapshot_index, str(cutoff_ms), entry.dump())
         tx.zadd(self.keys.snapshot_cutoffs, {str(cutoff_ms): cutoff_ms})
         tx.execute()
-        if previous:
-            # Readers that fetched the old id a moment ago still find its keys until the TTL ends;
-            # shorten it so superseded snapshots do not linger at full size.
-            self._expire_snapshot(previous.decode(), 60)
+        if previous is not None:
+            # Readers that fetched the old id a moment ago still find its keys for a minute.
+            self._expire_keys(previous.snap_id, cards, 60)
+        if is_latest:
+            retire_until = now + self.registry.batch_group.ttl_s * 1000
+            for c, old in entries.items():
+                if c < cutoff_ms and old.expires_ms > retire_until:
+                    # Superseded: its keys (those of the cards the new snapshot lists; any other keeps its
+                    # longer TTL, which the index's expiry time overrides for readers) expire with card_agg_1w's TTL.
+                    self._expire_keys(old.snap_id, cards, self.registry.batch_group.ttl_s)
+                    self.redis.hset(self.keys.snapshot_index, str(c),
+                                    SnapshotEntry(old.snap_id, old.published_ms, retire_until).dump())
         return snap_id
 
-    def _expire_snapshot(self, snap_id: str, ttl_s: int) -> None:
+    def _expire_keys(self, snap_id: str, cards: Sequence[str], ttl_s: int) -> None:
         pipe = self.redis.pipeline(transaction=False)
-        for i, key in enumerate(self.redis.scan_iter(match=f"{self.keys.prefix}:w1:{snap_id}:*", count=5000)):
-            pipe.expire(key, ttl_s)
-            if i % SNAPSHOT_CHUNK == SNAPSHOT_CHUNK - 1:
+        for card in cards:
+            pipe.expire(self.keys.snapshot(snap_id, card), ttl_s)
+            if len(pipe) >= SNAPSHOT_CHUNK:
                 pipe.execute()
         pipe.execute()
 
@@ -247,7 +347,9 @@ class AsyncOnlineStore:
         prefix: str | None = None,
         allowed_lateness_ms: int = DEFAULT_ALLOWED_LATENESS_MS,
         retention_ms: int = DEFAULT_RETENTION_MS,
+        registry: Registry = REGISTRY,
     ) -> None:
+        self.registry = registry
         self.settings = settings or RedisSettings()
         self.keys = _Keys(prefix or self.settings.key_prefix)
         self.lateness = allowed_lateness_ms
@@ -262,28 +364,29 @@ class AsyncOnlineStore:
     async def close(self) -> None:
         await self.redis.aclose()
 
-    async def apply_events(self, events: Sequence[EventWrite]) -> list[ApplyStatus]:
-        out: list[ApplyStatus] = []
+    async def apply_events(self, events: Sequence[EventWrite]) -> list[Applied]:
+        out: list[Applied] = []
         for i in range(0, len(events), APPLY_CHUNK):
             chunk = events[i : i + APPLY_CHUNK]
-            res = await self._apply(
-                keys=[], args=_apply_args(self.keys.prefix, chunk, self.lateness, self.retention)
-            )
-            out.extend(ApplyStatus(int(s)) for s in res)
+            reply = await self._apply(keys=[], args=_apply_args(self.keys.prefix, chunk, self.lateness, self.retention))
+            out.extend(_applied(reply))
         return out
 
-    async def read_features(self, card: str, txn_id: str, ts: int, amount_cents: int) -> OnlineFeatures:
-        reply = await self._read(keys=[], args=[self.keys.prefix, card, txn_id, ts, CARD_AGG_10M.window_ms])
-        return fold_read(reply, txn_id, ts, amount_cents, CARD_AGG_10M.window_ms)
+    async def read_features(self, card: str, txn_id: str, ts: int, amount_cents: int,
+                            arrival_ms: int | None = None) -> OnlineFeatures:
+        reply = await self._read(keys=[], args=_read_args(self.keys.prefix, card, txn_id, ts, arrival_ms,
+                                                                 self.registry))
+        return fold_read(reply, txn_id, ts, amount_cents, self.registry)
 
     async def read_many(self, requests: Sequence[tuple[str, str, int, int]]) -> list[OnlineFeatures]:
         """Several reads in one pipelined round trip (the stream scorer reads a whole batch at once)."""
         pipe = self.redis.pipeline(transaction=False)
         for card, txn_id, ts, _ in requests:
-            await self._read(keys=[], args=[self.keys.prefix, card, txn_id, ts, CARD_AGG_10M.window_ms], client=pipe)
+            await self._read(keys=[], args=_read_args(self.keys.prefix, card, txn_id, ts, None, self.registry),
+                             client=pipe)
         replies = await pipe.execute()
         return [
-            fold_read(r, txn_id, ts, cents, CARD_AGG_10M.window_ms)
+            fold_read(r, txn_id, ts, cents, self.registry)
             for r, (_, txn_id, ts, cents) in zip(replies, requests, strict=True)
         ]
 

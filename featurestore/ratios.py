@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from featurestore.definitions import RATIO_FEATURES
+from featurestore.definitions import RATIO_FEATURES, RatioFeature
 
 
 def safe_ratio(numerator, denominator):
@@ -25,15 +25,15 @@ def safe_ratio(numerator, denominator):
     return out
 
 
-def compute_ratios(values: Mapping[str, object]) -> dict[str, float]:
+def compute_ratios(values: Mapping[str, object], ratios: Sequence[RatioFeature] = RATIO_FEATURES) -> dict[str, float]:
     """All ratio features from a mapping holding their numerators and denominators (None = missing)."""
     out = {}
-    for r in RATIO_FEATURES:
+    for r in ratios:
         num, den = values.get(r.numerator), values.get(r.denominator)
         out[r.name] = safe_ratio(math.nan if num is None else num, math.nan if den is None else den)
     return out
 
 
-def compute_ratio_columns(frame) -> dict[str, np.ndarray]:
+def compute_ratio_columns(frame, ratios: Sequence[RatioFeature] = RATIO_FEATURES) -> dict[str, np.ndarray]:
     """Vectorized form over a DataFrame-like object with the numerator/denominator columns."""
-    return {r.name: safe_ratio(frame[r.numerator], frame[r.denominator]) for r in RATIO_FEATURES}
+    return {r.name: safe_ratio(frame[r.numerator], frame[r.denominator]) for r in ratios}

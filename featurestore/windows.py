@@ -1,16 +1,17 @@
 """Window semantics as small pure functions (SPEC section 4). Stream, batch and serving all derive from these.
 
-`card_agg_10m` for a transaction x of card c at event time t and stream position s:
-the non-late transactions y of c with t - W <= y.ts <= t that come before x in stream order
-((ts, position) < (t, s)), plus x itself, counted once. Amounts are summed in integer cents so that
-every implementation (Lua, Spark, DuckDB, Python) gets bit-identical sums, and the mean is computed
-once, here, by `mean_amount`.
+`card_agg_10m` for a transaction x of card c at event time t and arrival position s:
+the non-late transactions y of c with t - W <= y.ts <= t that arrived before x (y.seq < s), plus x itself,
+counted once. Arrival order is what a scorer at x's arrival could see: one that arrived later never counts for x,
+even with a smaller ts, and one that arrived earlier with a ts after t is in x's future. Amounts are summed in
+integer cents so that every implementation (Lua, Spark, DuckDB, Python) gets bit-identical sums, and the mean is
+computed once, here, by `mean_amount`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 #: Position given to a transaction the store has not seen yet: it sorts after everything at its ts.
@@ -33,24 +34,45 @@ def mean_amount(count: int, sum_cents: int) -> float:
 class WindowEvent:
     txn_id: str
     ts: int
-    seq: float  # stream position: Kafka offset online, row index offline
+    seq: float  # arrival position: per-card sequence online, row index of a history file offline
     amount_cents: int
     late: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class WindowAggregate:
+    """The statistics every declared aggregation derives from (`definitions.STATS_OF`), in integer cents."""
+
     count: int
     sum_cents: int
+    min_cents: int | None = None  # None for an empty window
+    max_cents: int | None = None
 
     @property
     def average(self) -> float:
         return mean_amount(self.count, self.sum_cents)
 
+    def value(self, function: str) -> float:
+        """One aggregation's value: counts as int, amounts in currency units, NaN where the window is empty."""
+        if function == "count":
+            return self.count
+        if function == "mean":
+            return mean_amount(self.count, self.sum_cents)
+        if function == "sum":
+            return self.sum_cents / 100.0
+        cents = self.min_cents if function == "min" else self.max_cents if function == "max" else None
+        if function not in ("min", "max"):
+            raise ValueError(f"unknown aggregation {function!r}")
+        return math.nan if cents is None or self.count <= 0 else cents / 100.0
 
-def precedes(a: WindowEvent, b: WindowEvent) -> bool:
-    """Stream order: by event time, ties broken by stream position."""
-    return (a.ts, a.seq) < (b.ts, b.seq)
+    def values(self, group) -> dict[str, float]:
+        """Every feature of a `definitions.FeatureGroup` from these statistics."""
+        return {f.name: self.value(f.function) for f in group.features}
+
+
+def arrived_before(a: WindowEvent, b: WindowEvent) -> bool:
+    """Stream order is arrival order: the card's arrival position, whatever the event times say."""
+    return a.seq < b.seq
 
 
 def in_window(event_ts: int, t: int, window_ms: int) -> bool:
@@ -58,73 +80,33 @@ def in_window(event_ts: int, t: int, window_ms: int) -> bool:
     return t - window_ms <= event_ts <= t
 
 
-def window_aggregate(events: Iterable[WindowEvent], current: WindowEvent, window_ms: int) -> WindowAggregate:
-    """Count and summed cents of `current`'s window: on-time events before it, plus itself once."""
-    count, total = 1, current.amount_cents
+def window_aggregate(events: Iterable[WindowEvent], current: WindowEvent, window_ms: int,
+                     include_current: bool = True) -> WindowAggregate:
+    """Statistics of `current`'s window: on-time events that arrived before it, plus itself once (unless
+    `include_current` is False: what the window holds for a transaction of no amount, for inspection)."""
+    if include_current:
+        count, total = 1, current.amount_cents
+        low = high = current.amount_cents
+    else:
+        count, total, low, high = 0, 0, None, None
     for e in events:
         if e.late or e.txn_id == current.txn_id:
             continue
-        if in_window(e.ts, current.ts, window_ms) and precedes(e, current):
+        if in_window(e.ts, current.ts, window_ms) and arrived_before(e, current):
             count += 1
             total += e.amount_cents
-    return WindowAggregate(count, total)
+            low = e.amount_cents if low is None else min(low, e.amount_cents)
+            high = e.amount_cents if high is None else max(high, e.amount_cents)
+    return WindowAggregate(count, total, low, high)
 
 
-def is_late(ts: int, newest_ts: int | None, allowed_lateness_ms: int) -> bool:
-    """An event further than the allowed lateness behind its card's newest event is late."""
-    return newest_ts is not None and ts < newest_ts - allowed_lateness_ms
+def is_late(ts: int, newest_ts: int | None, allowed_lateness_ms: int, now_ms: int | None = None) -> bool:
+    """An event further than the allowed lateness behind its card's newest event is late.
 
-
-@dataclass(frozen=True, slots=True)
-class Arrival:
-    """One message as the stream delivers it, in arrival order."""
-
-    card: str
-    txn_id: str
-    ts: int
-    amount_cents: int
-
-
-@dataclass(frozen=True, slots=True)
-class OracleRow:
-    card: str
-    txn_id: str
-    ts: int
-    seq: int
-    amount_cents: int
-    late: bool
-    count: int
-    sum_cents: int
-
-    @property
-    def average(self) -> float:
-        return mean_amount(self.count, self.sum_cents)
-
-
-def naive_window_features(
-    arrivals: Sequence[Arrival], window_ms: int, allowed_lateness_ms: int
-) -> list[OracleRow]:
-    """Brute-force oracle, O(n^2): what every fast implementation must reproduce.
-
-    A repeated txn_id is a redelivery: the first arrival wins and later copies change nothing.
-    Lateness is judged against the newest ts of the card's earlier (first) arrivals, late ones included.
+    The horizon never passes the worker's clock (`now_ms`): an event stamped in the future cannot make a card's
+    real events late.
     """
-    seen: set[str] = set()
-    newest: dict[str, int] = {}
-    kept: list[tuple[Arrival, WindowEvent]] = []
-    for seq, a in enumerate(arrivals):
-        if a.txn_id in seen:
-            continue
-        seen.add(a.txn_id)
-        late = is_late(a.ts, newest.get(a.card), allowed_lateness_ms)
-        newest[a.card] = max(newest.get(a.card, a.ts), a.ts)
-        kept.append((a, WindowEvent(a.txn_id, a.ts, seq, a.amount_cents, late)))
-
-    by_card: dict[str, list[WindowEvent]] = {}
-    for a, e in kept:
-        by_card.setdefault(a.card, []).append(e)
-    rows = []
-    for a, e in kept:
-        agg = window_aggregate(by_card[a.card], e, window_ms)
-        rows.append(OracleRow(a.card, a.txn_id, a.ts, int(e.seq), a.amount_cents, e.late, agg.count, agg.sum_cents))
-    return rows
+    if newest_ts is None:
+        return False
+    horizon = newest_ts if now_ms is None else min(newest_ts, now_ms)
+    return ts < horizon - allowed_lateness_ms

@@ -26,9 +26,9 @@ def _config(run_dir: Path | None, kafka_port: int | None, redis_port: int | None
     )
 
 
-RunDir = typer.Option(None, help="Run folder for config, data, logs and pids [env VELOCITY_RUN_DIR, default .velocity].")
-KafkaPort = typer.Option(None, help="Kafka broker port [env VELOCITY_KAFKA_PORT, default 9092; controller = port+1].")
-RedisPort = typer.Option(None, help="Redis port [env VELOCITY_REDIS_PORT, default 6379].")
+RunDir = typer.Option(None, help="Run folder for config, data, logs and pids (env VELOCITY_RUN_DIR, default .velocity).")
+KafkaPort = typer.Option(None, help="Kafka broker port (env VELOCITY_KAFKA_PORT, default 9092; controller = port+1).")
+RedisPort = typer.Option(None, help="Redis port (env VELOCITY_REDIS_PORT, default 6379).")
 
 
 @app.command()

@@ -11,16 +11,16 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def stream(
         group: str = typer.Option("velocity-stream", help="Consumer group; workers with the same group share partitions."),
-        bootstrap: str = typer.Option(None, help="Kafka brokers [env VELOCITY_KAFKA_BOOTSTRAP, default 127.0.0.1:9092]."),
-        topic: str = typer.Option(None, help="Input topic [default transactions]."),
-        dlq_topic: str = typer.Option(None, help="Dead-letter topic [default transactions.dlq]."),
+        bootstrap: str = typer.Option(None, help="Kafka brokers (env VELOCITY_KAFKA_BOOTSTRAP, default 127.0.0.1:9092)."),
+        topic: str = typer.Option(None, help="Input topic (default transactions)."),
+        dlq_topic: str = typer.Option(None, help="Dead-letter topic (default transactions.dlq)."),
         batch_size: int = typer.Option(2000, help="Max messages per batch (one Redis round trip per batch)."),
         metrics_port: int = typer.Option(9464, help="Prometheus metrics port (0 = off)."),
         metrics_host: str = typer.Option("127.0.0.1", help="Address the metrics server binds (0.0.0.0 in a container)."),
-        offline_dir: Path = typer.Option(None, help="Offline store root for the archive [default $VELOCITY_DATA_DIR/offline]."),
+        offline_dir: Path = typer.Option(None, help="Offline store root for the archive (default $VELOCITY_DATA_DIR/offline)."),
         archive: bool = typer.Option(True, help="Archive every valid transaction to Parquet in the offline store."),
         archive_roll_s: float = typer.Option(60, help="Roll the archive spool into Parquet at least this often (s)."),
-        key_prefix: str = typer.Option(None, help="Redis key prefix [env VELOCITY_REDIS_KEY_PREFIX, default vel:v1]."),
+        key_prefix: str = typer.Option(None, help="Redis key prefix (env VELOCITY_REDIS_KEY_PREFIX, default vel:v1)."),
         allowed_lateness_ms: int = typer.Option(None, help="Events further behind their card's newest event are late "
                                                 "(default 600000 = 10 min)."),
         retention_ms: int = typer.Option(None, help="How long window events and txn_id records stay online "

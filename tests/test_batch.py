@@ -15,9 +15,7 @@ from batch.jobs import open_engine, run_snapshots
 from featurestore.archive import ARCHIVE_SCHEMA
 from featurestore.entity import EntityKeyer
 from featurestore.offline import OfflineError, cutoff_ms_of, read_snapshots
-from featurestore.ratios import compute_ratios
-from featurestore.windows import mean_amount, naive_window_features, to_cents
-from tests import synthetic
+from tests import oracle, synthetic
 
 SECRET = "batch-test-secret"
 W = 600_000
@@ -32,8 +30,8 @@ def rows():
 
 
 def history_rows(rows):
-    """A history file is sorted by ts and has no duplicates (stable sort keeps tie order)."""
-    return sorted(rows, key=lambda r: r["ts"])
+    """A history file's row order is its stream order: the rows as they arrive, out-of-order and late ones too."""
+    return rows
 
 
 @pytest.fixture(scope="module")
@@ -43,18 +41,24 @@ def history_file(rows, tmp_path_factory):
     return path
 
 
+ARRIVED_US = 1_764_000_000_000_000  # the stream worker's clock when it archived these rows (late 2025), in us
+
+
 def write_archive(rows, root, keyer, with_duplicates=True):
-    """Archive files as the stream writes them: late flags, Kafka offsets, and redelivered duplicates."""
-    oracle = {r.txn_id: r for r in naive_window_features(synthetic.arrivals(rows, keyer), W, W)}
+    """Archive files as the stream writes them: late flags, per-card arrival positions (the worker's clock in us),
+    Kafka offsets, and redelivered duplicates carrying their first copy's position."""
+    first = {r.txn_id: r for r in oracle.window_10m(synthetic.arrivals(rows, keyer), W)}
     recs = []
     for i, r in enumerate(rows):
-        o = oracle[r["txn_id"]]
-        recs.append({"txn_id": r["txn_id"], "card": keyer(r["cc_num"]), "amount": r["amount"],
-                     "amount_cents": to_cents(r["amount"]), "ts": r["ts"], "merchant": r["merchant"],
-                     "category": r["category"], "fraud_label": r["fraud_label"], "late": o.late, "partition": 0,
-                     "offset": i, "archived_ms": 0})
+        o = first[r["txn_id"]]
+        recs.append({"txn_id": r["txn_id"], "card": keyer(r["cc_num"]), "pan_last4": r["cc_num"][-4:],
+                     "amount": r["amount"], "amount_cents": round(r["amount"] * 100), "ts": r["ts"],
+                     "merchant": r["merchant"], "category": r["category"], "fraud_label": r["fraud_label"],
+                     "late": o.late, "seq": ARRIVED_US + o.position, "partition": i % 3, "offset": i,
+                     "archived_ms": ARRIVED_US // 1000 + i})
     if with_duplicates:
-        recs += recs[100:140]  # a restarted worker archived these twice
+        recs += [{**r, "partition": 7, "offset": 10_000 + i, "archived_ms": r["archived_ms"] + 60_000}
+                 for i, r in enumerate(recs[100:140])]  # a restarted worker archived these twice
     table = pa.Table.from_pylist(recs, schema=ARCHIVE_SCHEMA)
     day_dir = root / "archive" / "date=2020-01-01"
     day_dir.mkdir(parents=True)
@@ -62,23 +66,27 @@ def write_archive(rows, root, keyer, with_duplicates=True):
     pq.write_table(table.slice(1500), day_dir / "part-b.parquet")
 
 
-def expected_rows(rows, keyer, cutoffs):
-    """Oracle training rows: 10-minute window from the brute-force oracle, 1-week snapshot by brute force."""
-    oracle = naive_window_features(synthetic.arrivals(rows, keyer), W, W)
-    on_time = [r for r in oracle if not r.late]
+def expected_rows(rows, keyer, published: dict[int, int], arrived_ms=None):
+    """Oracle training rows from tests/oracle.py alone: the 10-minute window, the visible 1-week snapshot, ratios.
+
+    `published`: cut-off -> publication time; `arrived_ms(position, ts)`: when a row reached the store (a
+    history file's rows arrive at their event time)."""
+    arrivals = synthetic.arrivals(rows, keyer)
+    arrived_ms = arrived_ms or (lambda position, ts: ts)
+    snapshots = {c: oracle.snapshot_1w(arrivals, c) for c in published}
     out = {}
-    for r in oracle:
-        past = [c for c in cutoffs if c <= r.ts]
-        if past:
-            c = max(past)
-            week = [e for e in on_time if e.card == r.card and c - 7 * DAY <= e.ts < c]
-            n1, s1 = float(len(week)), sum(e.amount_cents for e in week)
-            avg1 = mean_amount(len(week), s1)
+    for r in oracle.window_10m(arrivals, W):
+        c = oracle.visible_cutoff(r.ts, arrived_ms(r.position, r.ts), published)
+        if c is not None:
+            n, cents = snapshots[c].get(r.card, (0, 0))
+            n1, avg1 = float(n), (cents / (100.0 * n) if n else math.nan)
         else:
-            c, n1, avg1 = None, math.nan, math.nan
+            n1, avg1 = math.nan, math.nan
         vals = {"amount": r.amount_cents / 100, "num_trans_last_10m": r.count, "avg_amt_last_10m": r.average,
                 "num_trans_last_1w": n1, "avg_amt_last_1w": avg1}
-        out[r.txn_id] = {**vals, **compute_ratios(vals), "snapshot_cutoff_ms": c}
+        out[r.txn_id] = {**vals, "amt_ratio1": oracle.ratio(r.average, avg1),
+                         "amt_ratio2": oracle.ratio(r.amount_cents / 100, avg1),
+                         "count_ratio": oracle.ratio(r.count, n1), "snapshot_cutoff_ms": c}
     return out
 
 
@@ -110,12 +118,16 @@ def test_training_set_equals_oracle_for_every_row(rows, history_file, tmp_path, 
     else:
         data, history = history_rows(rows), history_file
     eng = open_engine("duckdb", offline_dir=tmp_path, history=history, secret=SECRET)
-    run_snapshots(eng, DAYS, offline_dir=tmp_path)
+    run_snapshots(eng, DAYS, offline_dir=tmp_path)  # past nights: a backfill, published at their cut-offs
     frame = eng.training_set(cutoff_ms_of(dt.date(2020, 1, 1)), cutoff_ms_of(dt.date(2020, 2, 1)))
     eng.close()
-    assert_frame_matches(frame, expected_rows(data, keyer, [cutoff_ms_of(d) for d in DAYS]))
-    if source == "archive":
-        assert frame["num_trans_last_10m"].max() >= 4 and frame["snapshot_cutoff_ms"].isna().any()
+    published = {cutoff_ms_of(d): cutoff_ms_of(d) for d in DAYS}
+    arrived = (lambda position, ts: (ARRIVED_US + position) // 1000) if source == "archive" else None
+    assert_frame_matches(frame, expected_rows(data, keyer, published, arrived))
+    assert frame["num_trans_last_10m"].max() >= 4 and frame["snapshot_cutoff_ms"].isna().any()
+    late = {r.txn_id for r in oracle.window_10m(synthetic.arrivals(data, keyer), W) if r.late}
+    assert late, "the stream has late rows: they get training rows of their own"
+    assert late <= set(frame["txn_id"])
 
 
 @pytest.mark.integration
@@ -131,22 +143,20 @@ def test_snapshot_equals_brute_force_and_rerun_is_idempotent(rows, history_file,
     assert list(first) == list(again) and len(first) == len(days)
     assert all(first[p].equals(again[p]) for p in first)
     assert len(list(tmp_path.rglob("*.parquet"))) == len(days)  # replaced, not duplicated
-    data = history_rows(rows)
+    arrivals = synthetic.arrivals(history_rows(rows), keyer)
     for day, path in zip(days, sorted(first), strict=True):
         c = cutoff_ms_of(day)
-        want: dict[str, list[int]] = {}
-        for r in data:
-            if c - 7 * DAY <= r["ts"] < c:
-                want.setdefault(keyer(r["cc_num"]), []).append(to_cents(r["amount"]))
+        want = oracle.snapshot_1w(arrivals, c)  # late rows included
         snap = first[path].set_index("card")
         assert set(snap.index) == set(want)
-        for card, cents in want.items():
-            assert snap.loc[card, "num_trans_last_1w"] == len(cents)
-            assert snap.loc[card, "sum_cents_last_1w"] == sum(cents)
-            assert snap.loc[card, "avg_amt_last_1w"] == mean_amount(len(cents), sum(cents))
+        assert (snap["published_ms"] == c).all()  # a backfill is recorded as published on time
+        for card, (n, cents) in want.items():
+            assert snap.loc[card, "num_trans_last_1w"] == n
+            assert snap.loc[card, "sum_cents"] == cents  # the statistics the online store keeps
+            assert snap.loc[card, "avg_amt_last_1w"] == cents / (100.0 * n)
             # The online store serves the same snapshot (as of a moment just after the cut-off).
             f = online_store.read_features(card, "probe", c + 1, 100)
-            assert (f.num_trans_last_1w, f.sum_cents_last_1w, f.snapshot_cutoff_ms) == (len(cents), sum(cents), c)
+            assert (f.num_trans_last_1w, f.sum_cents_last_1w, f.snapshot_cutoff_ms) == (n, cents, c)
     assert online_store.snapshot_cutoffs() == [cutoff_ms_of(d) for d in days]
 
 
@@ -189,8 +199,25 @@ def test_errors_are_clear_and_write_nothing(history_file, tmp_path):
     eng = open_engine("duckdb", offline_dir=tmp_path, history=history_file, secret=SECRET)
     with pytest.raises(OfflineError, match="no transactions in the week before 2021-06-01"):
         run_snapshots(eng, [dt.date(2020, 1, 5), dt.date(2021, 6, 1)], offline_dir=tmp_path)
+    # A training set written to a folder, or under a regular file: a clear error, nothing half-written.
+    from batch.jobs import build_training_set
+
+    (tmp_path / "a_folder").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    for out in (tmp_path / "a_folder", tmp_path / "a_file" / "t.parquet"):
+        with pytest.raises(OfflineError, match="cannot write"):
+            build_training_set(eng, dt.date(2020, 1, 2), dt.date(2020, 1, 5), out)
     eng.close()
     assert read_snapshots(tmp_path) == [], "a failing backfill writes nothing"
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    # A damaged Parquet file in the archive is named, not a DuckDB traceback.
+    archive = tmp_path / "store" / "archive"
+    (archive / "date=2020-01-02").mkdir(parents=True)
+    pq.write_table(ARCHIVE_SCHEMA.empty_table(), archive / "date=2020-01-02" / "part-a.parquet")
+    (archive / "date=2020-01-01").mkdir()
+    (archive / "date=2020-01-01" / "part-x.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(OfflineError, match="date=2020-01-01/part-x.parquet is not readable Parquet"):
+        open_engine("duckdb", offline_dir=tmp_path / "store", history=None, secret=SECRET)
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from featurestore.online import ApplyStatus, EventWrite, OnlineStore, delete_prefix
-from featurestore.windows import (
-    SEQ_LAST,
-    Arrival,
-    WindowEvent,
-    naive_window_features,
-    window_aggregate,
-)
+from tests import oracle
+from tests.oracle import Arrival
 
 pytestmark = pytest.mark.integration
 W = 600_000
@@ -72,68 +67,114 @@ def test_online_read_equals_oracle(redis_settings, raw_client, data):
     prefix = f"test:oracle:{uuid.uuid4().hex[:10]}"
     store = OnlineStore(redis_settings, prefix=prefix, allowed_lateness_ms=W, client=raw_client)
     try:
-        writes = [EventWrite(a.card, a.txn_id, a.ts, i, a.amount_cents) for i, a in enumerate(arrivals)]
-        statuses: list[ApplyStatus] = []
+        writes = [EventWrite(a.card, a.txn_id, a.ts, a.amount_cents) for a in arrivals]
+        applied = []
         for lo, hi in zip([0, *cuts], [*cuts, len(writes)], strict=True):  # several batches
-            statuses += store.apply_events(writes[lo:hi])
-            assert_latest_aggregates(store, naive_window_features(arrivals[:hi], W, W))
-        statuses += store.apply_events(writes)  # a full replay changes nothing
+            applied += store.apply_events(writes[lo:hi])
+            assert_latest_aggregates(store, oracle.window_10m(arrivals[:hi], W))
+        replay = store.apply_events(writes)  # a full replay changes nothing
 
-        rows = naive_window_features(arrivals, W, W)
-        first = {r.seq: r for r in rows}
-        for i, s in enumerate(statuses[: len(writes)]):
+        rows = oracle.window_10m(arrivals, W)
+        first = {r.position: r for r in rows}
+        for i, a in enumerate(applied):
             if i in first:
-                assert s == (ApplyStatus.LATE if first[i].late else ApplyStatus.APPLIED)
+                assert a.status == (ApplyStatus.LATE if first[i].late else ApplyStatus.APPLIED)
             else:
-                assert s in (ApplyStatus.DUPLICATE, ApplyStatus.DUPLICATE_LATE)
-        assert all(s != ApplyStatus.APPLIED for s in statuses[len(writes):])
+                assert a.status in (ApplyStatus.DUPLICATE, ApplyStatus.DUPLICATE_LATE)
+        # A card's arrival positions increase in arrival order; a duplicate reports its first copy's position.
+        seq_of = {}
+        for a, w in zip(applied, writes, strict=True):
+            seq_of.setdefault(w.txn_id, a.seq)
+            assert a.seq == seq_of[w.txn_id]
+        for card in {w.card for w in writes}:
+            seqs = [seq_of[r.txn_id] for r in rows if r.card == card]
+            assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+        assert all(a.status != ApplyStatus.APPLIED for a in replay)
+        assert [a.seq for a in replay] == [seq_of[w.txn_id] for w in writes]
 
         for r in rows:
             f = store.read_features(r.card, r.txn_id, r.ts, r.amount_cents)
             assert (f.num_trans_last_10m, f.sum_cents_last_10m) == (r.count, r.sum_cents), r
-            assert f.ts == r.ts
-        # A transaction the store has not seen (the HTTP scorer's case): everything at or before t counts.
+            assert f.ts == r.ts and f.complete
+        # A transaction the store has not seen (the HTTP scorer's case): everything arrived so far counts.
         for card in {a.card for a in arrivals}:
             t = arrivals[-1].ts
-            events = [WindowEvent(r.txn_id, r.ts, r.seq, r.amount_cents, r.late) for r in rows if r.card == card]
-            want = window_aggregate(events, WindowEvent("new", t, SEQ_LAST, 123), W)
+            want = oracle.unseen_window(arrivals, card, t, 123, W)
             got = store.read_features(card, "new", t, 123)
-            assert (got.num_trans_last_10m, got.sum_cents_last_10m) == (want.count, want.sum_cents)
+            assert (got.num_trans_last_10m, got.sum_cents_last_10m) == want
     finally:
         delete_prefix(raw_client, prefix)
+
+
+def test_txn_id_with_separators_keeps_its_late_flag_structurally(online_store):
+    store = online_store
+    store.lateness = W
+    ids = ["a|L|b", "|A|", "x|y", "late|L|"]
+    store.apply_events([EventWrite("c", ids[0], BASE + 3 * W, 100)])
+    got = store.apply_events([EventWrite("c", i, BASE + 3 * W + 1, 100) for i in ids[1:3]]
+                             + [EventWrite("c", ids[3], BASE, 100)])
+    assert [a.status for a in got] == [ApplyStatus.APPLIED, ApplyStatus.APPLIED, ApplyStatus.LATE]
+    again = store.apply_events([EventWrite("c", i, BASE + 3 * W, 100) for i in ids])
+    assert [a.status for a in again] == [ApplyStatus.DUPLICATE] * 3 + [ApplyStatus.DUPLICATE_LATE]
+    f = store.read_features("c", "x|y", BASE + 3 * W + 1, 100)
+    assert f.num_trans_last_10m == 3
+
+
+def test_future_stamped_event_cannot_make_real_events_late(online_store):
+    """An event a day ahead (inside the accepted bound) must not push the card's lateness horizon past now."""
+    from featurestore.online import now_ms
+
+    store = online_store
+    store.lateness = W
+    now = now_ms()
+    got = store.apply_events([EventWrite("c", "real-1", now - 1000, 100),
+                              EventWrite("c", "future", now + 20 * 3_600_000, 100),
+                              EventWrite("c", "real-2", now, 100)])
+    assert [a.status for a in got] == [ApplyStatus.APPLIED] * 3
+    assert store.read_features("c", "real-2", now, 100).num_trans_last_10m == 2
+
+
+def test_arrival_sequence_survives_an_emptied_store(online_store):
+    store = online_store
+    first = store.apply_events([EventWrite("c", "a", BASE, 100), EventWrite("c", "b", BASE + 1, 100)])
+    delete_prefix(store.redis, store.keys.prefix)  # Redis restarted empty
+    second = store.apply_events([EventWrite("c", "d", BASE + 2, 100)])
+    assert first[0].seq < first[1].seq < second[0].seq
 
 
 def test_retention_trims_events_and_idempotency_records(online_store):
     store = online_store
     store.retention = 2 * W
-    store.apply_events([EventWrite("c", "old", BASE, 0, 100), EventWrite("c", "mid", BASE + W, 1, 100)])
-    store.apply_events([EventWrite("c", "new", BASE + 3 * W, 2, 100)])
+    store.apply_events([EventWrite("c", "old", BASE, 100), EventWrite("c", "mid", BASE + W, 100)])
+    store.apply_events([EventWrite("c", "new", BASE + 3 * W, 100)])
     r = store.redis
     members = [m.decode().split("|")[-1] for m in r.zrange(store.keys.window("c"), 0, -1)]
     assert members == ["mid", "new"]
     assert set(k.decode() for k in r.hkeys(store.keys.events("c"))) == {"mid", "new"}
     assert r.ttl(store.keys.window("c")) > 0 and r.ttl(store.keys.card("c")) > 0
-    # The old event's redelivery (same stream position) is recognised even though its record is gone.
-    assert store.apply_events([EventWrite("c", "old", BASE, 0, 100)]) == [ApplyStatus.REDELIVERED]
     state = store.card_state("c")
-    assert state["newest"] == str(BASE + 3 * W) and state["n10m"] == "1"
+    assert state["newest"] == str(BASE + 3 * W) and state["n10m"] == "1" and state["trimmed"] == str(BASE + W)
+    # A read whose window reaches below what the store still holds says so instead of a truncated answer.
+    assert not store.read_features("c", "probe", BASE + W + 10, 1).complete
+    assert store.read_features("c", "probe", BASE + 2 * W, 1).complete
+    # The old event comes back (a redelivery whose record is gone): far behind the card's present, it is late.
+    assert [a.status for a in store.apply_events([EventWrite("c", "old", BASE, 100)])] == [ApplyStatus.LATE]
 
 
 def test_card_idle_longer_than_retention_starts_afresh(online_store):
     store = online_store
     store.retention = 2 * W
-    store.apply_events([EventWrite("c", "old", BASE, 0, 100), EventWrite("c", "mid", BASE + W, 1, 200)])
+    store.apply_events([EventWrite("c", "old", BASE, 100), EventWrite("c", "mid", BASE + W, 200)])
     far = BASE + 10 * W
-    assert store.apply_events([EventWrite("c", "new", far, 2, 300), EventWrite("c", "next", far + 1, 3, 400),
-                               EventWrite("c", "new", far + 2, 4, 999)]) == [
-        ApplyStatus.APPLIED, ApplyStatus.APPLIED, ApplyStatus.DUPLICATE]
+    assert [a.status for a in store.apply_events([
+        EventWrite("c", "new", far, 300), EventWrite("c", "next", far + 1, 400), EventWrite("c", "new", far + 2, 999)
+    ])] == [ApplyStatus.APPLIED, ApplyStatus.APPLIED, ApplyStatus.DUPLICATE]
     r = store.redis
     assert sorted(m.decode().split("|")[-1] for m in r.zrange(store.keys.window("c"), 0, -1)) == ["new", "next"]
     assert set(k.decode() for k in r.hkeys(store.keys.events("c"))) == {"new", "next"}
     assert all(r.ttl(k) > 0 for k in (store.keys.window("c"), store.keys.events("c"), store.keys.card("c")))
     state = store.card_state("c")
     assert (state["oldest"], state["newest"], state["n10m"], state["sum10m"]) == (str(far), str(far + 1), "2", "700")
-    assert store.apply_events([EventWrite("c", "mid", BASE + W, 1, 200)]) == [ApplyStatus.REDELIVERED]
     got = store.read_features("c", "probe", far + 5, 1)
     assert (got.num_trans_last_10m, got.sum_cents_last_10m) == (3, 701)
 
@@ -156,6 +197,40 @@ def test_snapshot_as_of_and_atomic_replace(online_store):
     assert (f.num_trans_last_1w, f.sum_cents_last_1w) == (7, 700)
     assert store.snapshot_cutoffs() == [BASE, BASE + day]
     assert math.isnan(store.read_features("c", "t", BASE - 1, 100).num_trans_last_1w)
+
+
+def test_snapshot_visibility_late_publish_and_missed_night(online_store):
+    """A snapshot counts for a transaction only once published before it arrived; the latest stays online."""
+    from featurestore.online import KEEP_LATEST_S, now_ms
+
+    store = online_store
+    day = 86_400_000
+    c1, c2, c3 = BASE, BASE + day, BASE + 2 * day
+    store.write_snapshot(c1, [("c", 1, 100)], published_ms=c1 + 3_600_000)
+    store.write_snapshot(c2, [("c", 2, 400)], published_ms=c2 + 3 * 3_600_000)  # the job ran late: 03:00
+    # 01:00 on day 2: the new night was not yet published when the transaction arrived -> the previous one.
+    f = store.read_features("c", "t", c2 + 3_600_000, 100, arrival_ms=c2 + 3_600_000)
+    assert f.snapshot_cutoff_ms == c1 and f.num_trans_last_1w == 1
+    f = store.read_features("c", "t", c2 + 3_600_000, 100, arrival_ms=c2 + 4 * 3_600_000)
+    assert f.snapshot_cutoff_ms == c2 and f.num_trans_last_1w == 2
+    # Night 3 missed: transactions on day 3 and 4 still get night 2, and its keys do not expire meanwhile.
+    f = store.read_features("c", "t", c3 + 2 * day, 100)
+    assert f.snapshot_cutoff_ms == c2 and f.num_trans_last_1w == 2 and f.complete
+    assert store.redis.ttl(store.keys.snapshot(store.snapshot_entries()[c2].snap_id, "c")) > KEEP_LATEST_S - 60
+    # The superseded night expires with card_agg_1w's TTL, and the index says so to readers.
+    old = store.snapshot_entries()[c1]
+    assert old.expires_ms <= now_ms() + 3 * day and store.redis.ttl(store.keys.snapshot(old.snap_id, "c")) <= 3 * 86_400
+
+
+def test_read_of_an_expired_snapshot_says_so(online_store):
+    from featurestore.online import SnapshotEntry
+
+    store = online_store
+    store.write_snapshot(BASE, [("c", 1, 100)], published_ms=BASE)
+    entry = store.snapshot_entries()[BASE]
+    store.redis.hset(store.keys.snapshot_index, str(BASE), SnapshotEntry(entry.snap_id, BASE, 1).dump())
+    f = store.read_features("c", "t", BASE + 5, 100)
+    assert not f.complete and math.isnan(f.num_trans_last_1w)
 
 
 def test_password_and_timeouts_are_passed_through():

@@ -54,7 +54,7 @@ def test_topics_keep_old_event_time_messages(services, kafka_admin):
 @pytest.mark.integration
 def test_no_clear_pan_in_redis_or_logs(online_store, caplog):
     key = entity_key(PAN, "secret")
-    online_store.apply_events([EventWrite(key, "t1", 1_600_000_000_000, 0, 1000)])
+    online_store.apply_events([EventWrite(key, "t1", 1_600_000_000_000, 1000)])
     online_store.write_snapshot(1_600_000_000_000, [(key, 1, 1000)])
     r = online_store.redis
     for k in r.scan_iter(match=f"{online_store.keys.prefix}:*"):

@@ -9,10 +9,9 @@ import pytest
 from kafka import KafkaConsumer
 
 from featurestore.archive import read_archive
-from featurestore.entity import EntityKeyer
+from featurestore.entity import EntityKeyer, redact_pans_bytes
 from featurestore.online import OnlineStore
-from featurestore.windows import naive_window_features
-from tests import synthetic
+from tests import oracle, synthetic
 from tests.helpers import wait_until
 from tests.stream_harness import SECRET, Worker, stable_members, wait_committed
 
@@ -43,23 +42,28 @@ def stream_env(services, make_topic, key_prefix, redis_settings, tmp_path):
 
 def assert_online_equals_oracle(store: OnlineStore, rows: list[dict]) -> int:
     keyer = EntityKeyer(SECRET)
-    oracle = naive_window_features(synthetic.arrivals(rows, keyer), W, W)
+    rows_ = oracle.window_10m(synthetic.arrivals(rows, keyer), W)
     mismatches = []
-    for r in oracle:
+    for r in rows_:
         f = store.read_features(r.card, r.txn_id, r.ts, r.amount_cents)
         if (f.num_trans_last_10m, f.sum_cents_last_10m) != (r.count, r.sum_cents):
             mismatches.append((r.txn_id, (f.num_trans_last_10m, f.sum_cents_last_10m), (r.count, r.sum_cents)))
-    assert not mismatches, f"{len(mismatches)} of {len(oracle)} differ, e.g. {mismatches[:5]}"
-    return sum(r.late for r in oracle)
+    assert not mismatches, f"{len(mismatches)} of {len(rows_)} differ, e.g. {mismatches[:5]}"
+    return sum(r.late for r in rows_)
 
 
 def assert_archive_exactly_once(offline, rows: list[dict]) -> None:
     keyer = EntityKeyer(SECRET)
-    oracle = {r.txn_id: r for r in naive_window_features(synthetic.arrivals(rows, keyer), W, W)}
+    want = {r.txn_id: r for r in oracle.window_10m(synthetic.arrivals(rows, keyer), W)}
     archived = read_archive(offline)
-    assert sorted(archived["txn_id"]) == sorted(oracle), "archive must hold every transaction exactly once"
+    assert sorted(archived["txn_id"]) == sorted(want), "archive must hold every transaction exactly once"
     late = dict(zip(archived["txn_id"], archived["late"], strict=True))
-    assert all(late[t] == r.late for t, r in oracle.items())
+    assert all(late[t] == r.late for t, r in want.items())
+    # Each card's archived arrival positions follow the order the stream delivered its transactions.
+    position = {t: r.position for t, r in want.items()}
+    for _, card_rows in archived.groupby("card"):
+        by_seq = card_rows.sort_values("seq")["txn_id"].tolist()
+        assert by_seq == sorted(by_seq, key=position.__getitem__)
     assert set(archived["card"]) <= {keyer(r["cc_num"]) for r in rows}  # entity keys, never PANs
 
 
@@ -139,7 +143,7 @@ def test_malformed_and_late_messages_go_to_dlq_with_reason(stream_env, kafka_adm
         orjson.dumps({**base, "txn_id": "b5", "amount": 1.0, "ts": synthetic.T0, "cc_num": "12ab"}): "bad_field",
     }
     synthetic.produce(stream_env["bootstrap"], stream_env["topic"], good + [late], keyer,
-                      extra=[(b"k", raw) for raw in bad])
+                      extra=[(b"k", raw) for raw in bad], send_pan=True)  # as an outside producer would
     worker = stream_env["worker"]().start()
     try:
         wait_committed(kafka_admin, worker, stream_env["group"], stream_env["topic"], stream_env["bootstrap"])
@@ -155,8 +159,9 @@ def test_malformed_and_late_messages_go_to_dlq_with_reason(stream_env, kafka_adm
         headers = dict(msg.headers)
         dlq[msg.value] = headers["reason"].decode()
     consumer.close()
-    expected = {**bad, orjson.dumps(late): "late"}
-    assert dlq == expected  # original bytes, with the reason
+    # The original bytes with PAN-like digit runs masked, and the reason.
+    expected = {redact_pans_bytes(raw): reason for raw, reason in {**bad, orjson.dumps(late): "late"}.items()}
+    assert dlq == expected
     store = stream_env["store"]
     last = good[-1]
     f = store.read_features(keyer(last["cc_num"]), last["txn_id"], last["ts"], 2900)

@@ -1,16 +1,12 @@
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from featurestore.windows import (
-    Arrival,
-    WindowEvent,
-    is_late,
-    mean_amount,
-    naive_window_features,
-    to_cents,
-    window_aggregate,
-)
+from featurestore.windows import WindowEvent, is_late, mean_amount, to_cents, window_aggregate
+from tests import oracle
+from tests.oracle import Arrival
 
 pytestmark = pytest.mark.unit
 W = 600_000
@@ -28,9 +24,21 @@ def test_window_includes_exact_edge_and_current_once():
     assert (agg.count, agg.sum_cents) == (2, 500)  # "a" at exactly t - W - 1 falls out
 
 
-def test_ties_broken_by_stream_order():
+def test_ties_broken_by_arrival_order():
     events = [ev("a", 5, 0), ev("b", 5, 1), ev("c", 5, 2)]
     assert [window_aggregate(events, e, W).count for e in events] == [1, 2, 3]
+
+
+def test_only_earlier_arrivals_count_whatever_their_times():
+    # b arrives after a with an earlier ts: it cannot count for a (the scorer never saw it), a counts for b only
+    # if a.ts <= b.ts; c arrived before d with a ts in d's future: not in d's window.
+    a, b = ev("a", 100, 0), ev("b", 50, 1)
+    assert window_aggregate([a, b], a, W).count == 1
+    assert window_aggregate([a, b], b, W).count == 1
+    c, d = ev("c", 500, 0), ev("d", 400, 1)
+    assert window_aggregate([c, d], d, W).count == 1
+    e = ev("e", 600, 2)
+    assert window_aggregate([c, d, e], e, W).count == 3
 
 
 def test_late_events_never_count_but_late_txn_counts_itself():
@@ -51,6 +59,12 @@ def test_is_late_boundary():
     assert is_late(0, W + 1, W)
 
 
+def test_future_event_cannot_push_the_horizon_past_the_clock():
+    now = 10 * W
+    assert not is_late(now, newest_ts=now + 100 * W, allowed_lateness_ms=W, now_ms=now)
+    assert is_late(now - W - 1, newest_ts=now + 100 * W, allowed_lateness_ms=W, now_ms=now)
+
+
 def test_oracle_dedups_and_marks_late():
     arr = [
         Arrival("c", "t1", 1_000_000, 100),
@@ -59,9 +73,26 @@ def test_oracle_dedups_and_marks_late():
         Arrival("c", "t3", 1_000_010 - W - 1, 300),  # beyond lateness: late
         Arrival("d", "t4", 1_000_005, 50),
     ]
-    rows = naive_window_features(arr, W, W)
+    rows = oracle.window_10m(arr, W)
     assert [r.txn_id for r in rows] == ["t1", "t2", "t3", "t4"]
     assert [(r.count, r.sum_cents, r.late) for r in rows] == [
         (1, 100, False), (2, 300, False), (1, 300, True), (1, 50, False)
     ]
-    assert [r.seq for r in rows] == [0, 1, 3, 4]
+    assert [r.position for r in rows] == [0, 1, 3, 4]
+
+
+@st.composite
+def card_streams(draw):
+    n = draw(st.integers(1, 25))
+    offsets = st.one_of(st.sampled_from([0, 1, W - 1, W, W + 1, 2 * W]), st.integers(0, 3 * W))
+    return [Arrival(draw(st.sampled_from("ab")), f"x{i}", draw(offsets), draw(st.integers(1, 10_000))) for i in range(n)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(arrivals=card_streams())
+def test_window_aggregate_equals_the_oracle(arrivals):
+    rows = oracle.window_10m(arrivals, W)
+    events = [WindowEvent(r.txn_id, r.ts, r.position, r.amount_cents, r.late) for r in rows]
+    for r, e in zip(rows, events, strict=True):
+        agg = window_aggregate([x for x, y in zip(events, rows, strict=True) if y.card == r.card], e, W)
+        assert (agg.count, agg.sum_cents) == (r.count, r.sum_cents), r

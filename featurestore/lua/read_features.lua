@@ -1,27 +1,44 @@
 -- Everything one score needs, in one round trip.
--- ARGV: prefix, card, txn_id, ts, window_ms
+-- ARGV: prefix, card, txn_id, ts, window_ms, arrival_ms, now_ms
+--   arrival_ms: when the transaction reached the store, for one it has not seen (a stored one's is its seq // 1000)
+-- window_ms: the longest stream window declared (each group folds its own out of these members)
 -- Returns: { stored member of txn_id or false,
 --            window members with ts in [t - window, t] as a flat member/score list,
---            1-week snapshot cutoff (latest <= t) or false, its count or false, its summed cents or false }
+--            the batch snapshot's cut-off or false, the card's statistics in it as a flat field/value list
+--            (empty: the card had no transactions in that window) or false,
+--            the ts used, where the card's stored events start (events below may be trimmed) or false,
+--            1 when the chosen snapshot has expired from the store (its values are unknown here) else 0 }
+-- The snapshot is the one with the latest cut-off <= t among those published at or before the arrival.
 local p, card, txn = ARGV[1], ARGV[2], ARGV[3]
 local ts, window = tonumber(ARGV[4]), tonumber(ARGV[5])
+local arrival, now = tonumber(ARGV[6]), tonumber(ARGV[7])
 local wk = p .. ':w:' .. card
 local stored = redis.call('HGET', p .. ':e:' .. card, txn)
 if stored then
   local score = redis.call('ZSCORE', wk, stored)
   if score then ts = tonumber(score) end
+  local _, _, seq = string.find(stored, '^([^|]*)|')
+  arrival = math.floor(tonumber(seq) / 1000)
 end
 local members = redis.call('ZRANGEBYSCORE', wk, ts - window, ts, 'WITHSCORES')
-local cutoff, n1w, s1w = false, false, false
-local latest = redis.call('ZREVRANGEBYSCORE', p .. ':w1:cutoffs', ts, '-inf', 'LIMIT', 0, 1)
-if latest[1] then
-  cutoff = latest[1]
-  local snap = redis.call('HGET', p .. ':w1:index', cutoff)
-  if snap then
-    local v = redis.call('HMGET', p .. ':w1:' .. snap .. ':' .. card, 'n', 's')
-    n1w, s1w = v[1] or '0', v[2] or '0'
-  else
-    cutoff = false
+local trimmed = redis.call('HGET', p .. ':c:' .. card, 'trimmed')
+if trimmed == '' then trimmed = false end
+local cutoff, stats, expired = false, false, 0
+local candidates = redis.call('ZREVRANGEBYSCORE', p .. ':w1:cutoffs', ts, '-inf', 'LIMIT', 0, 64)
+for _, c in ipairs(candidates) do
+  local entry = redis.call('HGET', p .. ':w1:index', c)
+  if entry then
+    local _, _, snap, published, expires = string.find(entry, '^([^|]*)|([^|]*)|([^|]*)$')
+    if tonumber(published) <= arrival then
+      cutoff = c
+      local e = tonumber(expires)
+      if e > 0 and e <= now then
+        expired = 1
+      else
+        stats = redis.call('HGETALL', p .. ':w1:' .. snap .. ':' .. card)
+      end
+      break
+    end
   end
 end
-return {stored or false, members, cutoff, n1w, s1w, tostring(ts)}
+return {stored or false, members, cutoff, stats, string.format('%d', ts), trimmed, expired}
