@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install services-up services-down status test test-unit demo lint bench clean
+.PHONY: install services-up services-down status test test-unit test-fast demo lint bench clean
 
 $(STAMP): pyproject.toml requirements.lock
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
@@ -32,6 +32,9 @@ test: services-up
 
 test-unit: install
 	$(BIN)/python -m pytest -m unit $(PYTEST_ARGS)
+
+## The edit loop: pure tests (no services) in about a minute.
+test-fast: test-unit
 
 ## Runs the product end to end on real Kafka and Redis (grows with each issue).
 demo: services-up

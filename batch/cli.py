@@ -58,7 +58,7 @@ def _date(value: str | None, flag: str) -> dt.date | None:
         raise typer.BadParameter(f"expected YYYY-MM-DD, got {value!r}", param_hint=flag) from None
 
 
-def _common(engine: str, history: Path | None, offline_dir: Path | None, master: str):
+def _common(engine: str, offline_dir: Path | None):
     from featurestore.config import get_settings
 
     settings = get_settings()
@@ -107,7 +107,7 @@ def register(app: typer.Typer, features_app: typer.Typer) -> None:
         from featurestore.online import OnlineStore
         from featurestore.outputs import check_output_dir
 
-        settings, root = _common(engine, history, offline_dir, master)
+        settings, root = _common(engine, offline_dir)
         d, s, e = _date(date, "--date"), _date(start, "--start"), _date(end, "--end")
         if (d is None) == (s is None and e is None) or (d is None and (s is None or e is None)):
             raise typer.BadParameter("give --date D, or --start D1 --end D2")
@@ -159,7 +159,7 @@ def register(app: typer.Typer, features_app: typer.Typer) -> None:
         from batch.jobs import build_training_set, open_engine
         from featurestore.outputs import check_output_file
 
-        settings, root = _common(engine, history, offline_dir, master)
+        settings, root = _common(engine, offline_dir)
         first, last = _date(start, "--start"), _date(end, "--end")
         with _clear_errors():
             # Spark replaces a dataset folder it wrote before; any other folder is the user's and is refused.

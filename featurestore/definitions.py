@@ -179,5 +179,6 @@ DEFAULT_ALLOWED_LATENESS_MS = 10 * MINUTE_MS
 #: An event time further than this ahead of the worker's clock is refused (reason `future`, SPEC section 2), and no
 #: event moves a card's lateness horizon past the worker's clock.
 DEFAULT_MAX_FUTURE_MS = DAY_MS
-#: How long window events are kept online; older ones can no longer count for any on-time event.
-DEFAULT_EVENT_RETENTION_MS = CARD_AGG_10M.window_ms + DEFAULT_ALLOWED_LATENESS_MS
+#: How long (event time) window events and txn_id records stay online. Window + lateness (20 min) is the least
+#: any on-time event needs; a day keeps the idempotency records of messages a crashed worker will be redelivered.
+DEFAULT_EVENT_RETENTION_MS = DAY_MS

@@ -20,7 +20,14 @@ import redis
 import redis.asyncio as aioredis
 
 from featurestore.config import RedisSettings
-from featurestore.definitions import CARD_AGG_1W, CARD_AGG_10M, DEFAULT_ALLOWED_LATENESS_MS, REGISTRY, Registry
+from featurestore.definitions import (
+    CARD_AGG_1W,
+    CARD_AGG_10M,
+    DEFAULT_ALLOWED_LATENESS_MS,
+    DEFAULT_EVENT_RETENTION_MS,
+    REGISTRY,
+    Registry,
+)
 from featurestore.windows import SEQ_LAST, WindowAggregate, WindowEvent, window_aggregate
 
 #: Events per EVALSHA call: bounds the time Redis spends in one script (it blocks other clients meanwhile).
@@ -28,7 +35,7 @@ APPLY_CHUNK = 2_000
 SNAPSHOT_CHUNK = 5_000
 #: Default online retention of window events (event time). Must exceed window + lateness; longer keeps
 #: idempotency records for redelivered messages after a crash.
-DEFAULT_RETENTION_MS = 86_400_000
+DEFAULT_RETENTION_MS = DEFAULT_EVENT_RETENTION_MS
 #: The latest 1-week snapshot stays online this long without a newer one (a month of missed nights).
 KEEP_LATEST_S = 30 * 86_400
 
@@ -389,6 +396,38 @@ class AsyncOnlineStore:
             fold_read(r, txn_id, ts, cents, self.registry)
             for r, (_, txn_id, ts, cents) in zip(replies, requests, strict=True)
         ]
+
+    async def read_replies(self, requests: Sequence[tuple[str, str, int]], arrival_ms: int | None = None) -> list:
+        """The read script's raw replies for (card, txn_id, ts) requests, one round trip (pipelined for several).
+
+        For callers that need more than `fold_read` keeps (the scorer reports how old the newest stored window
+        event is: `newest_counted_ts`); turn each reply into features with `fold_read`, as `read_features` does.
+        """
+        if len(requests) == 1:
+            card, txn_id, ts = requests[0]
+            return [await self._read(keys=[], args=_read_args(self.keys.prefix, card, txn_id, ts, arrival_ms,
+                                                              self.registry))]
+        pipe = self.redis.pipeline(transaction=False)
+        for card, txn_id, ts in requests:
+            await self._read(keys=[], args=_read_args(self.keys.prefix, card, txn_id, ts, arrival_ms, self.registry),
+                             client=pipe)
+        return list(await pipe.execute())
+
+
+def newest_counted_ts(reply: Sequence, txn_id: str) -> int | None:
+    """The newest event time among the stored window events that count for the read's transaction (on time,
+    arrived before it, itself excluded), from a read reply; None when only the transaction itself counts."""
+    stored, flat = reply[0], reply[1]
+    if stored:
+        seq = float((stored.decode() if isinstance(stored, bytes) else stored).split("|", 1)[0])
+    else:
+        seq = SEQ_LAST
+    newest = None
+    for i in range(0, len(flat), 2):
+        e = parse_member(flat[i], float(flat[i + 1]))
+        if not e.late and e.txn_id != txn_id and e.seq < seq and (newest is None or e.ts > newest):
+            newest = e.ts
+    return newest
 
 
 def now_ms() -> int:

@@ -22,9 +22,9 @@ def register(app: typer.Typer) -> None:
         archive_roll_s: float = typer.Option(60, help="Roll the archive spool into Parquet at least this often (s)."),
         key_prefix: str = typer.Option(None, help="Redis key prefix (env VELOCITY_REDIS_KEY_PREFIX, default vel:v1)."),
         allowed_lateness_ms: int = typer.Option(None, help="Events further behind their card's newest event are late "
-                                                "(default 600000 = 10 min)."),
+                                                "(env VELOCITY_ALLOWED_LATENESS_MS, default 10 min)."),
         retention_ms: int = typer.Option(None, help="How long window events and txn_id records stay online "
-                                         "(event time; default 1 day)."),
+                                         "(event time; env VELOCITY_EVENT_RETENTION_MS, default 1 day)."),
         log_level: str = typer.Option("info", help="Log level."),
     ) -> None:
         """Run the stream worker: exact 10-minute windows per card in Redis, archive to Parquet, DLQ bad input.

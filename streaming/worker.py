@@ -351,6 +351,7 @@ def default_config(**overrides) -> StreamConfig:
     base = StreamConfig(
         bootstrap=s.kafka.bootstrap, topic=s.kafka.topic_transactions, dlq_topic=s.kafka.topic_dlq,
         partitions=s.kafka.partitions, redis=s.redis, allowed_lateness_ms=s.allowed_lateness_ms,
+        retention_ms=s.event_retention_ms,
         max_future_ms=s.max_future_ms,
         entity_secret=s.entity_secret, offline_dir=s.offline_dir, datadir=s.run_dir / "faust",
     )

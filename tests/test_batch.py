@@ -108,7 +108,7 @@ def assert_frame_matches(frame: pd.DataFrame, expected: dict) -> None:
     assert not bad, f"{len(bad)} mismatches, e.g. {bad[:5]}"
 
 
-@pytest.mark.integration
+@pytest.mark.unit
 @pytest.mark.parametrize("source", ["history", "archive"])
 def test_training_set_equals_oracle_for_every_row(rows, history_file, tmp_path, source):
     keyer = EntityKeyer(SECRET)
@@ -160,7 +160,7 @@ def test_snapshot_equals_brute_force_and_rerun_is_idempotent(rows, history_file,
     assert online_store.snapshot_cutoffs() == [cutoff_ms_of(d) for d in days]
 
 
-@pytest.mark.integration
+@pytest.mark.unit
 def test_as_of_join_takes_latest_cutoff_at_or_before_t(tmp_path):
     day1, day3 = dt.date(2020, 1, 2), dt.date(2020, 1, 4)
     c1, c3 = cutoff_ms_of(day1), cutoff_ms_of(day3)
@@ -181,7 +181,29 @@ def test_as_of_join_takes_latest_cutoff_at_or_before_t(tmp_path):
     assert frame.loc["t5", "num_trans_last_1w"] == 5  # t0..t4
 
 
-@pytest.mark.integration
+@pytest.mark.unit
+def test_late_publish_and_missed_night_offline(tmp_path):
+    """A night published at 03:00 is not used for transactions that arrived before; a missed night leaves the
+    previous snapshot in force (SPEC section 4, visibility)."""
+    day1, day2 = dt.date(2020, 1, 2), dt.date(2020, 1, 3)
+    c1, c2 = cutoff_ms_of(day1), cutoff_ms_of(day2)
+    base = {"cc_num": "4539578763621486", "merchant": "m", "category": "c", "fraud_label": 0}
+    times = {"before": c1 - 3_600_000, "t1": c2 + 3_600_000, "t2": c2 + 4 * 3_600_000, "t3": c2 + 2 * DAY}
+    recs = [{**base, "txn_id": k, "amount": 10.0, "ts": t} for k, t in times.items()]
+    path = tmp_path / "h.parquet"
+    pq.write_table(pa.Table.from_pylist(recs), path)
+    eng = open_engine("duckdb", offline_dir=tmp_path, history=path, secret=SECRET)
+    late = {c1: c1, c2: c2 + 3 * 3_600_000}  # night 2 published at 03:00; night 3 never ran
+    run_snapshots(eng, [day1, day2], offline_dir=tmp_path, published=lambda d: late[cutoff_ms_of(d)])
+    frame = eng.training_set(c1 - DAY, c2 + 3 * DAY).set_index("txn_id")
+    eng.close()
+    assert frame.loc["t1", "snapshot_cutoff_ms"] == c1  # arrived at 01:00, before the 03:00 publish
+    assert frame.loc["t2", "snapshot_cutoff_ms"] == c2
+    assert frame.loc["t3", "snapshot_cutoff_ms"] == c2  # the missed night: the previous snapshot serves
+    assert frame.loc["t1", "num_trans_last_1w"] == 1 and frame.loc["t2", "num_trans_last_1w"] == 1
+
+
+@pytest.mark.unit
 def test_errors_are_clear_and_write_nothing(history_file, tmp_path):
     with pytest.raises(OfflineError, match="no such file"):
         open_engine("duckdb", offline_dir=tmp_path, history=tmp_path / "missing.parquet", secret=SECRET)
