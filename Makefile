@@ -7,13 +7,16 @@ PYTEST_ARGS ?=
 
 .PHONY: install services-up services-down status test test-unit test-fast demo lint bench clean
 
-$(STAMP): pyproject.toml requirements.lock
-	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -r requirements.lock
-	$(BIN)/pip install -q --no-deps -e .
-	touch $(STAMP)
+$(STAMP): pyproject.toml requirements.lock scripts/system-deps.sh
+	@echo "==> system packages (Python 3.11, Java 17+, Maven, redis-server)"
+	@PYTHON=$(PYTHON) bash scripts/system-deps.sh
+	@echo "==> Python packages into $(VENV)/ (pinned in requirements.lock; a few minutes the first time)"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/pip install -q --disable-pip-version-check --upgrade pip
+	@$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock
+	@echo "==> velocity (editable) -> $(BIN)/velocity"
+	@$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
+	@touch $(STAMP)
 
 install: $(STAMP)
 

@@ -110,3 +110,37 @@ def test_every_command_has_help():
 def test_features_key_never_prints_the_pan():
     res = _velocity("features", "key", PAN)
     assert res.returncode == 0 and PAN not in res.stdout and "1486" in res.stdout
+
+
+def _path_without(tmp_path, *hidden: str) -> str:
+    """A PATH holding every tool of this machine's PATH except `hidden` (as a machine without them would)."""
+    import os
+    import shutil
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "sed", "cut", "java", "mvn", "redis-server", "sudo", "env", "cat"):
+        found = shutil.which(tool)
+        if found and tool not in hidden:
+            os.symlink(found, bin_dir / tool)
+    os.symlink(os.path.join(sys.base_prefix, "bin", "python3.11"), bin_dir / "python3.11")  # not a pyenv shim
+    fake_id = bin_dir / "id"  # an ordinary user: `id -u` is not 0
+    fake_id.write_text("#!/bin/sh\necho 1000\n")
+    fake_id.chmod(0o755)
+    return str(bin_dir)
+
+
+@pytest.mark.e2e
+def test_system_deps_says_exactly_what_to_run_when_it_cannot_install(tmp_path):
+    """Not root, no sudo, redis-server missing: one line naming the package and the command to run."""
+    script = REPO / "scripts" / "system-deps.sh"
+    env = {"PATH": _path_without(tmp_path, "redis-server", "sudo"), "HOME": str(tmp_path)}
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "missing system packages: redis-server" in done.stderr
+    assert "sudo apt-get install -y redis-server" in done.stderr
+    no_python = subprocess.run(["bash", str(script)], env={**env, "PYTHON": "python3.99"}, capture_output=True,
+                               text=True, timeout=60)
+    assert no_python.returncode == 1 and "python3.99 is required" in no_python.stderr
+    ok = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "system packages: Python 3.11" in ok.stdout, ok.stderr
