@@ -2,6 +2,8 @@
 
     .venv/bin/python -m bench.bench_stream [--events 400000] [--rate 5000] [--seconds 30]
 
+Phase 0 (ceiling): the same N events applied to Redis from a bare synchronous loop, no Kafka (pre-built window
+writes, the worker's batch size, the worker's Lua script): the Redis-bound ceiling the worker is compared with.
 Phase 1 (throughput): pre-produce N transactions to a fresh 4-partition topic, start one `velocity stream`
 worker process, and time from its first processed event to the last (sustained events/s, one process).
 Phase 2 (freshness): a paced producer sends live events (Kafka timestamp = send time) at a fixed rate; the
@@ -60,14 +62,33 @@ def producer() -> KafkaProducer:
 
 
 def messages(n: int, cards: int, t0: int, keyer: EntityKeyer, live: bool = False):
+    """As Velocity's producers send them: keyed by entity key, with `card` and `pan_last4`, never the PAN."""
     pans = [f"4{i:015d}" for i in range(cards)]
-    keys = [keyer(p).encode() for p in pans]
+    keys = [keyer(p) for p in pans]
     for i in range(n):
         c = i % cards
         ts = int(time.time() * 1000) if live else t0 + i * 50
-        v = orjson.dumps({"txn_id": f"b{t0}-{i}", "cc_num": pans[c], "amount": round(5 + (i % 97) * 1.37, 2),
-                          "ts": ts, "merchant": "m", "category": "grocery_pos"})
-        yield keys[c], v, ts
+        v = orjson.dumps({"txn_id": f"b{t0}-{i}", "card": keys[c], "pan_last4": pans[c][-4:],
+                          "amount": round(5 + (i % 97) * 1.37, 2), "ts": ts, "merchant": "m",
+                          "category": "grocery_pos"})
+        yield keys[c].encode(), v, ts
+
+
+def redis_ceiling(n: int, cards: int, keyer: EntityKeyer, prefix: str, batch: int = 2000) -> float:
+    """Events/s of the worker's Redis writes from a bare loop: same events, same Lua, same batch size, no Kafka."""
+    from featurestore.online import EventWrite, OnlineStore
+
+    pans = [f"4{i:015d}" for i in range(cards)]
+    keys = [keyer(p) for p in pans]
+    writes = [EventWrite(keys[i % cards], f"c-{i}", 1_600_000_000_000 + i * 50, 500 + i % 9_700) for i in range(n)]
+    store = OnlineStore(prefix=prefix)
+    try:
+        start = time.perf_counter()
+        for i in range(0, n, batch):
+            store.apply_events(writes[i:i + batch])
+        return n / (time.perf_counter() - start)
+    finally:
+        store.close()
 
 
 def start_worker(topic: str, prefix: str, port: int, offline: Path, extra: list[str]) -> subprocess.Popen:
@@ -117,6 +138,10 @@ def main() -> None:
     ensure_topics(BOOT, {topic: 4, f"{topic}.dlq": 4, f"{topic}.warmup": 1})
     keyer = EntityKeyer(SECRET)
 
+    print(f"ceiling: {args.events:,} events from a bare loop into Redis ...", flush=True)
+    ceiling = redis_ceiling(args.events, args.cards, keyer, f"{prefix}:ceiling")
+    print(f"ceiling: {ceiling:,.0f} events/s (Redis writes alone, same script and batch size)", flush=True)
+
     print(f"producing {args.events:,} events to {topic} ...", flush=True)
     prod = producer()
     for k, v, ts in messages(args.events, args.cards, 1_600_000_000_000, keyer):
@@ -141,7 +166,8 @@ def main() -> None:
                 raise SystemExit("worker died; see " + str(offline / "worker.log"))
             time.sleep(0.25)  # scraping /metrics costs the worker CPU: do not poll it hard
         tps = (args.events - n_first) / (now - first)
-        print(f"throughput: {tps:,.0f} events/s (one worker process, {args.events:,} events, {args.cards:,} cards)")
+        print(f"throughput: {tps:,.0f} events/s (one worker process, {args.events:,} events, {args.cards:,} cards); "
+              f"{tps / ceiling:.2f}x the bare-loop ceiling", flush=True)
 
         print(f"freshness: live events at {args.rate}/s for {args.seconds}s ...", flush=True)
         live = KafkaProducer(bootstrap_servers=BOOT, acks=1, linger_ms=1)
@@ -170,7 +196,8 @@ def main() -> None:
         print(f"freshness p99 (all {args.rate * args.seconds:,} live events): {p99:.1f} ms at {args.rate * args.seconds / sent_s:,.0f}/s "
               f"achieved send rate; histogram: {json.dumps(buckets)}")
         if not args.no_record:
-            update(stream_tps=round(tps), stream_freshness_p99_ms_at_5k=round(p99, 1))
+            update(stream_tps=round(tps), stream_freshness_p99_ms_at_5k=round(p99, 1),
+                   stream_redis_ceiling_tps=round(ceiling), stream_vs_redis_ceiling=round(tps / ceiling, 2))
     finally:
         worker.send_signal(signal.SIGTERM)
         try:
