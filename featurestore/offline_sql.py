@@ -65,8 +65,9 @@ def value_sql(function: str, n: str, s: str, mn: str, mx: str) -> str:
     return f"CASE WHEN {cents} IS NULL THEN {nan} ELSE CAST({cents} AS DOUBLE) / 100.0 END"
 
 
-def stream_group_sql(group: FeatureGroup, source: str = "events") -> str:
-    """`txn_id` and the group's features for every transaction (see the module docstring for the method)."""
+def stream_group_sql(group: FeatureGroup, source: str = "events", carry: tuple[str, ...] = ("txn_id",)) -> str:
+    """The `carry` columns and the group's features for every transaction (see the module docstring for the
+    method). Carrying the event columns through saves a join on txn_id over every row."""
     w = int(group.window_ms)
     rng = f"OVER (PARTITION BY card ORDER BY ts RANGE BETWEEN {w} PRECEDING AND CURRENT ROW)"
     on_cents = "CASE WHEN late THEN NULL ELSE amount_cents END"
@@ -89,10 +90,11 @@ def stream_group_sql(group: FeatureGroup, source: str = "events") -> str:
     frame = {"n": f"SUM(CASE WHEN late THEN 0 ELSE 1 END) {rng} AS frame_n",
              "s": f"SUM(CASE WHEN late THEN 0 ELSE amount_cents END) {rng} AS frame_s",
              "mn": f"MIN({on_cents}) {rng} AS frame_mn", "mx": f"MAX({on_cents}) {rng} AS frame_mx"}
+    inner = ", ".join(dict.fromkeys(("txn_id", "amount_cents", "late", *carry)))
     return f"""
-    SELECT f.txn_id,
+    SELECT {', '.join(f"f.{c}" for c in carry)},
            {cols}
-    FROM (SELECT txn_id, amount_cents, late, {', '.join(frame[k] for k in group.stats)} FROM {source}) f
+    FROM (SELECT {inner}, {', '.join(frame[k] for k in group.stats)} FROM {source}) f
     LEFT JOIN {exact} e ON e.txn_id = f.txn_id
     """
 
@@ -101,13 +103,18 @@ BASE_COLUMNS = ("txn_id", "card", "ts", "amount", "amount_cents", "fraud_label",
 
 
 def stream_features_sql(registry: Registry = REGISTRY, source: str = "events") -> str:
-    """Every transaction with every stream group's features (one join per extra group)."""
-    base = ", ".join(f"b.{c}" for c in BASE_COLUMNS)
-    select, joins = [base], []
-    for i, g in enumerate(registry.stream_groups):
+    """Every transaction with every stream group's features: the first group carries the event columns, each
+    further group joins on txn_id."""
+    first, *more = registry.stream_groups
+    sql = f"({stream_group_sql(first, source, BASE_COLUMNS)}) b"
+    if not more:
+        return f"SELECT * FROM {sql}"
+    select = [f"b.{c}" for c in (*BASE_COLUMNS, *first.feature_names)]
+    joins = []
+    for i, g in enumerate(more):
         select += [f"g{i}.{name}" for name in g.feature_names]
         joins.append(f"JOIN ({stream_group_sql(g, source)}) g{i} ON g{i}.txn_id = b.txn_id")
-    return f"SELECT {', '.join(select)} FROM {source} b " + "\n".join(joins)
+    return f"SELECT {', '.join(select)} FROM {sql} " + "\n".join(joins)
 
 
 SNAPSHOT_STATS = {"n": "count", "s": "sum_cents", "mn": "min_cents", "mx": "max_cents"}
