@@ -45,10 +45,18 @@ def test_safe_ratio_nan_for_missing_zero_and_infinite():
 
 
 def test_scalar_and_vector_ratio_bitwise_equal():
+    """The scorer's scalar path and training's vector path give the same bits, specials included."""
     rng = np.random.default_rng(1)
-    num, den = rng.random(1000) * 100, rng.random(1000) * 100
+    special = np.array([0.0, -0.0, math.nan, math.inf, -math.inf, 1e-300, 1e300, 3.0, 7.0, -2.5])
+    num = np.concatenate([rng.random(1000) * 100, np.repeat(special, len(special)), rng.integers(0, 50, 100)])
+    den = np.concatenate([rng.random(1000) * 100, np.tile(special, len(special)), rng.integers(0, 50, 100)])
     vec = safe_ratio(num, den)
-    assert all(vec[i] == safe_ratio(float(num[i]), float(den[i])) for i in range(1000))
+    for i in range(len(num)):
+        whole = math.isfinite(num[i]) and num[i] == math.floor(num[i])
+        for n, d in ((float(num[i]), float(den[i])), (num[i], den[i]), (int(num[i]) if whole else num[i], den[i])):
+            one = safe_ratio(n, d)
+            assert isinstance(one, float)
+            assert (math.isnan(one) and math.isnan(vec[i])) or one == vec[i], (n, d, one, vec[i])
 
 
 def test_compute_ratios_names_match_definitions():
