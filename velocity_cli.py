@@ -24,6 +24,7 @@ def _register() -> None:
 
     from batch.cli import register as register_batch
     from ingest.cli import register as register_ingest
+    from model.cli import register as register_model
     from serving.cli import register as register_serving
     from streaming.cli import register as register_streaming
 
@@ -33,6 +34,7 @@ def _register() -> None:
     register_streaming(app)
     register_batch(app, features_app)
     register_serving(app)
+    register_model(app)  # after serving: its `train`/`models` placeholders are replaced by the real commands
 
 
 def _configure_logging() -> None:

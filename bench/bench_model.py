@@ -1,0 +1,105 @@
+"""`velocity train` on the seed-scale history: test AUC-PR against the original-four baseline, and time per device.
+
+    .venv/bin/python -m bench.bench_model [--history data/history_seed.parquet] [--compare-imbalance] [--tune N]
+
+Generates the seed-scale history if it is missing (`velocity generate` defaults: 10,000 cards, 152 days, ~5.4M
+rows), backfills every night's `card_agg_1w` snapshot with DuckDB into `data/bench_model/offline` (the nightly
+batch's job, timed apart), then times the default `velocity train` as a user runs it (a subprocess, DuckDB
+training set included) on the CPU, and on CUDA when XGBoost sees a GPU. The models, their reports and the MLflow
+store stay under `data/bench_model/` (VELOCITY_DATA_DIR). Records `model_test_aucpr` and `model_baseline_aucpr`
+(the original-four-features baseline) in bench/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.results import update
+
+REPO = Path(__file__).resolve().parent.parent
+SECRET = "bench-model-secret"
+
+
+def velocity(*args: str, env: dict[str, str]) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "velocity"), *args], env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"velocity {' '.join(args)} exited {proc.returncode}")
+    PEAK_RSS_MB[args[0]] = max(PEAK_RSS_MB.get(args[0], 0.0), usage.ru_maxrss / 1024)
+    return time.perf_counter() - t0
+
+
+PEAK_RSS_MB: dict[str, float] = {}
+
+
+def backfill(history: Path, offline: Path) -> tuple[float, dt.date, dt.date]:
+    from batch.jobs import dates_between, open_engine, run_snapshots
+
+    shutil.rmtree(offline, ignore_errors=True)  # a snapshot layout from older code must not be reused
+    t0 = time.perf_counter()
+    eng = open_engine("duckdb", offline_dir=offline, history=history, secret=SECRET)
+    lo, hi = eng.span
+    first = dt.datetime.fromtimestamp(lo / 1000, dt.UTC).date()
+    last = dt.datetime.fromtimestamp(hi / 1000, dt.UTC).date()
+    run_snapshots(eng, dates_between(first + dt.timedelta(days=1), last), offline_dir=offline)
+    eng.close()
+    return time.perf_counter() - t0, first, last
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--history", type=Path, default=REPO / "data" / "history_seed.parquet")
+    ap.add_argument("--work", type=Path, default=REPO / "data" / "bench_model", help="VELOCITY_DATA_DIR of the runs")
+    ap.add_argument("--compare-imbalance", action="store_true",
+                    help="first run `velocity train --compare-imbalance` (4 more fits; remembers the choice)")
+    ap.add_argument("--tune", type=int, default=0, help="also time a `--tune N` run (not part of the 3-minute target)")
+    args = ap.parse_args()
+    env = {**os.environ, "VELOCITY_DATA_DIR": str(args.work), "VELOCITY_ENTITY_SECRET": SECRET}
+    if not args.history.exists():
+        print(f"generating the seed-scale history -> {args.history}")
+        velocity("generate", "--out", str(args.history), env=env)
+    offline = args.work / "offline"
+    snap_s, first, last = backfill(args.history, offline)
+    print(f"snapshots: every night {first + dt.timedelta(days=1)} .. {last} (DuckDB) in {snap_s:.1f} s")
+
+    from model.device import cuda_available
+    from model.registry import load_current
+
+    common = ["train", "--history", str(args.history), "--offline-dir", str(offline)]
+    if args.compare_imbalance:
+        s = velocity(*common, "--device", "cpu", "--compare-imbalance", env=env)
+        print(f"train --compare-imbalance (cpu): {s:.1f} s")
+    devices = ["cpu"] + (["cuda"] if cuda_available()[0] else [])
+    times = {}
+    for device in devices:
+        times[device] = velocity(*common, "--device", device, env=env)
+        meta = load_current(args.work / "models").metadata
+        print(f"default train ({device}): {times[device]:.1f} s wall (fits {meta['durations']['fits_s']:.1f} s, "
+              f"final model {meta['durations']['final_fit_s']:.1f} s), peak RSS {PEAK_RSS_MB['train']:,.0f} MB")
+    model = load_current(args.work / "models")  # the last default run's model: the recorded figures
+    if args.tune:
+        s = velocity(*common, "--device", devices[-1], "--tune", str(args.tune), "--no-use", env=env)
+        print(f"train --tune {args.tune} ({devices[-1]}): {s:.1f} s (not made current; see `velocity models list`)")
+    m = model.metadata["metrics"]
+    figures = {"version": model.version, "device": model.metadata["device"], "features": model.features,
+               "imbalance": model.metadata["imbalance"]["name"], "calibration": model.metadata["calibration"]["method"],
+               "threshold": model.threshold, "test": m["model"]["test"], "original_four": m["original_four"]["test"],
+               "amount_only": m["amount_only"]["test"], "train_s_by_device": {k: round(v, 1) for k, v in times.items()},
+               "report": str(model.path / "report.md")}
+    print(json.dumps(figures, indent=2))
+    update(model_test_aucpr=round(m["model"]["test"]["aucpr"], 4),
+           model_baseline_aucpr=round(m["original_four"]["test"]["aucpr"], 4))
+
+
+if __name__ == "__main__":
+    main()
