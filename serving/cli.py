@@ -24,11 +24,9 @@ def register(app: typer.Typer) -> None:
 
     app.add_typer(models, name="models")
 
-    @app.command()
-    def serve() -> None:
-        """Serve the scoring HTTP API (not built yet)."""
-        typer.echo(f"velocity serve {_LATER}", err=True)
-        raise typer.Exit(2)
+    from serving.cli_serve import serve
+
+    app.command()(serve)
 
     @app.command()
     def demo() -> None:

@@ -1,0 +1,432 @@
+"""The scoring HTTP API (SPEC section 6): FastAPI, answered with orjson, one event loop per worker process.
+
+Request bodies are read and validated by hand (orjson + the event contract's validator) rather than by pydantic
+models: the hot path then does one parse, and every client error names its field and reason in one format. The
+pydantic models below only document the API in /openapi.json.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Literal
+
+import orjson
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from featurestore.config import Settings, get_settings
+from featurestore.entity import EntityKeyer, install_pan_redaction, luhn_valid
+from featurestore.events import is_entity_key
+from featurestore.online import AsyncOnlineStore
+from serving.metrics import ApiMetrics
+from serving.models import ModelSource, ModelWatcher
+from serving.publisher import Publisher
+from serving.recorder import ScoreRecorder
+from serving.scorer import ModelUnavailable, RedisUnavailable, Scored, Scorer, now_ms
+from serving.validation import BadInput, TooMany, transactions_from_json
+
+log = logging.getLogger(__name__)
+
+
+class ORJSONResponse(Response):
+    """JSON via orjson (NaN and infinities become null: a missing feature is null, as SPEC section 6 says)."""
+
+    media_type = "application/json"
+
+    def render(self, content) -> bytes:
+        return orjson.dumps(content)
+
+
+class ServeSettings(BaseSettings):
+    """Limits and budgets of `velocity serve` (env VELOCITY_SERVE_*)."""
+
+    model_config = SettingsConfigDict(env_prefix="VELOCITY_SERVE_")
+
+    max_body_bytes: int = 64 * 1024
+    max_batch: int = 256
+    max_batch_body_bytes: int = 1024 * 1024
+    #: Budget for the feature read; past it the answer is 503 (the read is cancelled).
+    redis_timeout_s: float = 1.0
+    #: Longest a request waits for Kafka's acknowledgement before answering `published: false`.
+    publish_timeout_s: float = 0.5
+    kafka_retry_s: float = 5.0
+    model_poll_s: float = 0.5
+    #: Record every answer (with reason codes) to the scores topic, marked source: api.
+    record_scores: bool = True
+
+
+# ---------------------------------------------------------------------------------------------- documentation
+
+
+class ScoreRequest(BaseModel):
+    """A transaction as a payment client sends it. Unknown fields are ignored; `fraud_label` too."""
+
+    txn_id: str = Field(min_length=1, max_length=128, description="Unique id; scoring it twice never counts it twice")
+    cc_num: str = Field(pattern=r"^[0-9]{12,19}$", description="The card number (digits, valid Luhn check digit). "
+                        "Tokenized at once; never stored, logged or published")
+    amount: float = Field(gt=0, le=1_000_000_000, description="Amount, at most 2 decimals")
+    ts: int | None = Field(None, ge=946_684_800_000, lt=4_102_444_800_000,
+                           description="Event time, epoch ms UTC (default: now); at most 1 day ahead")
+    merchant: str = Field(min_length=1, max_length=256)
+    category: str = Field(min_length=1, max_length=256)
+
+
+class ScoreAnswer(BaseModel):
+    txn_id: str
+    card: str = Field(description="The card's entity key (keyed hash of the card number)")
+    score: float = Field(ge=0, le=1)
+    decision: Literal["FRAUD", "NOT_FRAUD"]
+    threshold: float
+    model_version: str
+    features: dict[str, float | None] = Field(description="Every feature and ratio by name; null where missing")
+    feature_age_ms: dict[str, int | None] = Field(
+        description="card_agg_10m: now minus the event time of the newest stored transaction counted in the window "
+                    "(0 when only this one counts); card_agg_1w: now minus the served snapshot's cut-off (null: none)")
+    published: bool = Field(description="Confirmed written to the transactions topic")
+
+
+class CardFeatures(BaseModel):
+    card: str
+    as_of_ms: int
+    features: dict[str, float | None]
+    snapshot_cutoff_ms: int | None
+    complete: bool
+    feature_age_ms: dict[str, int | None]
+
+
+class CardNumber(BaseModel):
+    cc_num: str = Field(pattern=r"^[0-9]{12,19}$")
+
+
+class ApiErrorBody(BaseModel):
+    error: str = Field(description="invalid_request, too_large, redis_unavailable, model_unavailable, internal")
+    field: str | None = Field(None, description="The offending field (batch items: [index].field)")
+    reason: str | None = None
+    detail: str
+
+
+_ERRORS = {413: {"model": ApiErrorBody, "description": "Body or batch too large"},
+           422: {"model": ApiErrorBody, "description": "Invalid input: the field and the reason"},
+           503: {"model": ApiErrorBody, "description": "Redis unreachable or no model loaded"}}
+
+
+def _body_schema(schema: dict) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, detail: str, field: str | None = None,
+                 reason: str | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.error, self.detail, self.field, self.reason = status, error, detail, field, reason
+
+    def response(self) -> ORJSONResponse:
+        return ORJSONResponse({"error": self.error, "field": self.field, "reason": self.reason,
+                               "detail": self.detail}, status_code=self.status)
+
+
+def _bad(exc: BadInput) -> ApiError:
+    return ApiError(422, "invalid_request", exc.detail, exc.field, exc.reason)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    ctype = request.headers.get("content-type")
+    if ctype is None or ctype.split(";", 1)[0].strip().lower() != "application/json":
+        raise ApiError(422, "invalid_request", "the body must be JSON sent with Content-Type: application/json",
+                       "content-type", "bad_content_type")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "too_large", f"the body is {declared} bytes; the limit is {limit}", "body", "too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "too_large", f"the body exceeds the limit of {limit} bytes", "body", "too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class MetricsMiddleware:
+    """Requests and latency per route template (never the raw path: it may hold a card's key), pure ASGI."""
+
+    def __init__(self, app, metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = 500
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", "other") if route is not None else "other"
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------------- the app
+
+
+def create_app(settings: Settings | None = None, serve: ServeSettings | None = None,
+               model_source: ModelSource | None = None) -> FastAPI:
+    """The API. `model_source` defaults to the current model of the model directory (model/)."""
+    settings = settings or get_settings()
+    serve = serve or ServeSettings()
+    install_pan_redaction()  # also in worker processes uvicorn spawns; the access log included
+    _mask_safe_access_log()
+    metrics = ApiMetrics()
+    if model_source is None:
+        from serving.model_source import current_model_source
+
+        model_source = current_model_source(settings)
+    keyer = EntityKeyer(settings.entity_secret)
+    kafka = settings.kafka
+    publisher = Publisher(kafka.bootstrap, send_timeout_s=serve.publish_timeout_s, retry_s=serve.kafka_retry_s,
+                          on_failure=lambda reason: metrics.publish_failures.labels(reason).inc())
+    recorder = ScoreRecorder(publisher, kafka.topic_scores, on_drop=metrics.records_dropped.inc)
+    watcher = ModelWatcher(model_source, poll_s=serve.model_poll_s, on_change=metrics.model_changed)
+    state: dict = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        store = AsyncOnlineStore(settings.redis, allowed_lateness_ms=settings.allowed_lateness_ms,
+                                 retention_ms=settings.event_retention_ms)
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        # One immediate retry (a pooled connection Redis closed); no backoff sleeps: the request budget is small.
+        store.redis.set_retry(Retry(NoBackoff(), 1))
+        state["store"] = store
+        state["scorer"] = Scorer(store, watcher, timeout_s=serve.redis_timeout_s)
+        await asyncio.to_thread(watcher.load_now)
+        watcher.start()
+        await publisher.start()
+        topics_task = asyncio.get_running_loop().create_task(_ensure_topics(settings))
+        if serve.record_scores:
+            recorder.start()
+        try:
+            yield
+        finally:
+            topics_task.cancel()
+            await watcher.stop()
+            await recorder.stop()
+            await publisher.stop()
+            await store.close()
+
+    app = FastAPI(title="Velocity scoring API", version="1", default_response_class=ORJSONResponse,
+                  lifespan=lifespan,
+                  description="Real-time card-fraud scores over a streaming feature store. A card number travels "
+                              "only in request bodies, never in a URL; it is tokenized at once.")
+    app.state.metrics, app.state.publisher, app.state.watcher, app.state.recorder = metrics, publisher, watcher, recorder
+    app.state.runtime = state
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        metrics.errors.labels(exc.error).inc()
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def query_error(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("query", "path", "body")]
+        metrics.errors.labels("invalid_request").inc()
+        return ApiError(422, "invalid_request", first.get("msg", "invalid request"), ".".join(loc) or "request",
+                        first.get("type", "invalid")).response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        metrics.errors.labels("internal").inc()
+        log.exception("internal error on %s", request.url.path)
+        return ORJSONResponse({"error": "internal", "field": None, "reason": None, "detail": "internal error"},
+                              status_code=500)
+
+    async def _score(txns, batch: bool, publish: bool) -> list[Scored]:
+        scorer: Scorer = state["scorer"]
+        t0 = time.perf_counter()
+        try:
+            scored = await scorer.score_many(txns) if batch else [await scorer.score(txns[0])]
+        except RedisUnavailable as exc:
+            raise ApiError(503, "redis_unavailable", str(exc)) from None
+        except ModelUnavailable as exc:
+            raise ApiError(503, "model_unavailable", str(exc)) from None
+        t1 = time.perf_counter()
+        metrics.stage_redis.observe(scored[0].redis_s)
+        metrics.stage_predict.observe(t1 - t0 - scored[0].redis_s)
+        published = [False] * len(txns)
+        if publish:
+            topic = kafka.topic_transactions
+            if batch:
+                published = list(await asyncio.gather(*(
+                    publisher.publish(topic, t.card.encode(), t.to_json(), t.ts) for t in txns)))
+            else:
+                published[0] = await publisher.publish(topic, txns[0].card.encode(), txns[0].to_json(), txns[0].ts)
+            metrics.stage_publish.observe(time.perf_counter() - t1)
+        at = now_ms()
+        for s, txn, ok in zip(scored, txns, published, strict=True):
+            s.answer["published"] = ok
+            metrics.decisions.labels(s.answer["decision"]).inc()
+            if serve.record_scores:
+                recorder.record(s, {"source": "api", "ts": txn.ts, "scored_at_ms": at})
+        return scored
+
+    def _parse(body: bytes, batch: bool) -> list:
+        t0 = time.perf_counter()
+        try:
+            txns = transactions_from_json(body, keyer, now_ms(), batch=batch, max_batch=serve.max_batch,
+                                          max_future_ms=settings.max_future_ms)
+        except BadInput as exc:
+            raise _bad(exc) from None
+        except TooMany as exc:
+            raise ApiError(413, "too_large", str(exc), "body", "too_many") from None
+        metrics.stage_parse.observe(time.perf_counter() - t0)
+        return txns
+
+    @app.post("/v1/score", response_model=ScoreAnswer, responses=_ERRORS,
+              openapi_extra=_body_schema(ScoreRequest.model_json_schema()), summary="Score one transaction")
+    async def score(request: Request,
+                    publish: bool = Query(True, description="Publish the tokenized transaction to `transactions`")):
+        """Features from the online store (the transaction folded in), the model's score and decision. The
+        tokenized transaction is published to `transactions` unless `publish=false`."""
+        txns = _parse(await _read_body(request, serve.max_body_bytes), batch=False)
+        scored = await _score(txns, batch=False, publish=publish)
+        return ORJSONResponse(scored[0].answer)
+
+    @app.post("/v1/score/batch", response_model=list[ScoreAnswer], responses=_ERRORS,
+              openapi_extra=_body_schema({"type": "array", "items": ScoreRequest.model_json_schema(),
+                                          "maxItems": serve.max_batch}),
+              summary="Score a list of transactions, answered in order")
+    async def score_batch(request: Request, publish: bool = Query(True)):
+        """Up to `VELOCITY_SERVE_MAX_BATCH` transactions (one pipelined Redis round trip, one prediction). The
+        whole batch is refused (422, naming `[index].field`) if any item is invalid."""
+        txns = _parse(await _read_body(request, serve.max_batch_body_bytes), batch=True)
+        if not txns:
+            return ORJSONResponse([])
+        scored = await _score(txns, batch=True, publish=publish)
+        return ORJSONResponse([s.answer for s in scored])
+
+    async def _card_features(card: str) -> ORJSONResponse:
+        try:
+            return ORJSONResponse(await state["scorer"].card_features(card))
+        except RedisUnavailable as exc:
+            raise ApiError(503, "redis_unavailable", str(exc)) from None
+
+    @app.get("/v1/features/{card}", response_model=CardFeatures, responses=_ERRORS,
+             summary="A card's current online features, by entity key")
+    async def features_by_key(card: str):
+        """`card` is the entity key (32 hex characters). A card number never goes in a URL: POST /v1/features."""
+        if not is_entity_key(card):
+            detail = ("a card number never goes in a URL: POST /v1/features with {\"cc_num\": ...}" if card.isdigit()
+                      else "card must be the entity key: 32 lowercase hex characters")
+            raise ApiError(422, "invalid_request", detail, "card", "bad_field")
+        return await _card_features(card)
+
+    @app.post("/v1/features", response_model=CardFeatures, responses=_ERRORS,
+              openapi_extra=_body_schema(CardNumber.model_json_schema()),
+              summary="A card's current online features, by card number")
+    async def features_by_pan(request: Request):
+        obj = _decode_object(await _read_body(request, serve.max_body_bytes))
+        cc = obj.get("cc_num")
+        if cc is None:
+            raise ApiError(422, "invalid_request", "missing cc_num (the card number)", "cc_num", "missing_field")
+        if not (type(cc) is str and 12 <= len(cc) <= 19 and cc.isdigit() and cc.isascii()):
+            raise ApiError(422, "invalid_request", "cc_num must be a string of 12-19 digits", "cc_num", "bad_field")
+        if not luhn_valid(cc):
+            raise ApiError(422, "invalid_request", "cc_num is not a valid card number (Luhn check)", "cc_num",
+                           "bad_field")
+        return await _card_features(keyer(cc))
+
+    @app.get("/healthz", summary="The process is up")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Ready to score: a model loaded and Redis reachable (Kafka reported)",
+             responses={503: {"description": "Not ready"}})
+    async def readyz():
+        model = watcher.current
+        redis_ok, redis_error = False, None
+        store = state.get("store")
+        if store is not None:
+            try:
+                async with asyncio.timeout(serve.redis_timeout_s):
+                    redis_ok = await store.ping()
+            except Exception as exc:
+                redis_error = type(exc).__name__
+        kafka_report = publisher.report()
+        metrics.kafka_up.set(1 if kafka_report["state"] == "connected" else 0)
+        ready = model is not None and redis_ok
+        body = {
+            "ready": ready,
+            "model": {"loaded": model is not None, "version": model.version if model else None,
+                      "problem": watcher.problem},
+            "redis": {"ok": redis_ok, "error": redis_error},
+            "kafka": {**kafka_report, "required": False,
+                      "score_records": {"recorded": recorder.recorded, "dropped": recorder.dropped}},
+        }
+        return ORJSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def prometheus():
+        metrics.kafka_up.set(1 if publisher.report()["state"] == "connected" else 0)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _decode_object(body: bytes) -> dict:
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(422, "invalid_request", f"the body is not valid UTF-8 JSON ({exc.msg})", "body",
+                       "not_json") from None
+    if type(obj) is not dict:
+        raise ApiError(422, "invalid_request", "expected a JSON object", "body", "not_object")
+    return obj
+
+
+def _mask_safe_access_log() -> None:
+    """uvicorn's access formatter unpacks the record's five arguments; a record whose PAN was masked has its
+    message already formatted (no arguments left), so print that line as it is instead of failing on it."""
+    with contextlib.suppress(ImportError):
+        from uvicorn.logging import AccessFormatter
+
+        class MaskedAccessFormatter(AccessFormatter):
+            def formatMessage(self, record: logging.LogRecord) -> str:
+                if isinstance(record.args, tuple) and len(record.args) == 5:
+                    return super().formatMessage(record)
+                return f"{record.levelname}:     {record.getMessage()}"
+
+        for handler in logging.getLogger("uvicorn.access").handlers:
+            f = handler.formatter
+            if isinstance(f, AccessFormatter) and not isinstance(f, MaskedAccessFormatter):
+                handler.setFormatter(MaskedAccessFormatter(fmt=f._fmt, datefmt=f.datefmt, use_colors=f.use_colors))
+
+
+async def _ensure_topics(settings: Settings) -> None:
+    """Create the product's topics if missing (best effort, in the background: Kafka is not required)."""
+    from featurestore.topics import ensure_topics, product_topics
+
+    with contextlib.suppress(Exception):
+        await asyncio.to_thread(ensure_topics, settings.kafka.bootstrap, product_topics(settings.kafka), 5_000,
+                                settings.kafka.topic_retention_ms)
