@@ -14,6 +14,15 @@ def register(app: typer.Typer) -> None:
         bootstrap: str = typer.Option(None, help="Kafka brokers (env VELOCITY_KAFKA_BOOTSTRAP, default 127.0.0.1:9092)."),
         topic: str = typer.Option(None, help="Input topic (default transactions)."),
         dlq_topic: str = typer.Option(None, help="Dead-letter topic (default transactions.dlq)."),
+        score: bool = typer.Option(True, help="Score each transaction after its window update with the current "
+                                   "model (answers to --scores-topic, FRAUD also to --alerts-topic). Without a "
+                                   "current model the worker aggregates and archives only, and says so."),
+        scores_topic: str = typer.Option(None, help="Topic for the stream's scores (env VELOCITY_KAFKA_TOPIC_SCORES, "
+                                         "default scores)."),
+        alerts_topic: str = typer.Option(None, help="Topic for FRAUD decisions (env VELOCITY_KAFKA_TOPIC_ALERTS, "
+                                         "default alerts)."),
+        models_dir: Path = typer.Option(None, help="Model directory whose current model scores (default "
+                                        "$VELOCITY_DATA_DIR/models)."),
         batch_size: int = typer.Option(2000, help="Max messages per batch (one Redis round trip per batch)."),
         metrics_port: int = typer.Option(9464, help="Prometheus metrics port (0 = off)."),
         metrics_host: str = typer.Option("127.0.0.1", help="Address the metrics server binds (0.0.0.0 in a container)."),
@@ -37,7 +46,9 @@ def register(app: typer.Typer) -> None:
         overrides = {"group": group, "batch_size": batch_size,
                      "metrics_port": metrics_port, "metrics_host": metrics_host,
                      "archive_roll_s": archive_roll_s}
+        overrides["score"] = score
         for name, value in (("bootstrap", bootstrap), ("topic", topic), ("dlq_topic", dlq_topic),
+                            ("scores_topic", scores_topic), ("alerts_topic", alerts_topic), ("models_dir", models_dir),
                             ("key_prefix", key_prefix), ("allowed_lateness_ms", allowed_lateness_ms),
                             ("retention_ms", retention_ms), ("offline_dir", offline_dir)):
             if value is not None:

@@ -77,3 +77,8 @@ class Reservoir:
             self._p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
         self._at = now_s or 0.0
         return self._p99
+
+SCORED = Counter("velocity_stream_scored_total", "Transactions scored by the stream (answers on topic scores)")
+UNSCORED = Counter("velocity_stream_unscored_total",
+                   "Transactions aggregated but not scored (no current model, or the scorer failed)")
+ALERTS = Counter("velocity_stream_alerts_total", "FRAUD decisions produced to topic alerts")

@@ -29,6 +29,7 @@ from featurestore.topics import ensure_topics
 from streaming import metrics
 from streaming.aggregator import Aggregator
 from streaming.faust_lean import LeanDrainApp, RawBytesSchema, WebViewlessMonitor
+from streaming.scoring import StreamScorer
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,11 @@ class StreamConfig:
     bootstrap: str = "127.0.0.1:9092"
     topic: str = "transactions"
     dlq_topic: str = "transactions.dlq"
+    scores_topic: str = "scores"
+    alerts_topic: str = "alerts"
+    #: Score each transaction after its window update (needs a current model; without one, it aggregates only).
+    score: bool = True
+    models_dir: Path | None = None  # the model directory's root (`velocity train`); None: the configured one
     partitions: int = 4
     batch_size: int = 2000
     commit_interval_s: float = 1.0
@@ -103,6 +109,11 @@ def build_app(cfg: StreamConfig) -> faust.App:
     )
     source = app.topic(cfg.topic, schema=RawBytesSchema(key_serializer="raw", value_serializer="raw"))
     dlq = app.topic(cfg.dlq_topic, key_serializer="raw", value_serializer="raw", partitions=cfg.partitions)
+    outputs = {name: app.topic(name, key_serializer="raw", value_serializer="raw", partitions=cfg.partitions)
+               for name in (cfg.scores_topic, cfg.alerts_topic)}
+
+    async def send_output(topic: str, key: bytes, value: bytes):
+        return await outputs[topic].send(key=key, value=value)
     rebalances = [0]  # bumped when partitions are revoked: batches taken before that are never written
     in_flight: set[asyncio.Task] = set()  # batch writes not yet acked; a rebalance waits for them
 
@@ -169,8 +180,8 @@ def build_app(cfg: StreamConfig) -> faust.App:
                               redact_pans_bytes(bytes((msg.value or b"")[:200])))
 
     async def write(agg: Aggregator, prepared, events: list, online: asyncio.Future,
-                    previous: asyncio.Task | None) -> None:
-        """One batch: Redis (then `online` resolves), archive, DLQ and metrics, then ack in batch order.
+                    previous: asyncio.Task | None, scorer: StreamScorer | None) -> None:
+        """One batch: Redis (then `online` resolves), archive, DLQ, metrics and scores, then ack in batch order.
 
         The agent starts the next batch's Redis write as soon as `online` resolves, so this batch's archive and
         metrics work overlaps it; acks wait for the previous batch's, so offsets are acked in order.
@@ -186,6 +197,8 @@ def build_app(cfg: StreamConfig) -> faust.App:
         online.set_result(None)
         await asyncio.sleep(0)  # let the agent start the next batch's Redis write before this batch's CPU work
         await agg.finish(prepared, statuses, visible_ms)
+        if scorer is not None:  # after the window update; the broker has the scores before the batch is acked
+            await scorer.score_batch(prepared[1])
         if previous is not None:
             await previous
         last: dict = {}
@@ -207,6 +220,7 @@ def build_app(cfg: StreamConfig) -> faust.App:
         # never commits an unprocessed offset. The aggregator lives and dies with the agent: created in the
         # running loop (its asyncio Redis client binds to it) and closed only once the last write is done.
         agg = make_aggregator(cfg, dlq_send)
+        scorer = await make_stream_scorer(cfg, agg, send_output) if cfg.score else None
         manual = stream.noack()
         arrived = manual.channel.queue
         loop = asyncio.get_running_loop()
@@ -234,7 +248,7 @@ def build_app(cfg: StreamConfig) -> faust.App:
                     older = None
                 if rebalances[0] == epoch:  # else partitions were revoked while this batch was prepared
                     online = loop.create_future()
-                    task = loop.create_task(write(agg, prepared, events, online, previous))
+                    task = loop.create_task(write(agg, prepared, events, online, previous, scorer))
                     in_flight.add(task)
                     task.add_done_callback(in_flight.discard)
                     older, previous = previous, task
@@ -243,6 +257,8 @@ def build_app(cfg: StreamConfig) -> faust.App:
         finally:
             if in_flight:
                 await asyncio.gather(*in_flight, return_exceptions=True)
+            if scorer is not None:
+                await scorer.models.stop()
             await agg.close()
 
     @app.on_partitions_revoked.connect
@@ -264,10 +280,30 @@ def build_app(cfg: StreamConfig) -> faust.App:
     return app
 
 
+async def make_stream_scorer(cfg: StreamConfig, agg: Aggregator, send) -> StreamScorer:
+    """The serving scorer over the worker's own store, with the current model (reloaded when it changes)."""
+    from serving.model_source import CurrentModelSource
+    from serving.models import ModelWatcher
+    from serving.scorer import Scorer
+
+    if cfg.models_dir is None:
+        from model.registry import models_dir
+
+        root = models_dir(get_settings().data_dir)
+    else:
+        root = cfg.models_dir
+    watcher = ModelWatcher(CurrentModelSource(root))
+    await asyncio.to_thread(watcher.load_now)
+    watcher.start()
+    return StreamScorer(Scorer(agg.store, watcher, timeout_s=5.0), watcher, send, scores_topic=cfg.scores_topic,
+                        alerts_topic=cfg.alerts_topic)
+
+
 def prepare(cfg: StreamConfig) -> None:
     """Before the worker starts: topics exist, metrics are served, a dead predecessor's spool is archived."""
     (cfg.datadir / cfg.group).mkdir(parents=True, exist_ok=True)
-    ensure_topics(cfg.bootstrap, {cfg.topic: cfg.partitions, cfg.dlq_topic: cfg.partitions})
+    ensure_topics(cfg.bootstrap, {name: cfg.partitions for name in (cfg.topic, cfg.dlq_topic, cfg.scores_topic,
+                                                                     cfg.alerts_topic)})
     if cfg.offline_dir is not None:
         rows = recover_spools(archive_dir(cfg.offline_dir))
         if rows:
@@ -350,6 +386,7 @@ def default_config(**overrides) -> StreamConfig:
     s = get_settings()
     base = StreamConfig(
         bootstrap=s.kafka.bootstrap, topic=s.kafka.topic_transactions, dlq_topic=s.kafka.topic_dlq,
+        scores_topic=s.kafka.topic_scores, alerts_topic=s.kafka.topic_alerts,
         partitions=s.kafka.partitions, redis=s.redis, allowed_lateness_ms=s.allowed_lateness_ms,
         retention_ms=s.event_retention_ms,
         max_future_ms=s.max_future_ms,

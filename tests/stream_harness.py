@@ -23,12 +23,18 @@ def free_port() -> int:
 
 class Worker:
     def __init__(self, *, topic: str, prefix: str, group: str, offline: Path, bootstrap: str,
-                 redis_port: int, log: Path, retention_ms: int | None = None) -> None:
+                 redis_port: int, log: Path, retention_ms: int | None = None, score: dict | None = None) -> None:
         self.args = [sys.executable, "-m", "velocity_cli", "stream", "--topic", topic, "--dlq-topic", f"{topic}.dlq",
                      "--group", group, "--key-prefix", prefix, "--offline-dir", str(offline),
                      "--batch-size", "500", "--log-level", "info"]
         if retention_ms is not None:  # reading old transactions back after a replay needs their events online
             self.args += ["--retention-ms", str(retention_ms)]
+        # Scoring is off unless a test asks for it with its own topics and model directory (never the shared ones).
+        if score is None:
+            self.args += ["--no-score"]
+        else:
+            self.args += ["--scores-topic", score["scores"], "--alerts-topic", score["alerts"],
+                          "--models-dir", str(score["models_dir"])]
         self.env = {**os.environ, "VELOCITY_ENTITY_SECRET": SECRET, "VELOCITY_KAFKA_BOOTSTRAP": bootstrap,
                     "VELOCITY_REDIS_PORT": str(redis_port), "VELOCITY_RUN_DIR": str(offline / "run")}
         self.log = log
