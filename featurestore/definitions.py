@@ -169,7 +169,8 @@ REGISTRY = Registry(
 )
 
 FEATURE_GROUPS: tuple[FeatureGroup, ...] = REGISTRY.groups
-#: The model's input columns, in order. Training and serving both build vectors from this tuple.
+#: The model's base input columns, in order. `velocity train` starts from these and adds other declared groups
+#: where validation shows they help; a trained model records its own feature list, which serving follows.
 MODEL_FEATURES: tuple[str, ...] = REGISTRY.model_features
 #: Every named value a score carries: the raw amount, both groups, and the ratios.
 ALL_FEATURES: tuple[str, ...] = REGISTRY.all_features

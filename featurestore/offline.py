@@ -103,7 +103,7 @@ def load_events(con: duckdb.DuckDBPyConnection, *, offline_dir: Path, history: P
             FROM read_parquet({files!r}, union_by_name = true)""")
         con.execute(f"CREATE OR REPLACE TEMP VIEW first_events AS {sql.dedup_sql('raw_events', 'seq, archived_ms')}")
         con.execute(f"CREATE OR REPLACE TEMP TABLE events AS {sql.arrival_order_sql('first_events')}")
-    n = con.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+    n = con.execute("SELECT COUNT(*) FROM events").fetchall()[0][0]  # fetchone would leave the result open
     if n == 0:
         raise OfflineError("the history is empty")
     return n

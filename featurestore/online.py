@@ -418,10 +418,8 @@ def newest_counted_ts(reply: Sequence, txn_id: str) -> int | None:
     """The newest event time among the stored window events that count for the read's transaction (on time,
     arrived before it, itself excluded), from a read reply; None when only the transaction itself counts."""
     stored, flat = reply[0], reply[1]
-    if stored:
-        seq = float((stored.decode() if isinstance(stored, bytes) else stored).split("|", 1)[0])
-    else:
-        seq = SEQ_LAST
+    text = stored.decode() if isinstance(stored, bytes) else stored
+    seq = float(text.split("|", 1)[0]) if text else SEQ_LAST
     newest = None
     for i in range(0, len(flat), 2):
         e = parse_member(flat[i], float(flat[i + 1]))
