@@ -18,7 +18,7 @@ err = Console(stderr=True)
 log = logging.getLogger(__name__)
 
 
-def _fail(message: str, code: int = 2) -> NoReturn:
+def fail(message: str, code: int = 2) -> NoReturn:
     """One line on stderr (no wrapping, no markup from the message), then exit with `code`."""
     err.print(f"[red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
     raise typer.Exit(code)
@@ -41,15 +41,16 @@ def _clear_errors() -> Iterator[None]:
     try:
         yield
     except (OfflineError, ArchiveError, HistoryError, OutputError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except (duckdb.IOException, duckdb.InvalidInputException) as exc:
         log.debug("DuckDB could not read the input", exc_info=True)
         first = " ".join(str(exc).split("\n\n", 1)[0].split())
-        _fail(f"DuckDB could not read the offline input ({first}); if it names a damaged file, move that file "
+        fail(f"DuckDB could not read the offline input ({first}); if it names a damaged file, move that file "
               "aside (out of the offline store) and rerun")
 
 
-def _date(value: str | None, flag: str) -> dt.date | None:
+def parse_date(value: str | None, flag: str) -> dt.date | None:
+    """A YYYY-MM-DD flag value (None stays None); a bad one is a usage error naming the flag."""
     if value is None:
         return None
     try:
@@ -108,7 +109,7 @@ def register(app: typer.Typer, features_app: typer.Typer) -> None:
         from featurestore.outputs import check_output_dir
 
         settings, root = _common(engine, offline_dir)
-        d, s, e = _date(date, "--date"), _date(start, "--start"), _date(end, "--end")
+        d, s, e = parse_date(date, "--date"), parse_date(start, "--start"), parse_date(end, "--end")
         if (d is None) == (s is None and e is None) or (d is None and (s is None or e is None)):
             raise typer.BadParameter("give --date D, or --start D1 --end D2")
         store = None
@@ -134,7 +135,7 @@ def register(app: typer.Typer, features_app: typer.Typer) -> None:
         except Exception as exc:
             if _redis_error(exc):
                 log.debug("Redis error", exc_info=True)
-                _fail(f"Redis at {settings.redis.host}:{settings.redis.port} is unreachable or failed "
+                fail(f"Redis at {settings.redis.host}:{settings.redis.port} is unreachable or failed "
                       f"({' '.join(str(exc).split())}); start it (`velocity services up`) or rerun with --no-online",
                       code=1)
             raise
@@ -160,7 +161,7 @@ def register(app: typer.Typer, features_app: typer.Typer) -> None:
         from featurestore.outputs import check_output_file
 
         settings, root = _common(engine, offline_dir)
-        first, last = _date(start, "--start"), _date(end, "--end")
+        first, last = parse_date(start, "--start"), parse_date(end, "--end")
         with _clear_errors():
             # Spark replaces a dataset folder it wrote before; any other folder is the user's and is refused.
             check_output_file(out, flag="--out", allow_dataset_dir=engine == "spark")

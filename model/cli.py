@@ -10,29 +10,16 @@ import datetime as dt
 import logging
 import math
 from pathlib import Path
-from typing import NoReturn
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
+from batch.cli import fail, parse_date
+
 err = Console(stderr=True)
 out = Console()
 log = logging.getLogger(__name__)
-
-
-def _fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"[red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
-    raise typer.Exit(code)
-
-
-def _date(value: str | None, flag: str) -> dt.date | None:
-    if value is None:
-        return None
-    try:
-        return dt.date.fromisoformat(value)
-    except ValueError:
-        raise typer.BadParameter(f"expected YYYY-MM-DD, got {value!r}", param_hint=flag) from None
 
 
 class _RichProgress:
@@ -164,7 +151,7 @@ def register(app: typer.Typer) -> None:
             source=Source(training_set=training_set, history=history, offline_dir=root, engine=engine, master=master),
             data_dir=settings.data_dir, models_dir=models_dir or default_models_dir(settings.data_dir),
             secret=settings.entity_secret, allowed_lateness_ms=settings.allowed_lateness_ms,
-            start=_date(start, "--start"), end=_date(end, "--end"), val_days=val_days, test_days=test_days,
+            start=parse_date(start, "--start"), end=parse_date(end, "--end"), val_days=val_days, test_days=test_days,
             device=device, tune_trials=tune, compare_imbalance=compare_imbalance, rule=ThresholdRule(max_fpr),
             seed=seed, make_current=use)
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -182,10 +169,10 @@ def register(app: typer.Typer) -> None:
                 bar.remove_task(step)
         except (DeviceError, TrainingDataError, OfflineError, ArchiveError, HistoryError, ModelError,
                 TrackingError, ValueError) as exc:
-            _fail(str(exc))
+            fail(str(exc))
         except (duckdb.IOException, duckdb.InvalidInputException) as exc:
             log.debug("DuckDB could not read the input", exc_info=True)
-            _fail(f"DuckDB could not read the offline input ({' '.join(str(exc).split())[:300]})")
+            fail(f"DuckDB could not read the offline input ({' '.join(str(exc).split())[:300]})")
         _summary(result)
 
     models = typer.Typer(help="List trained model versions and choose the one the scorer serves.",
@@ -243,7 +230,7 @@ def register(app: typer.Typer) -> None:
         try:
             model = use(version, root)
         except ModelError as exc:
-            _fail(str(exc))
+            fail(str(exc))
         out.print(f"current model: {model.version} (was {before or 'none'}); features {', '.join(model.features)}, "
                   f"threshold {model.threshold:.6f}", soft_wrap=True, highlight=False)
 
