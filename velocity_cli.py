@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from featurestore.cli import app as features_app
+from stores.cli import app as features_app
 
 app = typer.Typer(
     help="Velocity: a streaming feature store with real-time card-fraud scoring.\n\n"
@@ -20,11 +20,10 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from velocity_scripts.cli import app as services_app
-
     from batch.cli import register as register_batch
     from ingest.cli import register as register_ingest
     from model.cli import register as register_model
+    from services.cli import app as services_app
     from serving.cli import register as register_serving
     from streaming.cli import register as register_streaming
 

@@ -29,14 +29,14 @@ def _clear_errors() -> Iterator[None]:
     """Bad input in the offline store, a history file or an output path: a one-line message and exit 2.
 
     The DuckDB errors caught are the ones a damaged Parquet file raises while its rows are read (the footer
-    check in featurestore.archive catches most damage before); the traceback is logged at DEBUG.
+    check in stores.archive catches most damage before); the traceback is logged at DEBUG.
     """
     import duckdb
 
-    from featurestore.archive import ArchiveError
-    from featurestore.history import HistoryError
-    from featurestore.offline import OfflineError
-    from featurestore.outputs import OutputError
+    from stores.archive import ArchiveError
+    from stores.history import HistoryError
+    from stores.offline_files import OfflineError
+    from stores.outputs import OutputError
 
     try:
         yield
@@ -104,9 +104,9 @@ def register(app: typer.Typer, features_app: typer.Typer) -> None:
         Bad input (a damaged archive file, a bad --history file, an unwritable --offline-dir) stops the run
         before anything is written, with a one-line message and exit code 2; Redis unreachable exits 1.
         """
-        from batch.jobs import dates_between, open_engine, run_snapshots
-        from featurestore.online import OnlineStore
-        from featurestore.outputs import check_output_dir
+        from batch.engines import dates_between, open_engine, run_snapshots
+        from stores.outputs import check_output_dir
+        from stores.redis_online import OnlineStore
 
         settings, root = _common(engine, offline_dir)
         d, s, e = parse_date(date, "--date"), parse_date(start, "--start"), parse_date(end, "--end")
@@ -157,8 +157,8 @@ def register(app: typer.Typer, features_app: typer.Typer) -> None:
 
         Written atomically: a failed run leaves no partial file. Bad input exits 2 with a one-line message.
         """
-        from batch.jobs import build_training_set, open_engine
-        from featurestore.outputs import check_output_file
+        from batch.engines import build_training_set, open_engine
+        from stores.outputs import check_output_file
 
         settings, root = _common(engine, offline_dir)
         first, last = parse_date(start, "--start"), parse_date(end, "--end")

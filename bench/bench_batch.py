@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from batch.jobs import build_training_set, dates_between, open_engine, run_snapshots
+from batch.engines import build_training_set, dates_between, open_engine, run_snapshots
 from bench.results import update
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,9 +15,9 @@ import uuid
 from pathlib import Path
 
 from bench.results import update
-from featurestore.history import load_history
 from ingest.generate import GenerateConfig, generate_history, write_history
 from ingest.replay import replay_table
+from stores.history import load_history
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -43,7 +43,7 @@ PEAK_RSS_MB: dict[str, float] = {}
 
 
 def backfill(history: Path, offline: Path) -> tuple[float, dt.date, dt.date]:
-    from batch.jobs import dates_between, open_engine, run_snapshots
+    from batch.engines import dates_between, open_engine, run_snapshots
 
     shutil.rmtree(offline, ignore_errors=True)  # a snapshot layout from older code must not be reused
     t0 = time.perf_counter()

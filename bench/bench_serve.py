@@ -53,7 +53,8 @@ def seed_online_state(prefix: str, pans: list[str], secret: str, rng: np.random.
     """Each card: a few transactions in the last 10 minutes, and a 1-week snapshot row."""
     from featurestore.config import RedisSettings
     from featurestore.entity import entity_key
-    from featurestore.online import EventWrite, OnlineStore
+    from featurestore.state import EventWrite
+    from stores.redis_online import OnlineStore
 
     store = OnlineStore(RedisSettings(), prefix=prefix)
     now = int(time.time() * 1000)
@@ -220,7 +221,7 @@ def main() -> None:
 
     from bench.results import update
     from featurestore.config import KafkaSettings, RedisSettings
-    from featurestore.online import delete_prefix
+    from stores.redis_online import delete_prefix
 
     rng = np.random.default_rng(7)
     secret = "bench-serve-secret"

@@ -29,7 +29,7 @@ from kafka import KafkaProducer
 
 from bench.results import update
 from featurestore.entity import EntityKeyer
-from featurestore.topics import ensure_topics
+from stores.kafka_topics import ensure_topics
 
 REPO = Path(__file__).resolve().parent.parent
 BOOT = os.environ.get("VELOCITY_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
@@ -76,7 +76,8 @@ def messages(n: int, cards: int, t0: int, keyer: EntityKeyer, live: bool = False
 
 def redis_ceiling(n: int, cards: int, keyer: EntityKeyer, prefix: str, batch: int = 2000) -> float:
     """Events/s of the worker's Redis writes from a bare loop: same events, same Lua, same batch size, no Kafka."""
-    from featurestore.online import EventWrite, OnlineStore
+    from featurestore.state import EventWrite
+    from stores.redis_online import OnlineStore
 
     pans = [f"4{i:015d}" for i in range(cards)]
     keys = [keyer(p) for p in pans]
@@ -107,7 +108,7 @@ def clean_up(topic: str, prefix: str, offline: Path) -> None:
     from kafka import KafkaAdminClient
 
     from featurestore.config import RedisSettings
-    from featurestore.online import delete_prefix
+    from stores.redis_online import delete_prefix
 
     client = redis.Redis(**RedisSettings().client_kwargs())
     delete_prefix(client, prefix)

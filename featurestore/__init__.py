@@ -1,4 +1,5 @@
-"""The shared core: feature definitions, entity keys, window and ratio semantics, online and offline stores.
+"""The feature model: declarations, entity keys, event validation, window and ratio semantics, generated SQL.
 
-Every other package (ingest, streaming, batch, serving) imports from here; nothing here imports them.
+Nothing here opens a socket or a file; the stores (`stores/`), the stream worker, the batch job and the scorer
+implement what is declared here, and every dependency points this way.
 """

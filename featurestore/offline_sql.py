@@ -221,6 +221,6 @@ def training_sql(features: str = "f10", registry: Registry = REGISTRY) -> str:
     """The point-in-time training rows from a materialized `features_in_range_sql` relation, on either engine.
 
     Expects `snap` (the snapshots' rows), `snap_days` and `snap_cutoffs` to be registered (see
-    `featurestore.offline.snapshot_tables`).
+    `stores.offline_files.snapshot_tables`).
     """
     return training_select_sql(f"({asof_sql(features)})", registry)

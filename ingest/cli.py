@@ -99,8 +99,8 @@ def register(app: typer.Typer) -> None:
 
         from featurestore.config import get_settings
         from featurestore.entity import redact_pans, warn_if_default_secret
-        from featurestore.history import HistoryError, load_history
         from ingest.replay import ReplayError, check_rows, replay_table
+        from stores.history import HistoryError, load_history
 
         settings = get_settings()
         warn_if_default_secret(settings.entity_secret, "replay")

@@ -101,8 +101,8 @@ OUTPUT_SUFFIXES = {".parquet": "parquet", ".csv": "csv"}
 
 def output_format(path: Path, fmt: str | None = None) -> str:
     """The format to write `path` in, checked before any work: a known extension, a matching --format, and a
-    path that can be written. Raises ValueError (featurestore.outputs.OutputError for the path) otherwise."""
-    from featurestore.outputs import check_output_file
+    path that can be written. Raises ValueError (stores.outputs.OutputError for the path) otherwise."""
+    from stores.outputs import check_output_file
 
     path = Path(path)
     if fmt is not None and fmt not in ("parquet", "csv"):

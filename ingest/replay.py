@@ -292,7 +292,7 @@ def replay_table(table: pa.Table, *, bootstrap: str, topic: str, secret: str, sp
     Refused (ReplayError, before connecting to Kafka) when `limit` or `start_at` is negative or a row in the range
     would be dead-lettered by the stream worker (`check_rows`, against the clock now and `max_future_ms`).
     """
-    from featurestore.topics import ensure_topics
+    from stores.kafka_topics import ensure_topics
 
     if limit is not None and limit < 0:
         raise ReplayError(f"--limit must be 0 or more, got {limit}")
@@ -391,6 +391,6 @@ def _partition_count(bootstrap: str, topic: str) -> int:
 
 
 def replay_file(path, **kwargs) -> ReplayStats:
-    from featurestore.history import load_history
+    from stores.history import load_history
 
     return replay_table(load_history(path), **kwargs)  # in file order: the row order is the stream order

@@ -124,10 +124,7 @@ def register(app: typer.Typer) -> None:
         """
         import duckdb
 
-        from featurestore.archive import ArchiveError
         from featurestore.config import get_settings
-        from featurestore.history import HistoryError
-        from featurestore.offline import OfflineError
         from model.data import Source, TrainingDataError
         from model.device import DeviceError
         from model.metrics import ThresholdRule
@@ -136,6 +133,9 @@ def register(app: typer.Typer) -> None:
         from model.registry import ModelError
         from model.registry import models_dir as default_models_dir
         from model.tracking import TrackingError
+        from stores.archive import ArchiveError
+        from stores.history import HistoryError
+        from stores.offline_files import OfflineError
 
         settings = get_settings()
         if engine not in ("duckdb", "spark"):

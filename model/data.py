@@ -139,7 +139,7 @@ def load(source: Source, *, start: dt.date | None, end: dt.date | None, secret: 
     if source.training_set is not None:
         table = _read_parquet(source.training_set, start, end)
         return _to_data(table, start, end, source.describe())
-    from batch.jobs import build_training_set, open_engine
+    from batch.engines import build_training_set, open_engine
 
     eng = open_engine(source.engine, offline_dir=source.offline_dir, history=source.history, secret=secret,
                       master=source.master, allowed_lateness_ms=allowed_lateness_ms)

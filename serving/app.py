@@ -25,13 +25,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from featurestore.config import Settings, get_settings
 from featurestore.entity import EntityKeyer, install_pan_redaction, luhn_valid
 from featurestore.events import is_entity_key
-from featurestore.online import AsyncOnlineStore
 from serving.metrics import ApiMetrics
 from serving.models import ModelSource, ModelWatcher
 from serving.publisher import Publisher
 from serving.recorder import ScoreRecorder
 from serving.scorer import ModelUnavailable, RedisUnavailable, Scored, Scorer, now_ms
 from serving.validation import BadInput, TooMany, transactions_from_json
+from stores.redis_online import AsyncOnlineStore
 
 log = logging.getLogger(__name__)
 
@@ -425,7 +425,7 @@ def _mask_safe_access_log() -> None:
 
 async def _ensure_topics(settings: Settings) -> None:
     """Create the product's topics if missing (best effort, in the background: Kafka is not required)."""
-    from featurestore.topics import ensure_topics, product_topics
+    from stores.kafka_topics import ensure_topics, product_topics
 
     with contextlib.suppress(Exception):
         await asyncio.to_thread(ensure_topics, settings.kafka.bootstrap, product_topics(settings.kafka), 5_000,

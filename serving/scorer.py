@@ -1,6 +1,6 @@
 """The scorer: one transaction -> its features (one Redis round trip) -> the ratios -> the model's row -> a score.
 
-Everything that defines a feature lives in `featurestore/`: the read script and its fold (`featurestore.online`),
+Everything that defines a feature lives in `featurestore/`: the read script and its fold (`stores.redis_online`),
 the ratios (`featurestore.ratios.compute_ratios`, the function training uses). This module only puts the values
 in the model's recorded order and asks the booster, in place, on a preallocated row (no per-request DMatrix).
 """
@@ -17,9 +17,9 @@ import numpy as np
 
 from featurestore.definitions import REGISTRY, Registry
 from featurestore.events import Transaction
-from featurestore.online import AsyncOnlineStore, OnlineFeatures, fold_read, newest_counted_ts
 from featurestore.ratios import compute_ratios
 from serving.models import ModelWatcher, ServingModel
+from stores.redis_online import AsyncOnlineStore, OnlineFeatures, fold_read, newest_counted_ts
 
 FRAUD = "FRAUD"
 NOT_FRAUD = "NOT_FRAUD"

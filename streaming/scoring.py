@@ -15,10 +15,10 @@ from collections.abc import Awaitable, Callable
 import orjson
 
 from featurestore.events import Transaction
-from featurestore.stream_batch import PreparedBatch
 from serving.models import ModelWatcher
 from serving.scorer import FRAUD, ModelUnavailable, RedisUnavailable, Scorer
 from streaming import metrics
+from streaming.batch_prep import PreparedBatch
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import faust
 from prometheus_client import Counter
 
-from featurestore.archive import ArchiveWriter, archive_dir, recover_spools
 from featurestore.config import RedisSettings, get_settings
 from featurestore.definitions import DEFAULT_ALLOWED_LATENESS_MS, DEFAULT_MAX_FUTURE_MS
 from featurestore.entity import (
@@ -23,11 +22,12 @@ from featurestore.entity import (
     warn_if_default_secret,
 )
 from featurestore.events import dead_letter
-from featurestore.online import DEFAULT_RETENTION_MS, AsyncOnlineStore
-from featurestore.stream_batch import RawMessage
-from featurestore.topics import ensure_topics
+from stores.archive import ArchiveWriter, archive_dir, recover_spools
+from stores.kafka_topics import ensure_topics
+from stores.redis_online import DEFAULT_RETENTION_MS, AsyncOnlineStore
 from streaming import metrics
-from streaming.aggregator import Aggregator
+from streaming.batch_prep import RawMessage
+from streaming.batch_sink import BatchSink
 from streaming.faust_lean import LeanDrainApp, RawBytesSchema, WebViewlessMonitor
 from streaming.scoring import StreamScorer
 
@@ -73,13 +73,13 @@ class StreamConfig:
     datadir: Path = Path(".velocity/faust")
 
 
-def make_aggregator(cfg: StreamConfig, dlq_send) -> Aggregator:
+def make_batch_sink(cfg: StreamConfig, dlq_send) -> BatchSink:
     store = AsyncOnlineStore(cfg.redis, prefix=cfg.key_prefix, allowed_lateness_ms=cfg.allowed_lateness_ms,
                              retention_ms=cfg.retention_ms)
     archive = None
     if cfg.offline_dir is not None:
         archive = ArchiveWriter(cfg.offline_dir, roll_bytes=cfg.archive_roll_bytes, roll_seconds=cfg.archive_roll_s)
-    return Aggregator(store, EntityKeyer(cfg.entity_secret), dlq_send, archive, max_future_ms=cfg.max_future_ms)
+    return BatchSink(store, EntityKeyer(cfg.entity_secret), dlq_send, archive, max_future_ms=cfg.max_future_ms)
 
 
 def build_app(cfg: StreamConfig) -> faust.App:
@@ -179,7 +179,7 @@ def build_app(cfg: StreamConfig) -> faust.App:
                               DLQ_SEND_ATTEMPTS, cfg.dlq_topic, problem, redact_pans(detail)[:200],
                               redact_pans_bytes(bytes((msg.value or b"")[:200])))
 
-    async def write(agg: Aggregator, prepared, events: list, online: asyncio.Future,
+    async def write(agg: BatchSink, prepared, events: list, online: asyncio.Future,
                     previous: asyncio.Task | None, scorer: StreamScorer | None) -> None:
         """One batch: Redis (then `online` resolves), archive, DLQ, metrics and scores, then ack in batch order.
 
@@ -219,7 +219,7 @@ def build_app(cfg: StreamConfig) -> faust.App:
         # what arrived is written at once. Acks are manual, after the batch is in Redis and archived, so a crash
         # never commits an unprocessed offset. The aggregator lives and dies with the agent: created in the
         # running loop (its asyncio Redis client binds to it) and closed only once the last write is done.
-        agg = make_aggregator(cfg, dlq_send)
+        agg = make_batch_sink(cfg, dlq_send)
         scorer = await make_stream_scorer(cfg, agg, send_output) if cfg.score else None
         manual = stream.noack()
         arrived = manual.channel.queue
@@ -280,7 +280,7 @@ def build_app(cfg: StreamConfig) -> faust.App:
     return app
 
 
-async def make_stream_scorer(cfg: StreamConfig, agg: Aggregator, send) -> StreamScorer:
+async def make_stream_scorer(cfg: StreamConfig, agg: BatchSink, send) -> StreamScorer:
     """The serving scorer over the worker's own store, with the current model (reloaded when it changes)."""
     from serving.model_source import CurrentModelSource
     from serving.models import ModelWatcher

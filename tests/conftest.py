@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def services():
     """Make sure Kafka and Redis answer; start them with `velocity services up` logic if not."""
-    from velocity_scripts.services import ServiceConfig, port_open, up
+    from services.manager import ServiceConfig, port_open, up
 
     kafka_port = int(os.environ.get("VELOCITY_KAFKA_PORT", "9092"))
     redis_port = int(os.environ.get("VELOCITY_REDIS_PORT", "6379"))
@@ -40,7 +40,7 @@ def key_prefix(redis_settings):
 
     prefix = f"test:{uuid.uuid4().hex[:12]}"
     yield prefix
-    from featurestore.online import delete_prefix
+    from stores.redis_online import delete_prefix
 
     client = redis.Redis(**redis_settings.client_kwargs())
     delete_prefix(client, prefix)
@@ -49,7 +49,7 @@ def key_prefix(redis_settings):
 
 @pytest.fixture
 def online_store(redis_settings, key_prefix):
-    from featurestore.online import OnlineStore
+    from stores.redis_online import OnlineStore
 
     store = OnlineStore(redis_settings, prefix=key_prefix)
     yield store
@@ -70,7 +70,7 @@ def make_topic(kafka_admin):
     """Create uniquely named topics for one test; delete them afterwards."""
     from kafka.admin import NewTopic
 
-    from featurestore.topics import topic_configs
+    from stores.kafka_topics import topic_configs
 
     created: list[str] = []
 

@@ -14,12 +14,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batch.jobs import open_engine, run_snapshots
-from featurestore.archive import read_archive
+from batch.engines import open_engine, run_snapshots
 from featurestore.entity import EntityKeyer
-from featurestore.offline import cutoff_ms_of
-from featurestore.online import OnlineStore
-from featurestore.topics import ensure_topics
+from stores.archive import read_archive
+from stores.kafka_topics import ensure_topics
+from stores.offline_files import cutoff_ms_of
+from stores.redis_online import OnlineStore
 from tests import oracle, synthetic
 from tests.conftest import REPO
 from tests.helpers import wait_until
@@ -47,7 +47,7 @@ def _recreate(kafka_admin, topic: str, partitions: int) -> None:
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
-    from featurestore.topics import topic_configs
+    from stores.kafka_topics import topic_configs
 
     kafka_admin.delete_topics([topic])
     wait_until(lambda: topic not in kafka_admin.list_topics(), timeout=30, what=f"{topic} to be deleted")
@@ -146,7 +146,7 @@ def _count_shown(out: str) -> int:
 
 @pytest.mark.e2e
 def test_features_get_reads_a_stored_transaction_as_scored_and_refuses_beyond_retention(services, online_store):
-    from featurestore.online import EventWrite
+    from featurestore.state import EventWrite
 
     store, card, t = online_store, "f" * 32, 1_600_000_000_000
     store.retention = 2 * W

@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batch.jobs import open_engine, run_snapshots
-from featurestore.archive import ARCHIVE_SCHEMA
+from batch.engines import open_engine, run_snapshots
 from featurestore.entity import EntityKeyer
-from featurestore.offline import OfflineError, cutoff_ms_of, read_snapshots
+from stores.archive import ARCHIVE_SCHEMA
+from stores.offline_files import OfflineError, cutoff_ms_of, read_snapshots
 from tests import oracle, synthetic
 
 SECRET = "batch-test-secret"
@@ -222,7 +222,7 @@ def test_errors_are_clear_and_write_nothing(history_file, tmp_path):
     with pytest.raises(OfflineError, match="no transactions in the week before 2021-06-01"):
         run_snapshots(eng, [dt.date(2020, 1, 5), dt.date(2021, 6, 1)], offline_dir=tmp_path)
     # A training set written to a folder, or under a regular file: a clear error, nothing half-written.
-    from batch.jobs import build_training_set
+    from batch.engines import build_training_set
 
     (tmp_path / "a_folder").mkdir()
     (tmp_path / "a_file").write_text("x")

@@ -41,7 +41,7 @@ def _garbage(path: Path) -> Path:
 
 
 def _good_archive_file(path: Path) -> Path:
-    from featurestore.archive import ARCHIVE_SCHEMA
+    from stores.archive import ARCHIVE_SCHEMA
 
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(ARCHIVE_SCHEMA.empty_table(), path)
@@ -68,7 +68,7 @@ def history(tmp_path) -> Path:
 
 @pytest.mark.unit
 def test_archive_files_checks_every_footer_and_names_the_bad_file(tmp_path):
-    from featurestore.archive import ArchiveError, archive_files
+    from stores.archive import ArchiveError, archive_files
 
     assert archive_files(tmp_path) == []
     good = _good_archive_file(tmp_path / "archive" / "date=2020-01-02" / "part-a.parquet")
@@ -89,7 +89,7 @@ def test_archive_files_checks_every_footer_and_names_the_bad_file(tmp_path):
 
 @pytest.mark.unit
 def test_a_damaged_history_file_is_named(tmp_path):
-    from featurestore.history import HistoryError, load_history
+    from stores.history import HistoryError, load_history
 
     bad = _garbage(tmp_path / "history.parquet")
     with pytest.raises(HistoryError) as info:
@@ -109,7 +109,7 @@ def test_a_damaged_history_file_is_named(tmp_path):
 
 @pytest.mark.unit
 def test_output_checks_refuse_before_work_and_leave_nothing(tmp_path):
-    from featurestore.outputs import OutputError, check_output_dir, check_output_file
+    from stores.outputs import OutputError, check_output_dir, check_output_file
 
     a_file = tmp_path / "plain.txt"
     a_file.write_text("x")
@@ -147,8 +147,8 @@ def test_output_checks_refuse_before_work_and_leave_nothing(tmp_path):
 
 @pytest.mark.unit
 def test_write_frame_fails_clearly_and_leaves_no_temp_file(tmp_path, monkeypatch):
-    from featurestore import offline
-    from featurestore.offline import OfflineError, write_frame
+    from stores import offline_files
+    from stores.offline_files import OfflineError, write_frame
 
     frame = pd.DataFrame({"a": [1, 2, 3]})
     with pytest.raises(OfflineError, match="is a folder"):
@@ -162,7 +162,7 @@ def test_write_frame_fails_clearly_and_leaves_no_temp_file(tmp_path, monkeypatch
         Path(where).write_bytes(b"PAR1 half a file")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(offline.pq, "write_table", half_then_disk_full)
+    monkeypatch.setattr(offline_files.pq, "write_table", half_then_disk_full)
     with pytest.raises(OfflineError, match="No space left on device"):
         write_frame(frame, tmp_path / "t.parquet")
     monkeypatch.undo()
@@ -378,14 +378,14 @@ _NUM = r"([0-9]+(?:\.[0-9]+)?)"
 def test_retry_log_is_measured_and_throttled(caplog):
     import redis
 
-    from streaming.aggregator import Aggregator, redis_unavailable
+    from streaming.batch_sink import BatchSink, redis_unavailable
 
     assert redis_unavailable(redis.exceptions.ConnectionError("x")) and redis_unavailable(TimeoutError())
     assert not redis_unavailable(redis.exceptions.ResponseError("ERR bad script"))
     store = _FlakyStore(fails=12, attempt_s=0.2)
-    agg = Aggregator(store, str, _no_dlq, None, max_backoff_s=0.05)
+    agg = BatchSink(store, str, _no_dlq, None, max_backoff_s=0.05)
     agg.redis_watch.log_every_s = 1.0
-    caplog.set_level(logging.INFO, logger="streaming.aggregator")
+    caplog.set_level(logging.INFO, logger="streaming.batch_sink")
     failures0 = _sample("velocity_stream_redis_write_failures_total")
     t0 = time.monotonic()
     assert asyncio.run(agg._apply_with_retry([1, 2, 3])) == [None] * 3
@@ -412,13 +412,13 @@ def test_retry_log_is_measured_and_throttled(caplog):
 def test_a_request_error_is_not_retried():
     import redis
 
-    from streaming.aggregator import Aggregator
+    from streaming.batch_sink import BatchSink
 
     class Broken(_FlakyStore):
         async def apply_events(self, writes):
             raise redis.exceptions.ResponseError("ERR Error running script")
 
-    agg = Aggregator(Broken(0, 0), str, _no_dlq, None)
+    agg = BatchSink(Broken(0, 0), str, _no_dlq, None)
     with pytest.raises(redis.exceptions.ResponseError):
         asyncio.run(agg._apply_with_retry([1]))
 
@@ -427,7 +427,7 @@ def test_a_request_error_is_not_retried():
 def test_a_marker_check_that_is_refused_never_fails_a_batch(caplog):
     import redis
 
-    from streaming.aggregator import Aggregator
+    from streaming.batch_sink import BatchSink
 
     class NoPermission(_FakeRedis):
         calls = 0
@@ -438,9 +438,9 @@ def test_a_marker_check_that_is_refused_never_fails_a_batch(caplog):
 
     store = _FlakyStore(fails=0, attempt_s=0)
     store.redis = NoPermission()
-    agg = Aggregator(store, str, _no_dlq, None)
+    agg = BatchSink(store, str, _no_dlq, None)
     agg.redis_watch.check_every_s = 0.0
-    caplog.set_level(logging.INFO, logger="streaming.aggregator")
+    caplog.set_level(logging.INFO, logger="streaming.batch_sink")
 
     async def three_batches():
         return [await agg._apply_with_retry([1]) for _ in range(3)]
@@ -496,7 +496,7 @@ def private_redis(tmp_path):
 def _messages(n: int, start: int = 0):
     import orjson
 
-    from featurestore.stream_batch import RawMessage
+    from streaming.batch_prep import RawMessage
 
     now = int(time.time() * 1000)
     return [RawMessage(PAN.encode(), orjson.dumps({
@@ -504,14 +504,14 @@ def _messages(n: int, start: int = 0):
         "merchant": "m", "category": "c"}), 0, start + i, now) for i in range(n)]
 
 
-def _aggregator(port: int, prefix: str):
+def _batch_sink(port: int, prefix: str):
     from featurestore.config import RedisSettings
     from featurestore.entity import EntityKeyer
-    from featurestore.online import AsyncOnlineStore
-    from streaming.aggregator import Aggregator
+    from stores.redis_online import AsyncOnlineStore
+    from streaming.batch_sink import BatchSink
 
     settings = RedisSettings(port=port, socket_timeout_s=0.5, connect_timeout_s=0.5)
-    return Aggregator(AsyncOnlineStore(settings, prefix=prefix), EntityKeyer("test-clear-errors"), _no_dlq, None,
+    return BatchSink(AsyncOnlineStore(settings, prefix=prefix), EntityKeyer("test-clear-errors"), _no_dlq, None,
                       max_backoff_s=0.5)
 
 
@@ -522,12 +522,12 @@ def test_redis_outage_log_is_truthful_and_an_empty_restart_is_reported(private_r
     prefix = f"test:{uuid.uuid4().hex[:8]}"
     marker = f"{prefix}:meta:instance"
     client = redis.Redis(port=private_redis.port)
-    caplog.set_level(logging.INFO, logger="streaming.aggregator")
+    caplog.set_level(logging.INFO, logger="streaming.batch_sink")
     lost0 = _sample("velocity_stream_redis_data_lost_total")
     failures0 = _sample("velocity_stream_redis_write_failures_total")
 
     async def scenario():
-        agg = _aggregator(private_redis.port, prefix)
+        agg = _batch_sink(private_redis.port, prefix)
         agg.redis_watch.log_every_s = 0.0  # log every attempt, to check each line against the clock
         statuses, _ = await agg.write_online(agg.prepare(_messages(5)))
         assert len(statuses) == 5
@@ -550,7 +550,7 @@ def test_redis_outage_log_is_truthful_and_an_empty_restart_is_reported(private_r
 
     statuses, wall_call, t_restart, took = asyncio.run(scenario())
     assert len(statuses) == 7, "the held batch is written once Redis is back"
-    records = [r for r in caplog.records if r.name == "streaming.aggregator"]
+    records = [r for r in caplog.records if r.name == "streaming.batch_sink"]
     fails = [r for r in records if "write failed" in r.getMessage() or "still unavailable" in r.getMessage()]
     assert fails, [r.getMessage() for r in records]
     # Every failure line: the attempt's own duration and the next delay are what the clock says.
@@ -585,11 +585,11 @@ def test_an_emptied_redis_is_noticed_without_an_error_by_every_worker(private_re
 
     prefix = f"test:{uuid.uuid4().hex[:8]}"
     client = redis.Redis(port=private_redis.port)
-    caplog.set_level(logging.INFO, logger="streaming.aggregator")
+    caplog.set_level(logging.INFO, logger="streaming.batch_sink")
     lost0 = _sample("velocity_stream_redis_data_lost_total")
 
     async def scenario():
-        a, b = _aggregator(private_redis.port, prefix), _aggregator(private_redis.port, prefix)
+        a, b = _batch_sink(private_redis.port, prefix), _batch_sink(private_redis.port, prefix)
         for agg in (a, b):
             agg.redis_watch.check_every_s = 0.5
             await agg.write_online(agg.prepare(_messages(3)))

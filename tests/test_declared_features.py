@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batch.jobs import open_engine, run_snapshots
+from batch.engines import open_engine, run_snapshots
 from featurestore.definitions import (
     CARD_AGG_1W,
     CARD_AGG_10M,
@@ -25,9 +25,10 @@ from featurestore.definitions import (
     Registry,
 )
 from featurestore.entity import EntityKeyer
-from featurestore.offline import cutoff_ms_of
 from featurestore.offline_sql import training_columns
-from featurestore.online import EventWrite, OnlineStore
+from featurestore.state import EventWrite
+from stores.offline_files import cutoff_ms_of
+from stores.redis_online import OnlineStore
 from tests import oracle, synthetic
 
 SECRET = "declared-secret"
@@ -165,7 +166,7 @@ def test_new_aggregates_online_equal_the_oracle(rows, history_file, tmp_path, re
             bad += [(r["txn_id"], k, got[k], v) for k, v in want[r["txn_id"]].items() if not same(v, got[k])]
         assert not bad, f"{len(bad)} differences, e.g. {bad[:5]}"
     finally:
-        from featurestore.online import delete_prefix
+        from stores.redis_online import delete_prefix
 
         delete_prefix(store.redis, prefix)
         store.close()

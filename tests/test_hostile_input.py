@@ -25,11 +25,11 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 
-from featurestore.archive import archive_dir, read_archive
 from featurestore.entity import EntityKeyer, redact_pans
 from featurestore.events import DLQ_MAX_KEY_BYTES, DLQ_MAX_VALUE_BYTES
-from featurestore.online import OnlineStore
-from featurestore.topics import topic_configs
+from stores.archive import archive_dir, read_archive
+from stores.kafka_topics import topic_configs
+from stores.redis_online import OnlineStore
 from tests.conftest import REPO
 from tests.helpers import wait_until
 from tests.stream_harness import SECRET, Worker, wait_committed

@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from featurestore.entity import EntityKeyer
-from featurestore.history import HistoryError, load_history
 from ingest.generate import SCHEMA, GenerateConfig, generate_history, write_history
 from ingest.profiles import luhn_valid
 from ingest.replay import ReplayError, check_rows, native_crc_available, replay_table
+from stores.history import HistoryError, load_history
 from tests.conftest import REPO
 
 SMALL = GenerateConfig(cards=300, days=20, start=dt.date(2020, 3, 1), seed=5, fraud_rate=0.01)
@@ -259,8 +259,8 @@ def test_replay_survives_a_broker_restart_mid_run(services, small, tmp_path):
 
     import orjson
     from kafka import KafkaConsumer
-    from velocity_scripts.services import ServiceConfig, _stop, kafka_up, port_open
 
+    from services.manager import ServiceConfig, _stop, kafka_up, port_open
     from tests.helpers import wait_until
 
     port = _free_port_pair()

@@ -168,7 +168,7 @@ def test_device_cuda_without_a_gpu_is_an_error_not_a_fallback() -> None:
 @pytest.mark.integration
 def test_spark_builds_the_same_training_rows_for_the_model(tmp_path) -> None:
     """`velocity train --engine spark`: the executors write Parquet, the model reads it back like DuckDB's frame."""
-    from batch.jobs import dates_between, open_engine, run_snapshots
+    from batch.engines import dates_between, open_engine, run_snapshots
     from ingest.generate import GenerateConfig, generate_history, write_history
 
     history = tmp_path / "h.parquet"
@@ -229,7 +229,7 @@ def test_training_on_cuda_uses_the_gpu_and_scores_like_the_cpu() -> None:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> dict:
     """A generated history and every night's 1-week snapshot, keyed with SECRET."""
-    from batch.jobs import dates_between, open_engine, run_snapshots
+    from batch.engines import dates_between, open_engine, run_snapshots
     from ingest.generate import GenerateConfig, generate_history, write_history
 
     root = tmp_path_factory.mktemp("model")

@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batch.jobs import open_engine, run_snapshots
-from featurestore.archive import ARCHIVE_SCHEMA
+from batch.engines import open_engine, run_snapshots
+from stores.archive import ARCHIVE_SCHEMA
 from tests import oracle
 from tests.oracle import Arrival
 

@@ -10,7 +10,8 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from featurestore.online import ApplyStatus, EventWrite, OnlineStore, delete_prefix
+from featurestore.state import ApplyStatus, EventWrite
+from stores.redis_online import OnlineStore, delete_prefix
 from tests import oracle
 from tests.oracle import Arrival
 
@@ -122,7 +123,7 @@ def test_txn_id_with_separators_keeps_its_late_flag_structurally(online_store):
 
 def test_future_stamped_event_cannot_make_real_events_late(online_store):
     """An event a day ahead (inside the accepted bound) must not push the card's lateness horizon past now."""
-    from featurestore.online import now_ms
+    from stores.redis_online import now_ms
 
     store = online_store
     store.lateness = W
@@ -201,7 +202,7 @@ def test_snapshot_as_of_and_atomic_replace(online_store):
 
 def test_snapshot_visibility_late_publish_and_missed_night(online_store):
     """A snapshot counts for a transaction only once published before it arrived; the latest stays online."""
-    from featurestore.online import KEEP_LATEST_S, now_ms
+    from stores.redis_online import KEEP_LATEST_S, now_ms
 
     store = online_store
     day = 86_400_000
@@ -223,7 +224,7 @@ def test_snapshot_visibility_late_publish_and_missed_night(online_store):
 
 
 def test_read_of_an_expired_snapshot_says_so(online_store):
-    from featurestore.online import SnapshotEntry
+    from stores.redis_online import SnapshotEntry
 
     store = online_store
     store.write_snapshot(BASE, [("c", 1, 100)], published_ms=BASE)

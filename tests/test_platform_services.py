@@ -11,7 +11,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
 from featurestore.entity import RedactPANFilter, entity_key, install_pan_redaction
-from featurestore.online import EventWrite
+from featurestore.state import EventWrite
 from tests.conftest import REPO
 
 PAN = "4539578763621486"
@@ -39,7 +39,7 @@ def test_topics_keep_old_event_time_messages(services, kafka_admin):
     # Replayed history is stamped with its (old) event time; time-based retention would delete it within minutes.
     from kafka.admin import ConfigResource, ConfigResourceType
 
-    from featurestore.topics import ensure_topics
+    from stores.kafka_topics import ensure_topics
 
     name = f"test.retention.{uuid.uuid4().hex[:10]}"
     assert ensure_topics(services["bootstrap"], {name: 1}) == [name]

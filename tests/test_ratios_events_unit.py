@@ -31,7 +31,7 @@ from featurestore.events import (
     validate_transaction,
 )
 from featurestore.ratios import compute_ratios, safe_ratio
-from featurestore.stream_batch import RawMessage, prepare_batch
+from streaming.batch_prep import RawMessage, prepare_batch
 
 pytestmark = pytest.mark.unit
 

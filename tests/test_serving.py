@@ -96,8 +96,8 @@ def stack(services, kafka_admin, tmp_path_factory):
     """One server process for the module, with its own Redis prefix, topics and model directory."""
     from kafka.admin import NewTopic
 
-    from featurestore.online import delete_prefix
-    from featurestore.topics import topic_configs
+    from stores.kafka_topics import topic_configs
+    from stores.redis_online import delete_prefix
 
     folder = tmp_path_factory.mktemp("serving")
     tag = uuid.uuid4().hex[:10]
@@ -274,8 +274,9 @@ def test_every_bad_body_gets_its_4xx_naming_the_field(stack):
 
 @pytest.mark.integration
 def test_features_equal_oracle_and_training_path_and_score_equals_booster(stack, redis_settings):
-    from featurestore.online import EventWrite, OnlineStore
     from featurestore.ratios import compute_ratios
+    from featurestore.state import EventWrite
+    from stores.redis_online import OnlineStore
     from tests.oracle import Arrival, snapshot_1w, unseen_window
 
     client: httpx.Client = stack["client"]
@@ -335,7 +336,8 @@ def test_features_equal_oracle_and_training_path_and_score_equals_booster(stack,
 @pytest.mark.integration
 def test_publish_is_tokenized_counted_once_and_recorded(stack, redis_settings):
     from featurestore.events import parse_transaction
-    from featurestore.online import EventWrite, OnlineStore
+    from featurestore.state import EventWrite
+    from stores.redis_online import OnlineStore
 
     client: httpx.Client = stack["client"]
     pan, card = PANS[4], KEYER(PANS[4])

@@ -13,12 +13,12 @@ import orjson
 import pytest
 from kafka import KafkaConsumer
 
-from batch.jobs import open_engine, run_snapshots
+from batch.engines import open_engine, run_snapshots
 from featurestore.definitions import REGISTRY
 from featurestore.entity import EntityKeyer
-from featurestore.offline import cutoff_ms_of
-from featurestore.online import OnlineStore
-from featurestore.topics import ensure_topics
+from stores.kafka_topics import ensure_topics
+from stores.offline_files import cutoff_ms_of
+from stores.redis_online import OnlineStore
 from tests import synthetic
 from tests.helpers import wait_until
 from tests.stream_harness import SECRET, Worker, wait_committed

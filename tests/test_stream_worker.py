@@ -8,9 +8,9 @@ import orjson
 import pytest
 from kafka import KafkaConsumer
 
-from featurestore.archive import read_archive
 from featurestore.entity import EntityKeyer, redact_pans_bytes
-from featurestore.online import OnlineStore
+from stores.archive import read_archive
+from stores.redis_online import OnlineStore
 from tests import oracle, synthetic
 from tests.helpers import wait_until
 from tests.stream_harness import SECRET, Worker, stable_members, wait_committed
@@ -24,7 +24,7 @@ RETAIN_ALL_MS = 30 * 86_400_000
 def stream_env(services, make_topic, key_prefix, redis_settings, tmp_path):
     topic = make_topic("txn", partitions=4)
     make_topic_name = f"{topic}.dlq"
-    from featurestore.topics import ensure_topics
+    from stores.kafka_topics import ensure_topics
 
     ensure_topics(services["bootstrap"], {make_topic_name: 4})
     group = f"g-{uuid.uuid4().hex[:8]}"

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from featurestore.processes import pid_alive
+from stores.processes import pid_alive
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from featurestore.events import InvalidEvent, Transaction, parse_transaction
-from featurestore.online import Applied, ApplyStatus, EventWrite
+from featurestore.state import Applied, ApplyStatus, EventWrite
 
 
 @dataclass(frozen=True, slots=True)

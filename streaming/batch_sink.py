@@ -19,11 +19,12 @@ from dataclasses import dataclass
 
 import orjson
 
-from featurestore.archive import ArchiveWriter, roll_spool
 from featurestore.entity import EntityKeyer
-from featurestore.online import Applied, ApplyStatus, AsyncOnlineStore
-from featurestore.stream_batch import RawMessage, archive_rows, prepare_batch
+from featurestore.state import Applied, ApplyStatus
+from stores.archive import ArchiveWriter, roll_spool
+from stores.redis_online import AsyncOnlineStore
 from streaming import metrics
+from streaming.batch_prep import RawMessage, archive_rows, prepare_batch
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ class RedisWatch:
         return False
 
 
-class Aggregator:
+class BatchSink:
     def __init__(self, store: AsyncOnlineStore, keyer: EntityKeyer, dlq_send: DlqSend,
                  archive: ArchiveWriter | None = None, max_backoff_s: float = 5.0,
                  max_future_ms: int | None = None) -> None:

@@ -39,7 +39,7 @@ def get(
 
     from featurestore.config import get_settings
     from featurestore.entity import entity_key, mask_pan
-    from featurestore.online import OnlineStore, now_ms
+    from stores.redis_online import OnlineStore, now_ms
 
     settings = get_settings()
     is_pan = card.isdigit() and 12 <= len(card) <= 19

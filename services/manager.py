@@ -1,6 +1,6 @@
 """`velocity services up|down|status`: a real single-node Kafka (KRaft) and a Redis server on 127.0.0.1.
 
-Kafka's jars come from Maven Central through `mvn` (pinned in scripts/kafka/pom.xml) into a cache folder
+Kafka's jars come from Maven Central through `mvn` (pinned in services/kafka/pom.xml) into a cache folder
 that later runs reuse; Redis is the operating system's `redis-server`. Everything a run writes (config,
 data, logs, pid files) lives in the run folder (`.velocity/` by default). `down` stops only processes
 whose pid files this tool wrote, so a Redis or Kafka you started yourself is never touched.
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from featurestore.processes import pid_alive
+from stores.processes import pid_alive
 
 KAFKA_VERSION = "3.9.1"
 
@@ -104,7 +104,7 @@ def ensure_kafka_jars(cfg: ServiceConfig, echo=print) -> Path:
         raise ServiceError("Java is not installed. Install a JDK 17+ (Debian/Ubuntu: apt-get install -y openjdk-17-jre-headless).")
     if not shutil.which("mvn"):
         raise ServiceError("Maven is not installed; it fetches the Kafka jars. Install it (Debian/Ubuntu: apt-get install -y maven).")
-    pom = resources.files("velocity_scripts").joinpath("kafka", "pom.xml")
+    pom = resources.files("services").joinpath("kafka", "pom.xml")
     jars.mkdir(parents=True, exist_ok=True)
     echo(f"fetching Kafka {KAFKA_VERSION} jars from Maven Central into {jars} (once) ...")
     with resources.as_file(pom) as pom_path:

@@ -1,4 +1,5 @@
-"""Engine-independent orchestration of the nightly job and of training-set builds."""
+"""The offline engines behind one small interface, and the engine-independent orchestration of the nightly
+job and of training-set builds."""
 
 from __future__ import annotations
 
@@ -6,58 +7,109 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import pandas as pd
 
 from featurestore.definitions import DEFAULT_ALLOWED_LATENESS_MS, REGISTRY, Registry
-from featurestore.offline import OfflineError, cutoff_ms_of, write_frame, write_snapshot_file
 from featurestore.offline_sql import SNAPSHOT_STATS
+from stores.offline_files import OfflineError, cutoff_ms_of, write_frame, write_snapshot_file
 
 log = logging.getLogger(__name__)
 WEEK_MS = 7 * 86_400_000
 DAY_MS = 86_400_000
 
 
-@dataclass
-class Engine:
-    """The two things an engine must do; everything else (validation, writing, Redis) is shared."""
+class Engine(Protocol):
+    """What an offline engine must do; everything else (validation, writing files and Redis) is shared here.
+
+    Both engines run the same generated SQL (`featurestore.offline_sql`) over the same files.
+    """
 
     name: str
-    snapshots: Callable[[list[dt.date]], list[tuple[dt.date, pd.DataFrame]]]  # every night in one pass
-    training_set: Callable[[int, int], pd.DataFrame]
-    span: tuple[int, int]
-    close: Callable[[], None]
-    write_training_set: Callable[[int, int, Path], int] | None = None  # engines that must not collect
-    registry: Registry = REGISTRY
+    registry: Registry
+    span: tuple[int, int]  # first and last event time loaded
+
+    def snapshots(self, days: list[dt.date]) -> list[tuple[dt.date, pd.DataFrame]]:
+        """Every night of `days` in one pass."""
+
+    def training_set(self, start_ms: int, end_ms: int) -> pd.DataFrame:
+        """Point-in-time rows for transactions with ts in [start_ms, end_ms)."""
+
+    def write_training_set(self, start_ms: int, end_ms: int, out: Path) -> int | None:
+        """Write the rows without collecting them (returns the row count), or None where the engine collects."""
+
+    def close(self) -> None: ...
+
+
+class DuckDBEngine:
+    """In-process: the whole history in one DuckDB connection."""
+
+    name = "duckdb"
+
+    def __init__(self, *, offline_dir: Path, history: Path | None, secret: str,
+                 allowed_lateness_ms: int, registry: Registry) -> None:
+        import duckdb
+
+        from stores import duckdb_offline
+
+        self._sql, self._con = duckdb_offline, duckdb.connect()
+        self.offline_dir, self.registry = offline_dir, registry
+        duckdb_offline.load_events(self._con, offline_dir=offline_dir, history=history, secret=secret,
+                                   allowed_lateness_ms=allowed_lateness_ms)
+        self.span = duckdb_offline.events_span(self._con)
+
+    def snapshots(self, days: list[dt.date]) -> list[tuple[dt.date, pd.DataFrame]]:
+        return self._sql.snapshots_duckdb(self._con, days, self.registry)
+
+    def training_set(self, start_ms: int, end_ms: int) -> pd.DataFrame:
+        return self._sql.training_set_duckdb(self._con, self.offline_dir, start_ms, end_ms, self.registry)
+
+    def write_training_set(self, start_ms: int, end_ms: int, out: Path) -> int | None:
+        return None
+
+    def close(self) -> None:
+        self._con.close()
+
+
+class SparkEngine:
+    """Any Spark master; the driver collects only one row per card and night, and never the training set."""
+
+    name = "spark"
+
+    def __init__(self, *, offline_dir: Path, history: Path | None, secret: str, master: str,
+                 allowed_lateness_ms: int, registry: Registry) -> None:
+        from stores import spark_offline
+
+        self._job, self._spark = spark_offline, spark_offline.spark_session(master)
+        self.offline_dir, self.registry = offline_dir, registry
+        spark_offline.load_events(self._spark, offline_dir=offline_dir, history=history, secret=secret,
+                                  allowed_lateness_ms=allowed_lateness_ms)
+        self.span = tuple(self._spark.sql("SELECT MIN(ts), MAX(ts) FROM events").first())
+
+    def snapshots(self, days: list[dt.date]) -> list[tuple[dt.date, pd.DataFrame]]:
+        return self._job.snapshots(self._spark, days, self.registry)
+
+    def training_set(self, start_ms: int, end_ms: int) -> pd.DataFrame:
+        return self._job.training_set(self._spark, self.offline_dir, start_ms, end_ms, self.registry)
+
+    def write_training_set(self, start_ms: int, end_ms: int, out: Path) -> int | None:
+        return self._job.write_training_set(self._spark, self.offline_dir, start_ms, end_ms, out, self.registry)
+
+    def close(self) -> None:
+        """The session stays for the process (Spark sessions are costly to start; tests share one)."""
 
 
 def open_engine(name: str, *, offline_dir: Path, history: Path | None, secret: str, master: str = "local[*]",
                 allowed_lateness_ms: int = DEFAULT_ALLOWED_LATENESS_MS, registry: Registry = REGISTRY) -> Engine:
     """An engine over the history file or the stream's archive, computing the features `registry` declares."""
+    common = dict(offline_dir=offline_dir, history=history, secret=secret, allowed_lateness_ms=allowed_lateness_ms,
+                  registry=registry)
     if name == "duckdb":
-        import duckdb
-
-        from featurestore import offline
-
-        con = duckdb.connect()
-        offline.load_events(con, offline_dir=offline_dir, history=history, secret=secret,
-                            allowed_lateness_ms=allowed_lateness_ms)
-        return Engine("duckdb", lambda days: offline.snapshots_duckdb(con, days, registry),
-                      lambda a, b: offline.training_set_duckdb(con, offline_dir, a, b, registry),
-                      offline.events_span(con), con.close, registry=registry)
+        return DuckDBEngine(**common)
     if name == "spark":
-        from batch import spark_job
-
-        spark = spark_job.spark_session(master)
-        spark_job.load_events(spark, offline_dir=offline_dir, history=history, secret=secret,
-                              allowed_lateness_ms=allowed_lateness_ms)
-        lo, hi = spark.sql("SELECT MIN(ts), MAX(ts) FROM events").first()
-        return Engine("spark", lambda days: spark_job.snapshots(spark, days, registry),
-                      lambda a, b: spark_job.training_set(spark, offline_dir, a, b, registry), (lo, hi), lambda: None,
-                      lambda a, b, out: spark_job.write_training_set(spark, offline_dir, a, b, out, registry),
-                      registry)
+        return SparkEngine(master=master, **common)
     raise OfflineError(f"unknown engine {name!r} (spark or duckdb)")
 
 
@@ -126,8 +178,8 @@ def build_training_set(engine: Engine, start: dt.date, end: dt.date, out: Path |
     the row count, so a seed-scale set never has to fit in the driver."""
     if end <= start:
         raise OfflineError(f"--end {end} must be after --start {start}")
-    if engine.write_training_set is not None and out is not None:
-        rows = engine.write_training_set(cutoff_ms_of(start), cutoff_ms_of(end), out)
+    rows = engine.write_training_set(cutoff_ms_of(start), cutoff_ms_of(end), out) if out is not None else None
+    if rows is not None:
         if rows == 0:
             raise OfflineError(f"no transactions in [{start}, {end})")
         return rows

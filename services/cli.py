@@ -15,7 +15,7 @@ console = Console()
 
 
 def _config(run_dir: Path | None, kafka_port: int | None, redis_port: int | None):
-    from velocity_scripts.services import ServiceConfig
+    from services.manager import ServiceConfig
 
     return ServiceConfig(
         run_dir=run_dir or Path(os.environ.get("VELOCITY_RUN_DIR", ".velocity")),
@@ -34,8 +34,8 @@ RedisPort = typer.Option(None, help="Redis port (env VELOCITY_REDIS_PORT, defaul
 @app.command()
 def up(run_dir: Path = RunDir, kafka_port: int = KafkaPort, redis_port: int = RedisPort) -> None:
     """Start Redis and Kafka if they are not already running (idempotent); fetch Kafka jars on first use."""
-    from velocity_scripts.services import ServiceError
-    from velocity_scripts.services import up as services_up
+    from services.manager import ServiceError
+    from services.manager import up as services_up
 
     cfg = _config(run_dir, kafka_port, redis_port)
     try:
@@ -50,7 +50,7 @@ def up(run_dir: Path = RunDir, kafka_port: int = KafkaPort, redis_port: int = Re
 @app.command()
 def down(run_dir: Path = RunDir, kafka_port: int = KafkaPort, redis_port: int = RedisPort) -> None:
     """Stop the services that `velocity services up` started (and only those)."""
-    from velocity_scripts.services import down as services_down
+    from services.manager import down as services_down
 
     for line in services_down(_config(run_dir, kafka_port, redis_port)):
         console.print(line)
@@ -59,7 +59,7 @@ def down(run_dir: Path = RunDir, kafka_port: int = KafkaPort, redis_port: int = 
 @app.command()
 def status(run_dir: Path = RunDir, kafka_port: int = KafkaPort, redis_port: int = RedisPort) -> None:
     """Show what runs where. Exit code 1 if a service is not answering."""
-    from velocity_scripts.services import status as services_status
+    from services.manager import status as services_status
 
     table = Table()
     for col in ("service", "address", "state", "started by velocity", "log"):

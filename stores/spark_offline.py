@@ -16,9 +16,9 @@ from pathlib import Path
 import pandas as pd
 
 from featurestore import offline_sql as sql
-from featurestore.archive import ArchiveError, archive_dir, archive_files
 from featurestore.definitions import DEFAULT_ALLOWED_LATENESS_MS, REGISTRY, Registry
-from featurestore.offline import (
+from stores.archive import ArchiveError, archive_dir, archive_files
+from stores.offline_files import (
     OfflineError,
     finish_training_frame,
     pan_keys,
@@ -57,7 +57,7 @@ def load_events(spark, *, offline_dir: Path, history: Path | None, secret: str,
     from pyspark.sql import functions as F
 
     if history is not None:
-        from featurestore.history import HistoryError, load_history
+        from stores.history import HistoryError, load_history
 
         try:
             load_history(history)  # the same up-front checks as every other reader of a history file
@@ -143,7 +143,7 @@ def write_training_set(spark, offline_dir: Path, start_ms: int, end_ms: int, out
 
 def training_frame(spark, offline_dir: Path, start_ms: int, end_ms: int, registry: Registry = REGISTRY):
     """Point-in-time rows for ts in [start_ms, end_ms): the same SQL text as DuckDB (`offline_sql.training_sql`)
-    over the same small as-of tables (`offline.snapshot_tables`), broadcast to the executors."""
+    over the same small as-of tables (`offline_files.snapshot_tables`), broadcast to the executors."""
     snap_days, snap_cutoffs = snapshot_tables(offline_dir, start_ms, end_ms)
     spark.createDataFrame(snap_days, "day long, c1 long, p1 long").createOrReplaceTempView("snap_days")
     spark.createDataFrame(snap_cutoffs, "cutoff_ms long, published_ms long").createOrReplaceTempView("snap_cutoffs")

@@ -1,6 +1,6 @@
 """The Redis online store: idempotent window writes, 1-week snapshots, and a one-round-trip feature read.
 
-Both Lua scripts live in `featurestore/lua/`; the sync client (batch, CLI, tests) and the asyncio client
+Both Lua scripts live in `stores/lua/`; the sync client (batch, CLI, tests) and the asyncio client
 (stream worker, HTTP server) run the very same scripts, so there is one implementation of the online state.
 """
 
@@ -11,9 +11,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from enum import IntEnum
 from importlib import resources
-from typing import NamedTuple
 
 import orjson
 import redis
@@ -28,6 +26,7 @@ from featurestore.definitions import (
     REGISTRY,
     Registry,
 )
+from featurestore.state import Applied, ApplyStatus, EventWrite
 from featurestore.windows import SEQ_LAST, WindowAggregate, WindowEvent, window_aggregate
 
 #: Events per EVALSHA call: bounds the time Redis spends in one script (it blocks other clients meanwhile).
@@ -41,35 +40,11 @@ KEEP_LATEST_S = 30 * 86_400
 
 
 def _script(name: str) -> str:
-    return resources.files("featurestore").joinpath("lua", name).read_text()
-
-
-class ApplyStatus(IntEnum):
-    APPLIED = 0
-    LATE = 1
-    DUPLICATE = 2
-    DUPLICATE_LATE = 3
-
-
-class Applied(NamedTuple):
-    """What the store did with one event, and the card's arrival position it holds (the stored one for a duplicate)."""
-
-    status: ApplyStatus
-    seq: int
+    return resources.files("stores").joinpath("lua", name).read_text()
 
 
 class RetentionError(LookupError):
     """A read reaches back beyond what the online store still holds; the offline store has the answer."""
-
-
-@dataclass(frozen=True, slots=True)
-class EventWrite:
-    """One transaction as the window state needs it; the store assigns its arrival position."""
-
-    card: str
-    txn_id: str
-    ts: int
-    amount_cents: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,1 +1,0 @@
-"""Helpers for local development services (installed as the `velocity_scripts` package)."""
