@@ -17,12 +17,15 @@ COPY requirements.lock ./
 RUN pip install -r requirements.lock
 
 COPY pyproject.toml README.md velocity_cli.py ./
+# Every package pyproject.toml lists (tests/test_compose_static.py keeps the two lists equal).
 COPY featurestore ./featurestore
+COPY stores ./stores
 COPY ingest ./ingest
 COPY streaming ./streaming
 COPY batch ./batch
+COPY model ./model
 COPY serving ./serving
-COPY scripts ./scripts
+COPY services ./services
 RUN pip install --no-deps . && mkdir -p /data
 
 VOLUME ["/data"]
