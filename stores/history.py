@@ -48,27 +48,60 @@ def read_table(path: Path) -> pa.Table:
                            "as CSV, anything else as Parquet), or regenerate it with `velocity generate`") from None
 
 
+def check_schema(path: Path, schema: pa.Schema) -> None:
+    """The columns and types of SPEC section 2 (extra columns are fine)."""
+    missing = [c for c in REQUIRED if c not in schema.names]
+    if missing:
+        raise HistoryError(f"{path}: missing column(s) {', '.join(missing)} (have: {', '.join(schema.names)})")
+    for col, want in REQUIRED.items():
+        got = _kind(schema.field(col).type)
+        if got != want and not (want == "number" and got == "integer"):
+            raise HistoryError(f"{path}: column {col} should be {want}, found {schema.field(col).type}")
+
+
+def check_counts(path: Path, *, rows: int, nulls: dict[str, int], bad_amounts: int, distinct_ids: int) -> None:
+    """The value checks, over counts any engine can compute: no rows, empty values, amounts that are not finite
+    and > 0, duplicate ids."""
+    if rows == 0:
+        raise HistoryError(f"{path}: has no rows")
+    for col in REQUIRED:
+        if nulls.get(col):
+            raise HistoryError(f"{path}: column {col} has {nulls[col]} empty value(s)")
+    if bad_amounts:
+        raise HistoryError(f"{path}: amounts must be finite and > 0")
+    if distinct_ids != rows:
+        raise HistoryError(f"{path}: txn_id values are not unique")
+
+
+def schema_of(path: Path) -> pa.Schema | None:
+    """A Parquet file's schema from its footer alone (None for CSV, whose types the reader imposes)."""
+    path = Path(path)
+    if not path.exists():
+        raise HistoryError(f"{path}: no such file")
+    if path.is_dir():
+        raise HistoryError(f"{path}: is a directory, expected a Parquet or CSV file")
+    if path.suffix.lower() == ".csv":
+        return None
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowException, OSError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise HistoryError(f"{path}: cannot be read as Parquet ({reason}); check the file (a .csv suffix is read "
+                           "as CSV, anything else as Parquet), or regenerate it with `velocity generate`") from None
+
+
 def load_history(path: Path) -> pa.Table:
     """Read and check a history file: columns and types of SPEC section 2, positive amounts, unique ids.
 
     Its row order is its stream order (SPEC section 4), whatever the timestamps say: it need not be sorted.
     """
     table = read_table(path)
-    missing = [c for c in REQUIRED if c not in table.column_names]
-    if missing:
-        raise HistoryError(f"{path}: missing column(s) {', '.join(missing)} (have: {', '.join(table.column_names)})")
-    for col, want in REQUIRED.items():
-        got = _kind(table.schema.field(col).type)
-        if got != want and not (want == "number" and got == "integer"):
-            raise HistoryError(f"{path}: column {col} should be {want}, found {table.schema.field(col).type}")
-    if table.num_rows == 0:
-        raise HistoryError(f"{path}: has no rows")
-    for col in REQUIRED:
-        if table.column(col).null_count:
-            raise HistoryError(f"{path}: column {col} has {table.column(col).null_count} empty value(s)")
+    check_schema(path, table.schema)
     amount = pc.cast(table.column("amount"), pa.float64())
-    if pc.any(pc.less_equal(amount, 0)).as_py() or not pc.all(pc.is_finite(amount)).as_py():
-        raise HistoryError(f"{path}: amounts must be finite and > 0")
-    if pc.count_distinct(table.column("txn_id")).as_py() != table.num_rows:
-        raise HistoryError(f"{path}: txn_id values are not unique")
+    bad = 0 if table.num_rows == 0 else int(pc.sum(pc.or_(pc.less_equal(amount, 0),
+                                                          pc.invert(pc.is_finite(amount)))).as_py() or 0)
+    check_counts(path, rows=table.num_rows, nulls={c: table.column(c).null_count for c in REQUIRED},
+                 bad_amounts=bad, distinct_ids=pc.count_distinct(table.column("txn_id")).as_py())
     return table

@@ -53,23 +53,42 @@ def _quiet(spark):
 
 def load_events(spark, *, offline_dir: Path, history: Path | None, secret: str,
                 allowed_lateness_ms: int = DEFAULT_ALLOWED_LATENESS_MS) -> int:
-    """Register the deduplicated `events` view (same rules as the DuckDB loader); returns its row count."""
+    """Register the deduplicated `events` view (same rules as the DuckDB loader); returns its row count.
+
+    A history file is checked as every reader checks it (stores.history), by the executors: the driver reads
+    its footer, never its rows.
+    """
+    from pyspark.errors import PySparkException
     from pyspark.sql import functions as F
 
     if history is not None:
-        from stores.history import HistoryError, load_history
+        from stores.history import REQUIRED, HistoryError, check_counts, check_schema, schema_of
 
+        path = str(Path(history).resolve())
+        schema = schema_of(history)  # the footer only: the rows are checked by the executors below
+        if schema is not None:
+            check_schema(history, schema)
         try:
-            load_history(history)  # the same up-front checks as every other reader of a history file
+            if path.lower().endswith(".csv"):
+                raw = spark.read.option("header", True).schema(
+                    "txn_id string, cc_num string, amount double, ts long, merchant string, category string, "
+                    "fraud_label int").csv(path)
+            else:
+                raw = spark.read.parquet(path)
+            counts = raw.selectExpr(  # NaN > 0 holds in Spark (NaN sorts above every number): checked apart
+                "COUNT(*) AS rows", "COUNT(DISTINCT txn_id) AS ids",
+                "COUNT_IF(NOT (CAST(amount AS DOUBLE) > 0) OR isnan(CAST(amount AS DOUBLE)) "
+                "OR CAST(amount AS DOUBLE) = double('inf')) AS bad",
+                *[f"COUNT_IF({c} IS NULL) AS null_{c}" for c in REQUIRED]).first()
+        except PySparkException as exc:
+            first = " ".join(str(exc).split("\n", 1)[0].split())[:300]
+            raise OfflineError(f"{history}: Spark cannot read it ({first}); check the file or regenerate it with "
+                               "`velocity generate`") from None
+        try:
+            check_counts(history, rows=counts["rows"], nulls={c: counts[f"null_{c}"] for c in REQUIRED},
+                         bad_amounts=counts["bad"], distinct_ids=counts["ids"])
         except HistoryError as exc:
             raise OfflineError(str(exc)) from None
-        path = str(Path(history).resolve())
-        if path.lower().endswith(".csv"):
-            raw = spark.read.option("header", True).schema(
-                "txn_id string, cc_num string, amount double, ts long, merchant string, category string, "
-                "fraud_label int").csv(path)
-        else:
-            raw = spark.read.parquet(path)
         # A single file is read in order: monotonically increasing ids follow the row order (the stream order).
         raw = raw.withColumn("seq", F.monotonically_increasing_id())
         pans = [r[0] for r in raw.select("cc_num").distinct().collect()]
@@ -79,7 +98,7 @@ def load_events(spark, *, offline_dir: Path, history: Path | None, secret: str,
                       F.round(F.col("amount") * 100).cast("long").alias("amount_cents"),
                       F.col("ts").cast("long").alias("ts"), F.col("fraud_label").cast("tinyint").alias("fraud_label"),
                       F.lit(False).alias("late"), "seq", F.col("ts").cast("long").alias("arrived_ms")))
-        ev.createOrReplaceTempView("raw_events")  # txn_ids are unique (load_history checked)
+        ev.createOrReplaceTempView("raw_events")  # txn_ids are unique (check_counts)
         events = spark.sql(sql.arrival_order_sql("raw_events", allowed_lateness_ms))
     else:
         root = archive_dir(offline_dir)

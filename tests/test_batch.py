@@ -251,8 +251,7 @@ def spark_and_duckdb(rows, history_file, tmp_path_factory):
         run_snapshots(eng, DAYS, offline_dir=root)
         a, b = cutoff_ms_of(dt.date(2020, 1, 1)), cutoff_ms_of(dt.date(2020, 2, 1))
         out[name] = (root, eng.training_set(a, b))
-        if eng.write_training_set is not None:  # Spark's distributed writer must produce the same rows
-            eng.write_training_set(a, b, root / "written.parquet")
+        if eng.write_training_set(a, b, root / "written.parquet") is not None:  # Spark's distributed writer
             written = pd.read_parquet(root / "written.parquet").sort_values(["ts", "card", "txn_id"])
             out["spark_written"] = written.reset_index(drop=True)
         eng.close()
@@ -271,3 +270,28 @@ def test_spark_and_duckdb_agree_row_for_row(spark_and_duckdb):
     pd.testing.assert_frame_equal(dframe.astype(as_float), spark_and_duckdb["spark_written"].astype(as_float),
                                   check_exact=False, rtol=1e-9, atol=0, check_dtype=False)
     assert np.isfinite(dframe["amt_ratio1"]).sum() > 100  # the comparison covered real values, not only NaNs
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("problem", ["duplicate id", "negative amount", "NaN amount", "empty card"])
+def test_spark_checks_a_history_like_every_reader_without_collecting_it(tmp_path, problem):
+    """The executors check the rows (the driver reads only the footer), with the messages DuckDB gives."""
+    rows = history_rows(synthetic.history(n=40, disorder=0, late=0))
+    if problem == "duplicate id":
+        rows[5]["txn_id"] = rows[4]["txn_id"]
+    elif problem == "negative amount":
+        rows[7]["amount"] = -3.0
+    elif problem == "NaN amount":
+        rows[7]["amount"] = float("nan")
+    else:
+        rows[9]["cc_num"] = None
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), bad)
+    messages = []
+    for engine in ("duckdb", "spark"):
+        with pytest.raises(OfflineError) as info:
+            open_engine(engine, offline_dir=tmp_path, history=bad, secret=SECRET, master="local[2]")
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+    assert {"duplicate id": "not unique", "negative amount": "finite and > 0", "NaN amount": "finite and > 0",
+            "empty card": "cc_num has 1 empty"}[problem] in messages[1]
