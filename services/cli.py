@@ -71,3 +71,18 @@ def status(run_dir: Path = RunDir, kafka_port: int = KafkaPort, redis_port: int 
     console.print(table)
     if not all(s.running for s in rows):
         raise typer.Exit(1)
+
+
+@app.command()
+def acl(prefix: str = typer.Option("vel:", help="Key prefix the users may touch (VELOCITY_REDIS_KEY_PREFIX "
+                                   "starts with it)."),
+        reader_password: str = typer.Option(None, envvar="VELOCITY_REDIS_READER_PASSWORD",
+                                            help="Password of velocity-reader (random if not given)."),
+        writer_password: str = typer.Option(None, envvar="VELOCITY_REDIS_WRITER_PASSWORD",
+                                            help="Password of velocity-writer (random if not given).")) -> None:
+    """Print the ACL SETUSER commands for an external Redis: velocity-reader (the scorer) may only read feature
+    keys; velocity-writer (stream worker, batch job) may write them; neither may flush or reconfigure."""
+    from stores.redis_acl import commands_for, users
+
+    for line in commands_for(users(reader_password, writer_password), prefix):
+        print(line)

@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 from stores.processes import pid_alive
+from stores.redis_acl import READER, WRITER
 
 KAFKA_VERSION = "3.9.1"
 
@@ -227,8 +228,10 @@ def _kafka_ready(port: int) -> bool:
 def redis_up(cfg: ServiceConfig) -> str:
     pid_file = cfg.redis_dir / "redis.pid"
     if port_open(cfg.redis_port):
-        owner = "started by velocity" if _read_pid(pid_file) else "not started by velocity"
-        return f"Redis already listening on 127.0.0.1:{cfg.redis_port} ({owner})"
+        if _read_pid(pid_file):
+            return (f"Redis already listening on 127.0.0.1:{cfg.redis_port} (started by velocity); "
+                    f"ACL users in {redis_users(cfg)}")
+        return f"Redis already listening on 127.0.0.1:{cfg.redis_port} (not started by velocity)"
     binary = shutil.which("redis-server")
     if not binary:
         raise ServiceError("redis-server is not installed. Debian/Ubuntu: sudo apt-get install -y redis-server; macOS: brew install redis.")
@@ -242,7 +245,28 @@ def redis_up(cfg: ServiceConfig) -> str:
     _wait_for(lambda: _redis_ready(cfg.redis_port) or not pid_alive(pid), 20, "Redis", log)
     if not pid_alive(pid):
         raise ServiceError(f"Redis exited during start-up; see {log}")
-    return f"Redis started on 127.0.0.1:{cfg.redis_port} (no persistence), pid {pid}"
+    users_file = redis_users(cfg)
+    return (f"Redis started on 127.0.0.1:{cfg.redis_port} (no persistence), pid {pid}; "
+            f"ACL users {READER} (scorer) and {WRITER} (stream, batch) in {users_file}")
+
+
+def redis_users(cfg: ServiceConfig, prefix: str = "vel:") -> Path:
+    """Create the least-privilege users (stores.redis_acl) on the local Redis, with passwords kept in the run
+    folder (mode 0600, created once) so that every `up` gives the same credentials. Returns the file."""
+    import redis
+
+    from stores.redis_acl import apply_users, users
+
+    path = cfg.redis_dir / "users.env"
+    known = {}
+    if path.is_file():
+        known = dict(line.split("=", 1) for line in path.read_text().split() if "=" in line)
+    accounts = users(known.get("READER_PASSWORD"), known.get("WRITER_PASSWORD"))
+    apply_users(redis.Redis(port=cfg.redis_port, socket_timeout=2), accounts, prefix)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(f"READER_PASSWORD={accounts[0].password}\nWRITER_PASSWORD={accounts[1].password}\n")
+    return path
 
 
 def _redis_ready(port: int) -> bool:
