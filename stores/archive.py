@@ -113,8 +113,12 @@ class ArchiveWriter:
 
 
 def roll_spool(spool: Path, root: Path) -> int:
-    """Turn one spool file into Parquet files, one per event date, then delete it. Returns rows rolled."""
-    table = read_spool(spool)
+    """Turn one spool file into Parquet files, one per event date, then delete it. Returns rows rolled (0 when
+    another roller claimed the spool first: it rolls the same rows)."""
+    try:
+        table = read_spool(spool)
+    except FileNotFoundError:
+        return 0
     if table.num_rows:
         # Vectorized (the roll runs in a thread beside the hot path: no per-row Python holding the GIL).
         days = pc.divide(table.column("ts"), pa.scalar(DAY_MS, pa.int64()))
@@ -123,9 +127,12 @@ def roll_spool(spool: Path, root: Path) -> int:
             out_dir = root / f"date={_date_of(day * DAY_MS)}"
             out_dir.mkdir(parents=True, exist_ok=True)
             final = out_dir / f"part-{spool.stem}.parquet"
-            tmp = out_dir / f".{final.name}.tmp"
+            # The final name comes from the spool, so a rerun after a crash (or two rollers of one spool: a
+            # stopping worker's roll thread and its shutdown recovery) overwrites the same file with the same
+            # rows, never a duplicate; each writer has its own temporary name.
+            tmp = out_dir / f".{final.name}.{uuid.uuid4().hex[:8]}.tmp"
             pq.write_table(part, tmp, compression="zstd")
-            os.replace(tmp, final)  # a rerun after a crash overwrites the same file, no duplicate
+            os.replace(tmp, final)
     spool.unlink(missing_ok=True)
     return table.num_rows
 

@@ -1,0 +1,60 @@
+"""The archive's spool roll is safe when two rollers meet: a stopping worker's roll thread and its shutdown
+recovery once both rolled one spool and the loser crashed on the other's temporary file (found by
+tests/test_faults.py). Now both finish and the archive holds each row once."""
+
+from __future__ import annotations
+
+import threading
+
+import orjson
+import pyarrow.parquet as pq
+import pytest
+
+from stores.archive import ARCHIVE_COLUMNS, archive_dir, read_archive, roll_spool
+
+pytestmark = pytest.mark.unit
+
+
+def spool_with(rows: int, tmp_path):
+    root = archive_dir(tmp_path)
+    spool = root / "_spool" / "123-abc-def.jsonl"
+    spool.parent.mkdir(parents=True)
+    lines = []
+    for i in range(rows):
+        row = dict.fromkeys(ARCHIVE_COLUMNS)
+        row.update(txn_id=f"t{i}", card="c" * 32, amount=1.0, amount_cents=100, ts=i * 3_600_000, late=False,
+                   seq=i, partition=0, offset=i, archived_ms=i)
+        lines.append(orjson.dumps(row))
+    spool.write_bytes(b"\n".join(lines) + b"\n")
+    return root, spool
+
+
+@pytest.mark.parametrize("attempt", range(5))
+def test_two_rollers_of_one_spool_both_finish_and_write_each_row_once(tmp_path, attempt):
+    root, spool = spool_with(200, tmp_path)
+    start, errors, rolled = threading.Barrier(2), [], []
+
+    def roll():
+        start.wait()
+        try:
+            rolled.append(roll_spool(spool, root))
+        except Exception as exc:  # the crash this test guards against
+            errors.append(exc)
+
+    threads = [threading.Thread(target=roll) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert max(rolled) == 200
+    files = sorted(p for p in root.rglob("*.parquet"))
+    assert sum(pq.read_metadata(p).num_rows for p in files) == 200, "each row in exactly one file"
+    assert not [p for p in root.rglob("*.tmp")], "no temporary file left"
+    assert len(read_archive(tmp_path)) == 200
+
+
+def test_a_spool_another_roller_claimed_is_not_an_error(tmp_path):
+    root, spool = spool_with(3, tmp_path)
+    spool.rename(spool.with_name("123-abc-def.recovering9"))
+    assert roll_spool(spool, root) == 0
