@@ -33,6 +33,7 @@ def _clear_errors() -> Iterator[None]:
     """
     import duckdb
 
+    from batch.quality import QualityError
     from stores.archive import ArchiveError
     from stores.history import HistoryError
     from stores.offline_files import OfflineError
@@ -40,7 +41,7 @@ def _clear_errors() -> Iterator[None]:
 
     try:
         yield
-    except (OfflineError, ArchiveError, HistoryError, OutputError) as exc:
+    except (OfflineError, ArchiveError, HistoryError, OutputError, QualityError) as exc:
         fail(str(exc))
     except (duckdb.IOException, duckdb.InvalidInputException) as exc:
         log.debug("DuckDB could not read the input", exc_info=True)
@@ -98,6 +99,13 @@ def register(app: typer.Typer, features_app: typer.Typer) -> None:
         master: str = typer.Option("local[*]", help="Spark master URL."),
         offline_dir: Path = typer.Option(None, help="Offline store root (default: $VELOCITY_DATA_DIR/offline)."),
         online: bool = typer.Option(True, help="Also materialize the snapshot to the Redis online store."),
+        skip_quality_gate: bool = typer.Option(False, help="Publish even a night that fails the quality gate "
+                                               "(impossible values, or cards/feature medians far from the night "
+                                               "before)."),
+        max_row_change: float = typer.Option(0.5, min=0, help="Quality gate: largest relative change in the "
+                                             "number of cards against the night before."),
+        max_median_factor: float = typer.Option(3.0, min=1, help="Quality gate: largest factor between a "
+                                                "feature's median and the night before's."),
     ) -> None:
         """Compute card_agg_1w snapshots: offline Parquet by cut-off (atomic replace) and Redis (atomic switch).
 
@@ -105,6 +113,7 @@ def register(app: typer.Typer, features_app: typer.Typer) -> None:
         before anything is written, with a one-line message and exit code 2; Redis unreachable exits 1.
         """
         from batch.engines import dates_between, open_engine, run_snapshots
+        from batch.quality import QualityLimits
         from stores.outputs import check_output_dir
         from stores.redis_online import OnlineStore
 
@@ -128,7 +137,8 @@ def register(app: typer.Typer, features_app: typer.Typer) -> None:
 
                     with Progress(console=err) as bar:
                         task = bar.add_task("snapshots", total=2 * len(days))
-                        written = run_snapshots(eng, days, offline_dir=root, online=store,
+                        limits = None if skip_quality_gate else QualityLimits(max_row_change, max_median_factor)
+                        written = run_snapshots(eng, days, offline_dir=root, online=store, quality=limits,
                                                 progress=lambda label: bar.update(task, advance=1, description=label))
                 finally:
                     eng.close()

@@ -12,9 +12,16 @@ from typing import Protocol
 
 import pandas as pd
 
+from batch.quality import QualityLimits
 from featurestore.definitions import DEFAULT_ALLOWED_LATENESS_MS, REGISTRY, Registry
 from featurestore.offline_sql import SNAPSHOT_STATS
-from stores.offline_files import OfflineError, cutoff_ms_of, write_frame, write_snapshot_file
+from stores.offline_files import (
+    OfflineError,
+    cutoff_ms_of,
+    latest_snapshot_before,
+    write_frame,
+    write_snapshot_file,
+)
 
 log = logging.getLogger(__name__)
 WEEK_MS = 7 * 86_400_000
@@ -133,8 +140,10 @@ def publication_ms(day: dt.date, *, now_ms: int, delay_ms: int = 0) -> int:
 
 def run_snapshots(engine: Engine, days: list[dt.date], *, offline_dir: Path, online=None,
                   progress: Callable[[str], None] = lambda _: None,
-                  published: Callable[[dt.date], int] | None = None) -> list[tuple[dt.date, int]]:
-    """Compute every night first, then write: a date without data fails the run before anything is written.
+                  published: Callable[[dt.date], int] | None = None,
+                  quality: QualityLimits | None = QualityLimits()) -> list[tuple[dt.date, int]]:
+    """Compute every night first, then write: a date without data, or a night failing the quality gate
+    (`batch.quality`; `quality=None` skips it), fails the run before anything is written.
 
     `published(day)` gives each night's publication time (default `publication_ms` with the configured delay);
     the offline file and Redis record the same one.
@@ -152,6 +161,12 @@ def run_snapshots(engine: Engine, days: list[dt.date], *, offline_dir: Path, onl
                                f"{_fmt(lo)} .. {_fmt(hi)}); nothing was written")
     progress(f"computing {len(days)} night(s)")
     frames = engine.snapshots(days)
+    if quality is not None:
+        from batch.quality import check_nights
+
+        progress("quality gate")
+        check_nights(frames, latest_snapshot_before(offline_dir, min(days)), engine.registry.batch_group,
+                     data_start_ms=lo, limits=quality)
     written = []
     for day, frame in frames:
         progress(f"writing {day}")

@@ -130,6 +130,19 @@ def split_snapshots(frame: pd.DataFrame, days: list[dt.date]) -> list[tuple[dt.d
     return [(d, groups.get(cutoff_ms_of(d), frame.iloc[0:0])) for d in days]
 
 
+def latest_snapshot_before(offline_dir: Path, day: dt.date) -> tuple[dt.date, pd.DataFrame] | None:
+    """The newest published snapshot with a cut-off before `day` (None if there is none)."""
+    earlier = [p for p in read_snapshots(offline_dir) if snapshot_day(p) < day]
+    if not earlier:
+        return None
+    return snapshot_day(earlier[-1]), pq.read_table(earlier[-1]).to_pandas()
+
+
+def snapshot_day(path: Path) -> dt.date:
+    """The cut-off date a snapshot file is for (`cutoff=YYYY-MM-DD/part-0.parquet`)."""
+    return dt.date.fromisoformat(Path(path).parent.name.removeprefix("cutoff="))
+
+
 def read_snapshots(offline_dir: Path) -> list[Path]:
     return sorted(snapshot_dir(offline_dir).glob("cutoff=*/part-0.parquet"))
 
