@@ -89,6 +89,8 @@ def _remove_partial_spark_output(out: Path) -> Iterator[None]:
 
 
 def register(app: typer.Typer, features_app: typer.Typer) -> None:
+    register_status(features_app)
+
     @app.command()
     def batch(
         date: str = typer.Option(None, help="Run date D: snapshot with cut-off D 00:00 UTC over [D-7d, D)."),
@@ -188,3 +190,52 @@ def register(app: typer.Typer, features_app: typer.Typer) -> None:
         missing = int(frame["snapshot_cutoff_ms"].isna().sum())
         err.print(f"{len(frame):,} rows, fraud {int(frame['fraud_label'].fillna(0).sum()):,}, "
                   f"{missing:,} without a 1-week snapshot -> {out}")
+
+
+def missed_nights(published: list[dt.date], today: dt.date, lookback_days: int) -> list[dt.date]:
+    """Nights in (today - lookback, today] without a published snapshot."""
+    have = set(published)
+    return [d for d in (today - dt.timedelta(days=i) for i in range(lookback_days - 1, -1, -1)) if d not in have]
+
+
+def register_status(features_app: typer.Typer) -> None:
+    @features_app.command("snapshot-status")
+    def snapshot_status(
+        offline_dir: Path = typer.Option(None, help="Offline store root (default: $VELOCITY_DATA_DIR/offline)."),
+        lookback_days: int = typer.Option(7, min=1, help="Nights (ending today, UTC) that must all be published."),
+        today: str = typer.Option(None, help="Check as of this date (YYYY-MM-DD; default: today, UTC)."),
+        metrics_file: Path = typer.Option(None, help="Also write Prometheus metrics to this file (for a node "
+                                          "exporter's textfile collector), atomically."),
+    ) -> None:
+        """Say whether every recent night's card_agg_1w snapshot was published. Exit 1 when one is missing, so a
+        scheduler or monitor can alert; the online store keeps serving the latest snapshot meanwhile."""
+        from featurestore.config import get_settings
+        from stores.offline_files import read_snapshots, snapshot_day
+
+        root = offline_dir or get_settings().offline_dir
+        day = parse_date(today, "--today") or dt.datetime.now(dt.UTC).date()
+        published = sorted(snapshot_day(p) for p in read_snapshots(root))
+        missed = missed_nights(published, day, lookback_days)
+        latest = published[-1] if published else None
+        if metrics_file is not None:
+            import os
+
+            lines = ["# HELP velocity_snapshot_missed_nights Nights in the lookback without a published snapshot.",
+                     "# TYPE velocity_snapshot_missed_nights gauge", f"velocity_snapshot_missed_nights {len(missed)}",
+                     "# HELP velocity_snapshot_latest_cutoff_seconds Cut-off of the newest published snapshot.",
+                     "# TYPE velocity_snapshot_latest_cutoff_seconds gauge",
+                     "velocity_snapshot_latest_cutoff_seconds "
+                     f"{dt.datetime.combine(latest, dt.time(), dt.UTC).timestamp() if latest else 0:.0f}"]
+            tmp = metrics_file.with_name(f".{metrics_file.name}.tmp")
+            tmp.write_text("\n".join(lines) + "\n")
+            os.replace(tmp, metrics_file)
+        if latest is None:
+            err.print(f"no snapshot published under {root}")
+        else:
+            err.print(f"latest snapshot: cut-off {latest} ({len(published)} nights under {root})")
+        if missed:
+            err.print(f"[red]missed {len(missed)} night(s)[/] in the last {lookback_days}: "
+                      f"{', '.join(map(str, missed))}; run `velocity batch --start {missed[0]} --end {missed[-1]}`",
+                      soft_wrap=True, highlight=False)
+            raise typer.Exit(1)
+        err.print(f"every night of the last {lookback_days} is published")

@@ -91,3 +91,28 @@ def test_impossible_values_fail_the_gate_whatever_the_night_before():
         check_nights([(dt.date(2020, 3, 9), frame)], None, REGISTRY.batch_group, data_start_ms=0)
     assert "1 card(s) with a transaction count below 1" in str(info.value)
     assert "2 card(s) with a non-positive or non-finite amount sum" in str(info.value)
+
+
+def test_snapshot_status_reports_a_missed_night_with_a_metric_and_exit_1(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    offline = tmp_path / "off"
+    history = steady_history(tmp_path / "h.parquet")
+    run(history, offline, nights(8, 12) + nights(14, 15))  # the night of 2020-03-14 (day 13) was missed
+    metrics = tmp_path / "velocity.prom"
+
+    def status(today: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "velocity_cli", "features", "snapshot-status", "--offline-dir",
+                               str(offline), "--today", today, "--lookback-days", "5", "--metrics-file", str(metrics)],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+
+    missed = status("2020-03-16")
+    assert missed.returncode == 1, missed.stderr
+    assert "missed 1 night(s)" in missed.stderr and "2020-03-14" in missed.stderr
+    assert "velocity_snapshot_missed_nights 1" in metrics.read_text()
+    fine = status("2020-03-16".replace("16", "13"))  # as of the 13th, the last five nights were all published
+    assert fine.returncode == 0, fine.stderr
+    assert "velocity_snapshot_missed_nights 0" in metrics.read_text()
