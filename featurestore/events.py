@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -227,6 +228,27 @@ def parse_transaction(raw: bytes | str | None, keyer: Keyer, now_ms: int | None 
     return validate_transaction(obj, keyer, now_ms, max_future_ms)
 
 
+_TS_FIELD = re.compile(rb'"ts"\s*:\s*(\d{13})(?![\d.eE])')
+
+
+def _mask_keeping_times(data: bytes) -> bytes:
+    """`redact_pans_bytes`, except for the `ts` field's value when it is an event time in the valid range.
+
+    One 13-digit epoch-millisecond time in ten passes the Luhn check, so plain masking turned a tenth of dead
+    letters into broken JSON that `velocity dlq replay` could not read back. A number in that field and range is
+    a time whatever its digits; every other digit run is masked as before (masking keeps lengths, so the kept
+    spans are restored in place).
+    """
+    keep = [m.span(1) for m in _TS_FIELD.finditer(data) if MIN_TS_MS <= int(m.group(1)) < MAX_TS_MS]
+    masked = redact_pans_bytes(data)
+    if not keep or masked == data:
+        return masked
+    out = bytearray(masked)
+    for a, b in keep:
+        out[a:b] = data[a:b]
+    return bytes(out)
+
+
 def dead_letter(value: bytes | None, key: bytes | None, *, reason: str, detail: str, topic: str, partition: int,
                 offset: int) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]:
     """The (key, value, headers) of a message's dead letter: a bounded copy with PAN-like digit runs masked.
@@ -238,7 +260,7 @@ def dead_letter(value: bytes | None, key: bytes | None, *, reason: str, detail: 
     """
     raw = value if value is not None else b""
     size = len(raw)
-    copy = redact_pans_bytes(bytes(raw[:DLQ_MAX_VALUE_BYTES + 20]))[:DLQ_MAX_VALUE_BYTES]
+    copy = _mask_keeping_times(bytes(raw[:DLQ_MAX_VALUE_BYTES + 20]))[:DLQ_MAX_VALUE_BYTES]
     key_size = len(key) if key is not None else 0
     key_copy = None
     if key is not None:

@@ -18,7 +18,40 @@ def _parse_date(value: str, flag: str) -> dt.date:
         raise typer.BadParameter(f"expected YYYY-MM-DD, got {value!r}", param_hint=flag) from None
 
 
+dlq_app = typer.Typer(help="Dead letters: malformed or refused transactions the stream worker set aside.",
+                      no_args_is_help=True)
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    dry_run: bool = typer.Option(False, help="Read and report what would be replayed; send and commit nothing."),
+    reason: list[str] = typer.Option(None, help="Replay only dead letters with this original reason (repeatable; "
+                                     "default: every reason but `late`, which was archived as late already)."),
+    dlq_topic: str = typer.Option(None, help="Dead-letter topic (default VELOCITY_KAFKA_TOPIC_DLQ)."),
+    topic: str = typer.Option(None, help="Where replayed transactions go (default VELOCITY_KAFKA_TOPIC_TRANSACTIONS)."),
+    group: str = typer.Option("velocity-dlq-replay", help="Consumer group keeping the replay's position: a second "
+                              "run starts where the first ended."),
+) -> None:
+    """Validate every dead letter again with today's code and settings and re-send those that pass (as entity key
+    and last four digits); the rest stay and are counted by reason. Run after fixing the cause (a producer bug, a
+    clock that was off, a bound that was too tight)."""
+    from featurestore.config import get_settings
+    from featurestore.entity import EntityKeyer
+    from ingest.dlq import replay_dead_letters
+
+    s = get_settings()
+    report = replay_dead_letters(s.kafka.bootstrap, dlq_topic or s.kafka.topic_dlq,
+                                 topic or s.kafka.topic_transactions, keyer=EntityKeyer(s.entity_secret),
+                                 max_future_ms=s.max_future_ms, reasons=frozenset(reason) if reason else None,
+                                 dry_run=dry_run, group=group,
+                                 progress=lambda n: err.print(f"{n:,} dead letters read"))
+    for line in report.lines(dry_run):
+        err.print(line, soft_wrap=True, highlight=False)
+
+
 def register(app: typer.Typer) -> None:
+    app.add_typer(dlq_app, name="dlq")
+
     @app.command()
     def generate(
         out: Path = typer.Option(Path("data/history.parquet"),
