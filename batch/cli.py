@@ -88,8 +88,33 @@ def _remove_partial_spark_output(out: Path) -> Iterator[None]:
         raise
 
 
+archive_app = typer.Typer(help="The offline archive of every streamed transaction: upkeep.", no_args_is_help=True)
+
+
+@archive_app.command("maintain")
+def archive_maintain(
+    offline_dir: Path = typer.Option(None, help="Offline store root (default: $VELOCITY_DATA_DIR/offline)."),
+    retention_days: int = typer.Option(None, min=1, help="Expire days older than this many days before today "
+                                       "(default: keep everything)."),
+    min_files: int = typer.Option(4, min=2, help="Compact a past day once it has at least this many files."),
+    grace_minutes: float = typer.Option(60, min=0, help="Delete replaced files and expired days only this long "
+                                        "after they were hidden: longer than any training-set build or backfill."),
+) -> None:
+    """Merge each past day's small files into one and expire old days, without breaking a reader in progress:
+    replaced files and expired days are hidden first and deleted by a later run after the grace period."""
+    from featurestore.config import get_settings
+    from stores.archive_maintenance import maintain
+
+    root = offline_dir or get_settings().offline_dir
+    report = maintain(root, today=dt.datetime.now(dt.UTC).date(), retention_days=retention_days,
+                      min_files=min_files, grace_s=grace_minutes * 60)
+    for line in report.lines():
+        err.print(line)
+
+
 def register(app: typer.Typer, features_app: typer.Typer) -> None:
     register_status(features_app)
+    app.add_typer(archive_app, name="archive")
 
     @app.command()
     def batch(

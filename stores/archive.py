@@ -176,8 +176,7 @@ def read_archive(offline_dir: Path, columns: Iterable[str] | None = None):
     """The archive as a pandas frame, deduplicated by txn_id (earliest arrival), in arrival order per card."""
     import duckdb
 
-    root = archive_dir(offline_dir)
-    files = sorted(str(p) for p in root.glob("date=*/*.parquet"))
+    files = [str(p) for p in listed_files(offline_dir)]
     cols = ", ".join(f'"{c}"' for c in (columns or ARCHIVE_COLUMNS))
     if not files:
         return ARCHIVE_SCHEMA.empty_table().to_pandas()[list(columns or ARCHIVE_COLUMNS)]
@@ -220,9 +219,30 @@ def check_parquet_files(files: Iterable[Path], what: str = "archive file") -> li
     return checked
 
 
+#: Markers of archive upkeep (stores.archive_maintenance): a compacted day's replaced inputs, an expired day.
+SUPERSEDED = "_superseded.json"
+EXPIRED = "_expired"
+
+
+def visible_files(day_dir: Path) -> list[Path]:
+    """A day's Parquet files as readers see them: none for an expired day; for a compacted one, the merged file
+    and anything written since, not the inputs it replaces (they stay on disk for readers that listed them)."""
+    if (day_dir / EXPIRED).exists():
+        return []
+    manifest = day_dir / SUPERSEDED
+    hidden = set(orjson.loads(manifest.read_bytes())["inputs"]) if manifest.is_file() else set()
+    return sorted(p for p in day_dir.glob("*.parquet") if p.name not in hidden)
+
+
+def listed_files(offline_dir: Path) -> list[Path]:
+    """The archive's Parquet files (`archive/date=*/*.parquet`) readers should read, sorted, unchecked."""
+    root = archive_dir(offline_dir)
+    return [f for day in sorted(p for p in root.glob("date=*") if p.is_dir()) for f in visible_files(day)]
+
+
 def archive_files(offline_dir: Path) -> list[Path]:
-    """The archive's Parquet files (`archive/date=*/*.parquet`), sorted, each one's footer checked.
+    """The archive's Parquet files readers should read (`listed_files`), each one's footer checked.
 
     Raises ArchiveError naming the first unreadable file. An empty list means nothing is archived yet.
     """
-    return check_parquet_files(sorted(archive_dir(offline_dir).glob("date=*/*.parquet")))
+    return check_parquet_files(listed_files(offline_dir))
