@@ -26,6 +26,7 @@ COPY batch ./batch
 COPY model ./model
 COPY serving ./serving
 COPY services ./services
+COPY demo ./demo
 RUN pip install --no-deps . && mkdir -p /data
 
 VOLUME ["/data"]

@@ -39,9 +39,11 @@ test-unit: install
 ## The edit loop: pure tests (no services) in about a minute.
 test-fast: test-unit
 
-## Runs the product end to end on real Kafka and Redis (grows with each issue).
+## Runs the product end to end on real Kafka and Redis and tells the seed's story: ends in `velocity demo`
+## (flags: make demo DEMO_ARGS="--keep-running --json story.json").
+DEMO_ARGS ?=
 demo: services-up
-	bash scripts/demo.sh
+	bash scripts/demo.sh $(DEMO_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -21,6 +21,8 @@ app = typer.Typer(
 
 def _register() -> None:
     from batch.cli import register as register_batch
+    from batch.consistency_cli import register as register_consistency
+    from demo.cli import register as register_demo
     from ingest.cli import register as register_ingest
     from model.cli import register as register_model
     from services.cli import app as services_app
@@ -33,7 +35,9 @@ def _register() -> None:
     register_streaming(app)
     register_batch(app, features_app)
     register_serving(app)
-    register_model(app)  # after serving: its `train`/`models` placeholders are replaced by the real commands
+    register_model(app)
+    register_demo(app)
+    register_consistency(app)
 
 
 def _configure_logging() -> None:
