@@ -2,22 +2,24 @@
 
 Request bodies are read and validated by hand (orjson + the event contract's validator) rather than by pydantic
 models: the hot path then does one parse, and every client error names its field and reason in one format. The
-pydantic models below only document the API in /openapi.json.
+pydantic models below only document the API in /openapi.json. `POST /v1/score` is answered in front of FastAPI
+by the same functions (serving/fastpath.py); the FastAPI route answers its other forms and documents it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from contextlib import asynccontextmanager
 from typing import Literal
 
 import orjson
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,10 +27,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from featurestore.config import Settings, get_settings
 from featurestore.entity import EntityKeyer, install_pan_redaction, luhn_valid
 from featurestore.events import is_entity_key
+from serving.fastpath import ScoreFastPath, ScoringAPI
 from serving.metrics import ApiMetrics
 from serving.models import ModelSource, ModelWatcher
 from serving.publisher import Publisher
 from serving.recorder import ScoreRecorder
+from serving.redis_reader import ScriptReader
 from serving.scorer import ModelUnavailable, RedisUnavailable, Scored, Scorer, now_ms
 from serving.validation import BadInput, TooMany, transactions_from_json
 from stores.redis_online import AsyncOnlineStore
@@ -36,8 +40,10 @@ from stores.redis_online import AsyncOnlineStore
 log = logging.getLogger(__name__)
 
 
-class ORJSONResponse(Response):
-    """JSON via orjson (NaN and infinities become null: a missing feature is null, as SPEC section 6 says)."""
+class ORJSONResponse(JSONResponse):
+    """JSON via orjson (NaN and infinities become null: a missing feature is null, as SPEC section 6 says). A
+    JSONResponse, so that /openapi.json documents each route's response model (for any other response class
+    FastAPI documents the answer as a bare string)."""
 
     media_type = "application/json"
 
@@ -55,12 +61,25 @@ class ServeSettings(BaseSettings):
     max_batch_body_bytes: int = 1024 * 1024
     #: Budget for the feature read; past it the answer is 503 (the read is cancelled).
     redis_timeout_s: float = 1.0
-    #: Longest a request waits for Kafka's acknowledgement before answering `published: false`.
+    #: Longest a request waits for the Kafka producer (and, with publish_wait, for the broker's acknowledgement)
+    #: before answering `published: false`.
     publish_timeout_s: float = 0.5
+    #: Wait for the broker's acknowledgement before answering (`published` then means acknowledged). Off: the
+    #: transaction is handed to a producer whose deliveries succeed and the answer does not wait for Kafka; a
+    #: delivery failing afterwards is counted (velocity_api_publish_failures{reason="kafka_delivery"}, /readyz).
+    publish_wait: bool = False
     kafka_retry_s: float = 5.0
     model_poll_s: float = 0.5
     #: Record every answer (with reason codes) to the scores topic, marked source: api.
     record_scores: bool = True
+    #: Reason codes of the score records: XGBoost's approximate contributions (cheap) or exact TreeSHAP values
+    #: (~1-3 ms a row: a core at 500 requests/s). See serving/recorder.py.
+    reason_method: Literal["approx", "exact"] = "approx"
+    #: Read features over the lean pipelined connection (serving/redis_reader.py) rather than redis-py; same
+    #: script and replies. Off: redis-py (also used whenever TLS is configured).
+    lean_redis: bool = True
+    #: Answer POST /v1/score in a plain ASGI handler in front of FastAPI (serving/fastpath.py); same answers.
+    fast_path: bool = True
 
 
 # ---------------------------------------------------------------------------------------------- documentation
@@ -72,7 +91,7 @@ class ScoreRequest(BaseModel):
     txn_id: str = Field(min_length=1, max_length=128, description="Unique id; scoring it twice never counts it twice")
     cc_num: str = Field(pattern=r"^[0-9]{12,19}$", description="The card number (digits, valid Luhn check digit). "
                         "Tokenized at once; never stored, logged or published")
-    amount: float = Field(gt=0, le=1_000_000_000, description="Amount, at most 2 decimals")
+    amount: float = Field(ge=0.01, le=1_000_000_000, multiple_of=0.01, description="Amount, at most 2 decimals")
     ts: int | None = Field(None, ge=946_684_800_000, lt=4_102_444_800_000,
                            description="Event time, epoch ms UTC (default: now); at most 1 day ahead")
     merchant: str = Field(min_length=1, max_length=256)
@@ -88,9 +107,12 @@ class ScoreAnswer(BaseModel):
     model_version: str
     features: dict[str, float | None] = Field(description="Every feature and ratio by name; null where missing")
     feature_age_ms: dict[str, int | None] = Field(
-        description="card_agg_10m: now minus the event time of the newest stored transaction counted in the window "
-                    "(0 when only this one counts); card_agg_1w: now minus the served snapshot's cut-off (null: none)")
-    published: bool = Field(description="Confirmed written to the transactions topic")
+        description="Per feature group. A stream group (card_agg_10m, ...): now minus the event time of the newest "
+                    "stored transaction its window counts (0 when only this one counts); the batch group "
+                    "(card_agg_1w): now minus the served snapshot's cut-off (null: none visible yet)")
+    published: bool = Field(description="Handed to a Kafka producer whose deliveries succeed (with "
+                            "VELOCITY_SERVE_PUBLISH_WAIT=true: acknowledged by the broker); false: not published "
+                            "(Kafka unavailable or failing, or publish=false)")
 
 
 class CardFeatures(BaseModel):
@@ -106,6 +128,18 @@ class CardNumber(BaseModel):
     cc_num: str = Field(pattern=r"^[0-9]{12,19}$")
 
 
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    ready: bool = Field(description="A model is loaded and Redis answers")
+    model: dict = Field(description="loaded, version, problem (why none is loaded, or why a switch was refused)")
+    redis: dict = Field(description="ok, error")
+    kafka: dict = Field(description="The producer's state, bootstrap, publish failures, last error, score records; "
+                                    "not required for readiness")
+
+
 class ApiErrorBody(BaseModel):
     error: str = Field(description="invalid_request, too_large, redis_unavailable, model_unavailable, internal")
     field: str | None = Field(None, description="The offending field (batch items: [index].field)")
@@ -113,6 +147,7 @@ class ApiErrorBody(BaseModel):
     detail: str
 
 
+_INTERNAL = {"error": "internal", "field": None, "reason": None, "detail": "internal error"}
 _ERRORS = {413: {"model": ApiErrorBody, "description": "Body or batch too large"},
            422: {"model": ApiErrorBody, "description": "Invalid input: the field and the reason"},
            503: {"model": ApiErrorBody, "description": "Redis unreachable or no model loaded"}}
@@ -131,9 +166,11 @@ class ApiError(Exception):
         super().__init__(detail)
         self.status, self.error, self.detail, self.field, self.reason = status, error, detail, field, reason
 
+    def payload(self) -> dict:
+        return {"error": self.error, "field": self.field, "reason": self.reason, "detail": self.detail}
+
     def response(self) -> ORJSONResponse:
-        return ORJSONResponse({"error": self.error, "field": self.field, "reason": self.reason,
-                               "detail": self.detail}, status_code=self.status)
+        return ORJSONResponse(self.payload(), status_code=self.status)
 
 
 def _bad(exc: BadInput) -> ApiError:
@@ -204,7 +241,8 @@ def create_app(settings: Settings | None = None, serve: ServeSettings | None = N
     kafka = settings.kafka
     publisher = Publisher(kafka.bootstrap, send_timeout_s=serve.publish_timeout_s, retry_s=serve.kafka_retry_s,
                           on_failure=lambda reason: metrics.publish_failures.labels(reason).inc())
-    recorder = ScoreRecorder(publisher, kafka.topic_scores, on_drop=metrics.records_dropped.inc)
+    recorder = ScoreRecorder(publisher, kafka.topic_scores, method=serve.reason_method,
+                             on_drop=metrics.records_dropped.inc)
     watcher = ModelWatcher(model_source, poll_s=serve.model_poll_s, on_change=metrics.model_changed)
     state: dict = {}
 
@@ -217,14 +255,18 @@ def create_app(settings: Settings | None = None, serve: ServeSettings | None = N
 
         # One immediate retry (a pooled connection Redis closed); no backoff sleeps: the request budget is small.
         store.redis.set_retry(Retry(NoBackoff(), 1))
+        reader = None
+        if serve.lean_redis and ScriptReader.usable(settings.redis):
+            reader = ScriptReader(settings.redis, store.keys.prefix, store.registry)
         state["store"] = store
-        state["scorer"] = Scorer(store, watcher, timeout_s=serve.redis_timeout_s)
+        state["scorer"] = Scorer(store, watcher, timeout_s=serve.redis_timeout_s, reader=reader)
         await asyncio.to_thread(watcher.load_now)
         watcher.start()
         await publisher.start()
         topics_task = asyncio.get_running_loop().create_task(_ensure_topics(settings))
         if serve.record_scores:
             recorder.start()
+        _settle_gc()
         try:
             yield
         finally:
@@ -232,15 +274,20 @@ def create_app(settings: Settings | None = None, serve: ServeSettings | None = N
             await watcher.stop()
             await recorder.stop()
             await publisher.stop()
+            if reader is not None:
+                await reader.close()
             await store.close()
 
-    app = FastAPI(title="Velocity scoring API", version="1", default_response_class=ORJSONResponse,
-                  lifespan=lifespan,
-                  description="Real-time card-fraud scores over a streaming feature store. A card number travels "
-                              "only in request bodies, never in a URL; it is tokenized at once.")
+    app = ScoringAPI(title="Velocity scoring API", version="1", default_response_class=ORJSONResponse,
+                     lifespan=lifespan,
+                     description="Real-time card-fraud scores over a streaming feature store. A card number travels "
+                                 "only in request bodies, never in a URL; it is tokenized at once.")
     app.state.metrics, app.state.publisher, app.state.watcher, app.state.recorder = metrics, publisher, watcher, recorder
     app.state.runtime = state
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    from serving import dashboard  # the live page at / (routes, and its Kafka feed joined to the lifespan)
+
+    dashboard.install(app, settings)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
@@ -259,8 +306,9 @@ def create_app(settings: Settings | None = None, serve: ServeSettings | None = N
     async def internal_error(request: Request, exc: Exception):
         metrics.errors.labels("internal").inc()
         log.exception("internal error on %s", request.url.path)
-        return ORJSONResponse({"error": "internal", "field": None, "reason": None, "detail": "internal error"},
-                              status_code=500)
+        return ORJSONResponse(_INTERNAL, status_code=500)
+
+    decisions = {d: metrics.decisions.labels(d) for d in ("FRAUD", "NOT_FRAUD")}
 
     async def _score(txns, batch: bool, publish: bool) -> list[Scored]:
         scorer: Scorer = state["scorer"]
@@ -277,16 +325,18 @@ def create_app(settings: Settings | None = None, serve: ServeSettings | None = N
         published = [False] * len(txns)
         if publish:
             topic = kafka.topic_transactions
+            wait = serve.publish_wait
             if batch:
                 published = list(await asyncio.gather(*(
-                    publisher.publish(topic, t.card.encode(), t.to_json(), t.ts) for t in txns)))
+                    publisher.publish(topic, t.card.encode(), t.to_json(), t.ts, wait=wait) for t in txns)))
             else:
-                published[0] = await publisher.publish(topic, txns[0].card.encode(), txns[0].to_json(), txns[0].ts)
+                published[0] = await publisher.publish(topic, txns[0].card.encode(), txns[0].to_json(), txns[0].ts,
+                                                       wait=wait)
             metrics.stage_publish.observe(time.perf_counter() - t1)
         at = now_ms()
         for s, txn, ok in zip(scored, txns, published, strict=True):
             s.answer["published"] = ok
-            metrics.decisions.labels(s.answer["decision"]).inc()
+            decisions[s.answer["decision"]].inc()
             if serve.record_scores:
                 recorder.record(s, {"source": "api", "ts": txn.ts, "scored_at_ms": at})
         return scored
@@ -303,15 +353,29 @@ def create_app(settings: Settings | None = None, serve: ServeSettings | None = N
         metrics.stage_parse.observe(time.perf_counter() - t0)
         return txns
 
+    async def score_body(body: bytes, publish: bool) -> bytes:
+        """POST /v1/score after its body is read: the answer's JSON (raises ApiError). Both the FastAPI route
+        below and the plain ASGI handler in front of it (serving/fastpath.py) answer with this."""
+        txns = _parse(body, batch=False)
+        scored = await _score(txns, batch=False, publish=publish)
+        return orjson.dumps(scored[0].answer)
+
+    def error_body(exc: ApiError) -> tuple[int, bytes]:
+        metrics.errors.labels(exc.error).inc()
+        return exc.status, orjson.dumps(exc.payload())
+
+    if serve.fast_path:
+        app.fast_path = ScoreFastPath(handle=score_body, read_limit=serve.max_body_bytes, metrics=metrics,
+                                      api_error=ApiError, error_body=error_body, internal_body=orjson.dumps(_INTERNAL))
+
     @app.post("/v1/score", response_model=ScoreAnswer, responses=_ERRORS,
               openapi_extra=_body_schema(ScoreRequest.model_json_schema()), summary="Score one transaction")
     async def score(request: Request,
                     publish: bool = Query(True, description="Publish the tokenized transaction to `transactions`")):
         """Features from the online store (the transaction folded in), the model's score and decision. The
         tokenized transaction is published to `transactions` unless `publish=false`."""
-        txns = _parse(await _read_body(request, serve.max_body_bytes), batch=False)
-        scored = await _score(txns, batch=False, publish=publish)
-        return ORJSONResponse(scored[0].answer)
+        body = await score_body(await _read_body(request, serve.max_body_bytes), publish)
+        return Response(body, media_type="application/json")
 
     @app.post("/v1/score/batch", response_model=list[ScoreAnswer], responses=_ERRORS,
               openapi_extra=_body_schema({"type": "array", "items": ScoreRequest.model_json_schema(),
@@ -334,7 +398,8 @@ def create_app(settings: Settings | None = None, serve: ServeSettings | None = N
 
     @app.get("/v1/features/{card}", response_model=CardFeatures, responses=_ERRORS,
              summary="A card's current online features, by entity key")
-    async def features_by_key(card: str):
+    async def features_by_key(card: str = Path(description="The card's entity key", json_schema_extra={
+            "pattern": "^[0-9a-f]{32}$"})):
         """`card` is the entity key (32 hex characters). A card number never goes in a URL: POST /v1/features."""
         if not is_entity_key(card):
             detail = ("a card number never goes in a URL: POST /v1/features with {\"cc_num\": ...}" if card.isdigit()
@@ -357,20 +422,20 @@ def create_app(settings: Settings | None = None, serve: ServeSettings | None = N
                            "bad_field")
         return await _card_features(keyer(cc))
 
-    @app.get("/healthz", summary="The process is up")
+    @app.get("/healthz", summary="The process is up", response_model=Health)
     async def healthz():
         return {"status": "ok"}
 
     @app.get("/readyz", summary="Ready to score: a model loaded and Redis reachable (Kafka reported)",
-             responses={503: {"description": "Not ready"}})
+             response_model=Readiness, responses={503: {"model": Readiness, "description": "Not ready"}})
     async def readyz():
         model = watcher.current
         redis_ok, redis_error = False, None
-        store = state.get("store")
-        if store is not None:
+        scorer = state.get("scorer")
+        if scorer is not None:
             try:
                 async with asyncio.timeout(serve.redis_timeout_s):
-                    redis_ok = await store.ping()
+                    redis_ok = await scorer.reader.ping()  # the connection scores are read over
             except Exception as exc:
                 redis_error = type(exc).__name__
         kafka_report = publisher.report()
@@ -392,6 +457,15 @@ def create_app(settings: Settings | None = None, serve: ServeSettings | None = N
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _settle_gc() -> None:
+    """After start-up: move everything loaded so far (frameworks, the model, NumPy) out of the collector's way,
+    so a full collection scans only what requests allocate (a full scan of the start-up heap takes tens of ms,
+    straight into the latency tail), and collect the young generation less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)
 
 
 def _decode_object(body: bytes) -> dict:

@@ -39,3 +39,10 @@ def current_model_source(settings: Settings) -> CurrentModelSource:
     from model.registry import models_dir
 
     return CurrentModelSource(models_dir(settings.data_dir))
+
+
+def default_source() -> CurrentModelSource:
+    """The current model of `$VELOCITY_DATA_DIR/models`: what `velocity serve` scores with."""
+    from featurestore.config import get_settings
+
+    return current_model_source(get_settings())

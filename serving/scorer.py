@@ -2,7 +2,9 @@
 
 Everything that defines a feature lives in `featurestore/`: the read script and its fold (`stores.redis_online`),
 the ratios (`featurestore.ratios.compute_ratios`, the function training uses). This module only puts the values
-in the model's recorded order and asks the booster, in place, on a preallocated row (no per-request DMatrix).
+in the model's recorded order and predicts the row with the fastest one-row predictor that agrees bit for bit with
+the booster's `inplace_predict` (serving/fastpredict.py; no per-request DMatrix). The read script runs on the
+store's own client or on a leaner transport of the same script (`reader`, serving/redis_reader.py).
 """
 
 from __future__ import annotations
@@ -12,14 +14,21 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from featurestore.definitions import REGISTRY, Registry
 from featurestore.events import Transaction
 from featurestore.ratios import compute_ratios
+from featurestore.windows import in_window
 from serving.models import ModelWatcher, ServingModel
 from stores.redis_online import AsyncOnlineStore, OnlineFeatures, fold_read, newest_counted_ts
+
+
+class ReplyReader(Protocol):
+    async def read_replies(self, requests: Sequence[tuple[str, str, int]]) -> list: ...
+
 
 FRAUD = "FRAUD"
 NOT_FRAUD = "NOT_FRAUD"
@@ -59,18 +68,26 @@ class Scorer:
     """Scores transactions with the current model over the online store; safe to share across requests."""
 
     def __init__(self, store: AsyncOnlineStore, models: ModelWatcher, *, timeout_s: float = 1.0,
-                 registry: Registry = REGISTRY) -> None:
+                 registry: Registry = REGISTRY, reader: ReplyReader | None = None) -> None:
         self.store = store
+        #: What runs the read script: the store itself, or a leaner transport of the same script
+        #: (`serving.redis_reader.ScriptReader`, the API's).
+        self.reader: ReplyReader = reader or store
         self.models = models
         self.timeout_s = timeout_s
         self.registry = registry
-        self._stream_group = registry.stream_groups[0].name
+        self._stream_windows = tuple((g.name, g.window_ms) for g in registry.stream_groups)
         self._batch_group = registry.batch_group.name
+        self._all_features = registry.all_features
+        self._ratios = registry.ratios
 
     async def _replies(self, requests: Sequence[tuple[str, str, int]]) -> list:
+        reader = self.reader
         try:
+            if getattr(reader, "bounds_waits", False):  # one sweep timer for every request's wait
+                return await reader.read_replies(requests, timeout_s=self.timeout_s)
             async with asyncio.timeout(self.timeout_s):
-                return await self.store.read_replies(requests)
+                return await reader.read_replies(requests)
         except Exception as exc:
             if redis_failure(exc):
                 raise RedisUnavailable(f"the online store (Redis) did not answer within {self.timeout_s:g} s: "
@@ -87,16 +104,18 @@ class Scorer:
         """Every feature and ratio by name (NaN where missing), the fold, and each group's age in ms."""
         online = fold_read(reply, txn.txn_id, txn.ts, txn.amount_cents, self.registry)
         values = {"amount": txn.amount, **online.values}
-        values.update(compute_ratios(values, self.registry.ratios))
-        newest = newest_counted_ts(reply, txn.txn_id)
-        ages = {
-            # 10m: how old the newest stored event counted in the window is (0: only this transaction counts).
-            self._stream_group: 0 if newest is None else max(0, at_ms - newest),
-            # 1w: how old the snapshot served is, from its cut-off (None: no snapshot visible yet).
-            self._batch_group: None if online.snapshot_cutoff_ms is None
-            else max(0, at_ms - online.snapshot_cutoff_ms),
-        }
-        return values, online, ages
+        values.update(compute_ratios(values, self._ratios))
+        return values, online, self._ages(online, newest_counted_ts(reply, txn.txn_id), at_ms, 0)
+
+    def _ages(self, online: OnlineFeatures, newest: int | None, at_ms: int, nothing_stored) -> dict:
+        """Per group: a stream group's age is now minus the event time of the newest stored event its window
+        counts (`nothing_stored` when it counts none); a batch group's, now minus the served snapshot's cut-off
+        (None: no snapshot visible yet)."""
+        ages = {name: nothing_stored if newest is None or not in_window(newest, online.ts, window)
+                else max(0, at_ms - newest) for name, window in self._stream_windows}
+        cutoff = online.snapshot_cutoff_ms
+        ages[self._batch_group] = None if cutoff is None else max(0, at_ms - cutoff)
+        return ages
 
     def _answer(self, txn: Transaction, model: ServingModel, score: float, values: dict, ages: dict) -> dict:
         return {
@@ -107,7 +126,7 @@ class Scorer:
             "threshold": model.threshold,
             "model_version": model.version,
             # orjson writes NaN as null, so missing features need no conversion here.
-            "features": {name: values[name] for name in self.registry.all_features},
+            "features": {name: values[name] for name in self._all_features},
             "feature_age_ms": ages,
         }
 
@@ -119,14 +138,11 @@ class Scorer:
         redis_s = time.perf_counter() - t0
         model = self._model()  # the freshest model after the await: a swap in between is fine either way
         values, _, ages = self.features(txn, reply, now_ms())
+        row = np.array([[values[name] for name in model.features]], dtype=np.float32)
         fast = model.row_predictor
-        row = fast.row if fast is not None else np.empty((1, len(model.features)), dtype=np.float32)
-        for i, name in enumerate(model.features):
-            row[0, i] = values[name]
-        # No await between filling the shared row and predicting: no other request can touch it meanwhile.
-        raw = fast.predict() if fast is not None else float(model.booster.inplace_predict(row)[0])
+        raw = fast.predict_row(row) if fast is not None else float(model.booster.inplace_predict(row)[0])
         score = float(model.calibrate(np.array([raw]))[0]) if model.calibrate is not None else raw
-        return Scored(self._answer(txn, model, score, values, ages), model, row.copy(), redis_s)
+        return Scored(self._answer(txn, model, score, values, ages), model, row, redis_s)
 
     async def score_many(self, txns: Sequence[Transaction]) -> list[Scored]:
         """Score several transactions: one pipelined Redis round trip, one prediction over all rows.
@@ -158,16 +174,11 @@ class Scorer:
         online = fold_read(reply, "", at, None, self.registry)
         values = dict(online.values)
         values.update(compute_ratios(values, self.registry.ratios))
-        newest = newest_counted_ts(reply, "")
         return {
             "card": card,
             "as_of_ms": at,
             "features": {n: values.get(n, math.nan) for n in self.registry.all_features if n in values},
             "snapshot_cutoff_ms": online.snapshot_cutoff_ms,
             "complete": online.complete,
-            "feature_age_ms": {
-                self._stream_group: None if newest is None else max(0, at - newest),
-                self._batch_group: None if online.snapshot_cutoff_ms is None
-                else max(0, at - online.snapshot_cutoff_ms),
-            },
+            "feature_age_ms": self._ages(online, newest_counted_ts(reply, ""), at, None),
         }

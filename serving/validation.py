@@ -2,7 +2,8 @@
 
 The rules are the event contract's (`featurestore.events.validate_transaction`, shared with the stream worker);
 the API adds what only the edge can check: the card number comes as `cc_num` and must pass the Luhn check, `ts`
-defaults to now, `fraud_label` is ignored, and so is any `card`/`pan_last4` a client sends (the API tokenizes).
+defaults to now (and an integral JSON number written as 1.7e12 or 1700000000000.0 is that integer), `fraud_label`
+is ignored, and so is any `card`/`pan_last4` a client sends (the API tokenizes).
 """
 
 from __future__ import annotations
@@ -49,8 +50,11 @@ def transaction_from_body(obj: object, keyer: Keyer, now_ms: int,
     if type(obj) is not dict:
         raise BadInput("body", "not_object", f"expected a JSON object (a transaction), got {_json_type(obj)}")
     clean = {k: obj[k] for k in API_FIELDS if k in obj}
-    if clean.get("ts") is None:
+    ts = clean.get("ts")
+    if ts is None:
         clean["ts"] = now_ms
+    elif type(ts) is float and ts.is_integer():  # 1700000000000.0 is the JSON number 1700000000000 (JSON Schema
+        clean["ts"] = int(ts)                    # agrees); the stream's contract then sees an integer
     cc = clean.get("cc_num")
     if cc is None:
         raise BadInput("cc_num", "missing_field", "missing cc_num (the card number, digits only)")

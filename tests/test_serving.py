@@ -155,18 +155,98 @@ def same(a: float | None, b: float | None) -> bool:
 
 
 @pytest.mark.unit
-def test_row_predictor_equals_inplace_predict():
-    from serving.fastpredict import row_predictor
+def test_one_row_predictors_equal_inplace_predict_bit_for_bit():
+    import xgboost as xgb
 
-    booster = toy_booster(3)
-    fast = row_predictor(booster, len(FEATURES))
-    assert fast is not None
-    rows = np.random.default_rng(5).normal(0, 50, (200, len(FEATURES))).astype(np.float32)
-    rows[::3, 1] = np.nan
-    expected = booster.inplace_predict(rows)
-    for i in range(len(rows)):
-        fast.row[0] = rows[i]
-        assert fast.predict() == float(expected[i])
+    from serving.fastpredict import (
+        CompiledTrees,
+        RowPredictor,
+        _check_rows,
+        compiled_trees,
+        one_row_predictor,
+        row_predictor,
+    )
+
+    for booster in (toy_booster(3), toy_booster(5, rounds=60)):
+        rng = np.random.default_rng(5)
+        rows = rng.normal(0, 50, (400, len(FEATURES))).astype(np.float32)
+        rows[::3, 1] = np.nan
+        rows[::7] = np.nan  # a row with nothing known
+        rows[::11, 0] = np.inf
+        # Every split threshold, and its float32 neighbours on either side.
+        rows = np.vstack([rows, _check_rows(booster, len(FEATURES), random_rows=64)])
+        expected = booster.inplace_predict(rows)
+        compiled = compiled_trees(booster, len(FEATURES))
+        assert isinstance(compiled, CompiledTrees)
+        assert isinstance(one_row_predictor(booster, len(FEATURES)), CompiledTrees)
+        c_call = row_predictor(booster, len(FEATURES))
+        assert c_call is not None
+        for i in range(len(rows)):
+            assert compiled.predict_row(rows[i:i + 1]) == float(expected[i]), rows[i]
+            assert c_call.predict_row(rows[i:i + 1]) == float(expected[i]), rows[i]
+    # What the generated code does not cover (here a regression objective) keeps XGBoost's own predictor.
+    x = np.random.default_rng(1).random((500, 4)).astype(np.float32)
+    reg = xgb.train({"objective": "reg:squarederror", "max_depth": 3, "nthread": 1}, xgb.DMatrix(x, x[:, 0]), 5)
+    assert compiled_trees(reg, 4) is None and isinstance(one_row_predictor(reg, 4), RowPredictor)
+    dart = xgb.train({"objective": "binary:logistic", "booster": "dart", "max_depth": 3, "nthread": 1},
+                     xgb.DMatrix(x, (x[:, 0] > 0.5).astype(int)), 5)
+    assert compiled_trees(dart, 4) is None
+
+
+@pytest.mark.unit
+def test_fast_path_takes_only_plain_score_requests_and_reads_chunked_bodies():
+    import asyncio
+
+    from serving.app import ApiError
+    from serving.fastpath import ScoreFastPath
+    from serving.metrics import ApiMetrics
+
+    handled = []
+
+    async def handle(body: bytes, publish: bool) -> bytes:
+        handled.append((body, publish))
+        return b"{}"
+
+    def error_body(exc):
+        return exc.status, orjson.dumps(exc.payload())
+
+    fast = ScoreFastPath(handle=handle, read_limit=10, metrics=ApiMetrics(), api_error=ApiError,
+                         error_body=error_body, internal_body=b"{}")
+
+    def scope(path="/v1/score", query=b"", method="POST",
+              headers=((b"content-type", b"application/json; charset=utf-8"),)):
+        return {"type": "http", "method": method, "path": path, "query_string": query, "headers": list(headers)}
+
+    assert fast.takes(scope()) and fast.takes(scope(query=b"publish=false")) and fast.takes(scope(query=b"publish=1"))
+    for other in (scope(query=b"publish=maybe"), scope(query=b"publish=false&x=1"), scope(path="/v1/score/batch"),
+                  scope(method="GET"), {**scope(), "type": "websocket"}):
+        assert not fast.takes(other)  # FastAPI answers these
+
+    def call(chunks, **kw):
+        messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+                    for i, c in enumerate(chunks)] or [{"type": "http.disconnect"}]
+        sent = []
+
+        async def receive():
+            return messages.pop(0)
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(fast.answer(scope(**kw), receive, send))
+        return sent
+
+    sent = call([b'{"a"', b":1}"], query=b"publish=false")
+    assert handled[-1] == (b'{"a":1}', False) and sent[0]["status"] == 200 and sent[1]["body"] == b"{}"
+    assert dict(sent[0]["headers"]) == {b"content-type": b"application/json", b"content-length": b"2"}
+    sent = call([b"123456", b"789012"])
+    assert sent[0]["status"] == 413 and orjson.loads(sent[1]["body"])["field"] == "body"
+    sent = call([b"{}"], headers=((b"content-type", b"text/plain"),))
+    assert sent[0]["status"] == 422 and orjson.loads(sent[1]["body"])["field"] == "content-type"
+    sent = call([b"{}"], headers=((b"content-type", b"application/json"), (b"content-length", b"999")))
+    assert sent[0]["status"] == 413
+    assert call([]) == []  # the client left before its body: nobody to answer
+    assert len(handled) == 1
 
 
 @pytest.mark.unit
@@ -179,11 +259,18 @@ def test_reason_codes_are_the_largest_contributions():
     booster = toy_booster(4)
     model = ServingModel(booster, FEATURES, 0.5, "t")
     rows = np.array([[10, 1, 3.5, 0.9], [400, np.nan, 0.1, 0.1]], dtype=np.float32)
-    codes = reason_codes(model, rows, top=2)
-    contribs = booster.predict(xgb.DMatrix(rows, feature_names=list(FEATURES)), pred_contribs=True)
-    for row_codes, c in zip(codes, contribs, strict=True):
-        assert len(row_codes) == 2
-        assert {r["feature"] for r in row_codes} == {FEATURES[i] for i in np.argsort(-np.abs(c[:-1]))[:2]}
+    for method in ("exact", "approx"):  # TreeSHAP values, or XGBoost's approximate (Saabas) contributions
+        codes = reason_codes(model, rows, top=2, method=method)
+        contribs = booster.predict(xgb.DMatrix(rows, feature_names=list(FEATURES)), pred_contribs=True,
+                                   approx_contribs=method == "approx")
+        for row_codes, c, row in zip(codes, contribs, rows, strict=True):
+            assert len(row_codes) == 2
+            assert [r["feature"] for r in row_codes] == [FEATURES[i] for i in np.argsort(-np.abs(c[:-1]), kind="stable")[:2]]
+            assert [r["contribution"] for r in row_codes] == [float(c[FEATURES.index(r["feature"])])
+                                                              for r in row_codes]
+            assert all(same(r["value"], float(row[FEATURES.index(r["feature"])])) for r in row_codes)
+    with pytest.raises(ValueError):
+        reason_codes(model, rows, method="guess")
 
 
 @pytest.mark.unit
@@ -195,6 +282,14 @@ def test_validation_names_field_and_ignores_extras():
     (txn,) = transactions_from_json(orjson.dumps(ok), KEYER, now, batch=False)
     assert txn.card == KEYER(PANS[0]) and txn.pan_last4 == PANS[0][-4:] and txn.ts == now
     assert txn.fraud_label is None and PANS[0] not in txn.to_json().decode()
+    # An integral JSON number is that integer, however written (JSON Schema agrees); a fraction is refused.
+    for written in (f"{now}.0".encode(), f"{now / 1e12!r}e12".encode()):
+        raw = orjson.dumps(body(PANS[0], "t-2")).replace(b'"amount"', b'"ts":' + written + b',"amount"')
+        (txn,) = transactions_from_json(raw, KEYER, now, batch=False)
+        assert type(txn.ts) is int and txn.ts == now, written
+    with pytest.raises(BadInput) as err:
+        transactions_from_json(orjson.dumps(body(PANS[0], ts=now + 0.5)), KEYER, now, batch=False)
+    assert err.value.field == "ts"
     with pytest.raises(BadInput) as err:
         transactions_from_json(b'[{"txn_id": "a"}, 3]', KEYER, now, batch=True, max_batch=5)
     assert err.value.field == "[0].cc_num"
@@ -313,10 +408,13 @@ def test_features_equal_oracle_and_training_path_and_score_equals_booster(stack,
     booster = xgb.Booster()
     booster.load_model(str(stack["models"] / "v1" / "model.ubj"))
     row = np.array([[path[f] for f in FEATURES]], dtype=np.float32)
-    assert answer["score"] == pytest.approx(float(booster.inplace_predict(row)[0]), abs=1e-7)
+    assert answer["score"] == float(booster.inplace_predict(row)[0])  # bit for bit (serving/fastpredict.py)
     assert answer["decision"] == ("FRAUD" if answer["score"] >= answer["threshold"] else "NOT_FRAUD")
     assert answer["model_version"] == "v1" and answer["published"] is False
     ages = answer["feature_age_ms"]
+    assert set(ages) == {g.name for g in REGISTRY.stream_groups} | {REGISTRY.batch_group.name}
+    for g in REGISTRY.stream_groups:  # the newest stored event counted, at t - 1 min, is in every window >= 1 min
+        assert ages[g.name] == (ages["card_agg_10m"] if g.window_ms >= MINUTE else 0), g.name
     now = int(time.time() * 1000)
     assert now - (t - MINUTE) - 5_000 <= ages["card_agg_10m"] <= now - (t - MINUTE)
     assert now - cutoff - 5_000 <= ages["card_agg_1w"] <= now - cutoff
@@ -373,6 +471,7 @@ def test_publish_is_tokenized_counted_once_and_recorded(stack, redis_settings):
     rec = mine[0]
     assert rec["source"] == "api" and rec["txn_id"] == first["txn_id"] and rec["score"] == first["score"]
     assert rec["features"] == first["features"] and rec["ts"] == t and len(rec["reasons"]) == 3
+    assert rec["reason_method"] == "approx"
     assert {r["feature"] for r in rec["reasons"]} <= set(FEATURES)
 
 
@@ -543,6 +642,265 @@ def test_redis_down_is_503_in_time_then_recovers_and_kafka_down_still_answers(se
         server.stop()
         redis_proc.kill()
         redis_proc.wait()
+
+
+@pytest.mark.integration
+def test_fast_path_answers_exactly_as_the_fastapi_route(stack):
+    """POST /v1/score without a query (or with publish=true|false) is answered in front of FastAPI
+    (serving/fastpath.py); any other query string reaches the FastAPI route. Both give the same answers."""
+    client: httpx.Client = stack["client"]
+    for what, payload, headers, _, _ in _bad_cases(int(time.time() * 1000)):
+        content = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+        fast = client.post("/v1/score?publish=false", content=content, headers=headers)
+        slow = client.post("/v1/score?publish=no", content=content, headers=headers)  # FastAPI's bool parsing
+        assert (fast.status_code, fast.json()) == (slow.status_code, slow.json()), what
+        assert fast.headers["content-type"] == slow.headers["content-type"] == "application/json", what
+    t = int(time.time() * 1000) - 5_000
+    sent = body(PANS[5], f"same-{uuid.uuid4().hex[:6]}", amount=77.7, ts=t)
+    fast = client.post("/v1/score?publish=false", json=sent).json()
+    slow = client.post("/v1/score?publish=off", json=sent).json()
+    for a in (fast, slow):
+        a.pop("feature_age_ms")  # measured from now
+    assert fast == slow and fast["published"] is False
+
+
+@pytest.mark.integration
+def test_publisher_hands_over_or_waits_and_counts_every_failure(services, kafka_admin):
+    """Handed over (the API's default): True at once while deliveries succeed; a delivery that fails afterwards is
+    counted and turns the next answers to False until one succeeds. Waiting: True only once acknowledged."""
+    import asyncio
+
+    from kafka.admin import NewTopic
+
+    from serving.publisher import Publisher
+    from stores.kafka_topics import topic_configs
+
+    # The broker refuses record batches over 2,000 bytes on this topic (the client's own limit is 1 MB).
+    topic = f"test.pub.{uuid.uuid4().hex[:10]}"
+    kafka_admin.create_topics([NewTopic(topic, 1, 1, topic_configs={**topic_configs(), "max.message.bytes": "2000"})])
+    reasons: list[str] = []
+
+    async def scenario():
+        pub = Publisher(services["bootstrap"], send_timeout_s=5, on_failure=reasons.append)
+        await pub.start()
+        try:
+            await asyncio.wait_for(_until(lambda: pub.state == "connected"), 30)
+            assert await pub.publish(topic, b"k", b"acknowledged", wait=True)
+            assert await pub.publish(topic, b"k", b"handed over", wait=False)
+            assert await pub.publish(topic, b"k", b"acknowledged after", wait=True)  # so the next goes alone
+            # Waited for: the broker refuses the record batch (over the topic's limit) and the answer says so.
+            assert not await pub.publish(topic, b"k", b"x" * 5_000, wait=True)
+            assert not pub.healthy and pub.report()["state"] == "degraded"
+            assert not await pub.publish(topic, b"k", b"while degraded", wait=False)  # queued, not vouched for
+            await asyncio.wait_for(_until(lambda: pub.healthy), 30)  # ... and its delivery heals the producer
+            # Handed over: True at once; the refusal comes later, is counted and degrades the producer.
+            assert await pub.publish(topic, b"k", b"y" * 5_000, wait=False)
+            await asyncio.wait_for(_until(lambda: "kafka_delivery" in reasons), 30)
+            assert not pub.healthy
+            assert not await pub.publish(topic, b"k", b"while degraded again", wait=False)
+            await asyncio.wait_for(_until(lambda: pub.healthy), 30)
+            assert await pub.publish(topic, b"k", b"acknowledged again", wait=True)
+            assert await pub.publish(topic, b"k", b"handed over again", wait=False)
+            assert reasons == ["kafka_error", "kafka_degraded", "kafka_delivery", "kafka_degraded"], reasons
+            assert pub.report()["publish_failures"] == 4
+        finally:
+            await pub.stop()
+        dead = Publisher(f"127.0.0.1:{free_port()}", send_timeout_s=0.2, retry_s=5)
+        await dead.start()
+        try:
+            assert not await dead.publish(topic, b"k", b"nobody there", wait=False)
+            assert not await dead.publish(topic, b"k", b"nobody there", wait=True)
+        finally:
+            await dead.stop()
+
+    try:
+        asyncio.run(scenario())
+        values = [m.value for m in consume(services["bootstrap"], topic, lambda got: len(got) >= 7)]
+    finally:
+        with contextlib.suppress(Exception):
+            kafka_admin.delete_topics([topic])
+    assert values == [b"acknowledged", b"handed over", b"acknowledged after", b"while degraded",
+                      b"while degraded again", b"acknowledged again", b"handed over again"]
+
+
+async def _until(condition, interval: float = 0.05) -> None:
+    import asyncio
+
+    while not condition():
+        await asyncio.sleep(interval)
+
+
+@pytest.mark.integration
+def test_lean_redis_reader_gives_the_stores_replies(redis_settings, key_prefix):
+    import asyncio
+
+    from featurestore.state import EventWrite
+    from serving.redis_reader import ScriptReader
+    from stores.redis_online import AsyncOnlineStore, OnlineStore
+
+    cards = [KEYER(p) for p in PANS[:3]]
+    t = int(time.time() * 1000) - 60_000
+    store = OnlineStore(redis_settings, prefix=key_prefix)
+    store.apply_events([EventWrite(c, f"e{i}-{j}", t - j * 30_000, 100 + i * 10 + j) for i, c in enumerate(cards)
+                        for j in range(i + 2)])
+    store.write_snapshot(t - 3_600_000, [(cards[0], 4, 4_000), (cards[1], 2, 900)])
+    store.close()
+    requests = [(cards[0], "e0-1", t), (cards[1], "unseen", t + 5), (cards[2], "", t), ("f" * 32, "x", t),
+                (cards[2], "e2-0|odd|id", t - 1)]
+
+    async def compare():
+        lean = ScriptReader(redis_settings, key_prefix)
+        stock = AsyncOnlineStore(redis_settings, prefix=key_prefix)
+        try:
+            for arrival in (None, t + 1):
+                assert await lean.read_replies(requests, arrival) == await stock.read_replies(requests, arrival)
+                for r in requests:
+                    assert await lean.read_replies([r], arrival) == await stock.read_replies([r], arrival)
+            assert await lean.ping()
+        finally:
+            await lean.close()
+            await stock.close()
+
+    asyncio.run(compare())
+
+
+@pytest.mark.integration
+def test_lean_redis_reader_survives_script_flush_stall_and_restart(tmp_path):
+    """NOSCRIPT after a flush, replies kept in order across timed-out requests, and a reconnect after a
+    restart, on a private redis-server (the shared one is never stopped or flushed)."""
+    import asyncio
+
+    import redis
+
+    from featurestore.config import RedisSettings
+    from featurestore.state import EventWrite
+    from serving.redis_reader import ScriptReader
+    from serving.scorer import redis_failure
+    from stores.redis_online import OnlineStore
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server not installed")
+    port = free_port()
+
+    def start_redis():
+        proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                 "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        wait_until(lambda: _port_open(port), timeout=10, what="redis-server")
+        return proc
+
+    settings = RedisSettings(port=port, socket_timeout_s=1.0)
+    prefix = "t"
+    cards = [KEYER(p) for p in PANS[:4]]
+    t = int(time.time() * 1000)
+
+    def seed():
+        store = OnlineStore(settings, prefix=prefix)
+        store.apply_events([EventWrite(c, f"s{i}-{j}", t - 1_000 * (j + 1), 100) for i, c in enumerate(cards)
+                            for j in range(i + 1)])  # card i holds i + 1 events: a reply says whose it is
+        store.close()
+
+    def count(reply) -> int:
+        return len(reply[1]) // 2
+
+    proc = start_redis()
+    try:
+        seed()
+
+        async def scenario():
+            nonlocal proc
+            reader = ScriptReader(settings, prefix)
+            try:
+                assert count((await reader.read_replies([(cards[2], "x", t)]))[0]) == 3
+                redis.Redis(port=port).script_flush()
+                assert [count(r) for r in await reader.read_replies([(c, "x", t) for c in cards])] == [1, 2, 3, 4]
+                # Stalled: requests time out; once Redis resumes, each later reply still goes to its own request.
+                proc.send_signal(signal.SIGSTOP)
+                try:
+                    for c in cards[:2]:  # the caller's own timeout
+                        with pytest.raises(TimeoutError):
+                            async with asyncio.timeout(0.2):
+                                await reader.read_replies([(c, "x", t)])
+                    for c in cards[2:]:  # the reader's (how the scorer calls it)
+                        t0 = time.monotonic()
+                        with pytest.raises(TimeoutError):
+                            await reader.read_replies([(c, "x", t)], timeout_s=0.2)
+                        assert 0.19 < time.monotonic() - t0 < 0.2 + 2 * reader.sweep_s + 0.1
+                    with pytest.raises(TimeoutError):
+                        await reader.read_replies([(c, "x", t) for c in cards], timeout_s=0.2)
+                finally:
+                    proc.send_signal(signal.SIGCONT)
+                for i in (3, 0, 2, 1):
+                    assert count((await reader.read_replies([(cards[i], "x", t)]))[0]) == i + 1
+                # Killed: a connection error (an outage to the scorer), then a reconnect when it is back.
+                proc.kill()
+                proc.wait()
+                with pytest.raises(Exception) as err:
+                    async with asyncio.timeout(2):
+                        await reader.read_replies([(cards[0], "x", t)])
+                assert redis_failure(err.value), err.value
+                proc = start_redis()
+                seed()  # a fresh server: empty, and no script cached
+                assert count((await reader.read_replies([(cards[1], "x", t)]))[0]) == 2
+            finally:
+                await reader.close()
+
+        asyncio.run(scenario())
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.integration
+def test_lean_redis_reader_authenticates_and_selects_its_database(tmp_path):
+    """AUTH (password, or ACL user and password) and SELECT on connect, as redis-py does; a refused AUTH is a
+    connection failure (an outage to the scorer, 503), never a wrong answer."""
+    import asyncio
+
+    import redis
+
+    from featurestore.config import RedisSettings
+    from featurestore.state import EventWrite
+    from serving.redis_reader import ScriptReader
+    from serving.scorer import redis_failure
+    from stores.redis_online import OnlineStore
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server not installed")
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                             "no", "--dir", str(tmp_path), "--requirepass", "s3cret"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: _port_open(port), timeout=10, what="redis-server")
+        admin = redis.Redis(port=port, password="s3cret")
+        admin.acl_setuser("reader", enabled=True, passwords=["+r3ader"], keys=["*"], commands=["+@all"])
+        admin.close()
+        card, t = KEYER(PANS[0]), int(time.time() * 1000)
+        store = OnlineStore(RedisSettings(port=port, password="s3cret", db=3), prefix="p")
+        store.apply_events([EventWrite(card, "a", t - 1_000, 100), EventWrite(card, "b", t - 500, 200)])
+        store.close()
+
+        async def read(settings):
+            reader = ScriptReader(settings, "p")
+            try:
+                return await reader.read_replies([(card, "x", t)], timeout_s=2)
+            finally:
+                await reader.close()
+
+        for settings in (RedisSettings(port=port, password="s3cret", db=3),
+                         RedisSettings(port=port, username="reader", password="r3ader", db=3)):
+            (reply,) = asyncio.run(read(settings))
+            assert len(reply[1]) == 4  # both events, from database 3
+        (reply,) = asyncio.run(read(RedisSettings(port=port, password="s3cret")))
+        assert reply[1] == []  # database 0 holds nothing
+        for wrong in (RedisSettings(port=port, password="nope"), RedisSettings(port=port)):
+            with pytest.raises(Exception) as err:
+                asyncio.run(read(wrong))
+            assert redis_failure(err.value), err.value
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def _port_open(port: int) -> bool:
