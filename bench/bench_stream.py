@@ -1,11 +1,16 @@
-"""Stream worker throughput and freshness against the real broker and Redis.
+"""Stream worker throughput and freshness against the real broker and Redis, with the Redis ceiling in the same run.
 
-    .venv/bin/python -m bench.bench_stream [--events 400000] [--rate 5000] [--seconds 30]
+    .venv/bin/python -m bench.bench_stream [--events 400000] [--rate 5000] [--seconds 30] [--reference 3d3ed2b]
 
 Phase 0 (ceiling): the same N events applied to Redis from a bare synchronous loop, no Kafka (pre-built window
 writes, the worker's batch size, the worker's Lua script): the Redis-bound ceiling the worker is compared with.
+Run alternately with the apply script of `--reference` (a git revision; default: the last one before the
+per-card hash layout) on the same events, so the before/after ceilings share the machine's state; each run's
+Redis CPU per event (INFO cpu of the whole server: other clients' work counts too) is printed beside it.
 Phase 1 (throughput): pre-produce N transactions to a fresh 4-partition topic, start one `velocity stream`
-worker process, and time from its first processed event to the last (sustained events/s, one process).
+worker process (scoring off: this is the aggregation figure), and time from its first processed event to the
+last (sustained events/s, one process); then one more ceiling run of the current script, so drift in the
+machine's speed shows. The ratio is the worker against the median of the current script's ceiling runs.
 Phase 2 (freshness): a paced producer sends live events (Kafka timestamp = send time) at a fixed rate; the
 worker's own metric reports event-produced -> visible-in-Redis p99 over the run.
 """
@@ -17,6 +22,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -25,9 +31,11 @@ import uuid
 from pathlib import Path
 
 import orjson
+import redis
 from kafka import KafkaProducer
 
 from bench.results import update
+from featurestore.config import RedisSettings
 from featurestore.entity import EntityKeyer
 from stores.kafka_topics import ensure_topics
 
@@ -62,41 +70,99 @@ def producer() -> KafkaProducer:
 
 
 def messages(n: int, cards: int, t0: int, keyer: EntityKeyer, live: bool = False):
-    """As Velocity's producers send them: keyed by entity key, with `card` and `pan_last4`, never the PAN."""
+    """As Velocity's producers send them: keyed by entity key, with `card` and `pan_last4`, never the PAN.
+
+    The txn_id holds no 13+ digit run (the run's start time in hex): Velocity's producers mask PAN-like runs
+    before sending, so ids like "b1600000000000-7" would make the worker's PAN masking run on every event, a
+    cost no real stream from Velocity's producers has.
+    """
     pans = [f"4{i:015d}" for i in range(cards)]
     keys = [keyer(p) for p in pans]
     for i in range(n):
         c = i % cards
         ts = int(time.time() * 1000) if live else t0 + i * 50
-        v = orjson.dumps({"txn_id": f"b{t0}-{i}", "card": keys[c], "pan_last4": pans[c][-4:],
+        v = orjson.dumps({"txn_id": f"b{t0:x}-{i}", "card": keys[c], "pan_last4": pans[c][-4:],
                           "amount": round(5 + (i % 97) * 1.37, 2), "ts": ts, "merchant": "m",
                           "category": "grocery_pos"})
         yield keys[c].encode(), v, ts
 
 
-def redis_ceiling(n: int, cards: int, keyer: EntityKeyer, prefix: str, batch: int = 2000) -> float:
-    """Events/s of the worker's Redis writes from a bare loop: same events, same Lua, same batch size, no Kafka."""
-    from featurestore.state import EventWrite
-    from stores.redis_online import OnlineStore
+def redis_cpu_s(client) -> float:
+    cpu = client.info("cpu")
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
-    pans = [f"4{i:015d}" for i in range(cards)]
-    keys = [keyer(p) for p in pans]
-    writes = [EventWrite(keys[i % cards], f"c-{i}", 1_600_000_000_000 + i * 50, 500 + i % 9_700) for i in range(n)]
-    store = OnlineStore(prefix=prefix)
+
+def reference_script(rev: str) -> str | None:
+    """The apply script as of a git revision (None when git or the revision is not there)."""
     try:
-        start = time.perf_counter()
-        for i in range(0, n, batch):
-            store.apply_events(writes[i:i + batch])
-        return n / (time.perf_counter() - start)
+        return subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:stores/lua/apply_events.lua"], check=True,
+                              capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def reference_apply(store, text: str):
+    """`store.apply_events` through an older apply script (ARGV of the 3-keys-per-card layout: prefix, lateness,
+    retention, ttl, window, now_ms, now_us, events as a JSON list of [card, txn_id, ts, cents])."""
+    from featurestore.definitions import CARD_AGG_10M
+    from stores.redis_online import _applied
+
+    script = store.redis.register_script(text)
+
+    def apply(chunk):
+        packed = orjson.dumps([(e.card, e.txn_id, str(e.ts), str(e.amount_cents)) for e in chunk])
+        now_ns = time.time_ns()
+        return _applied(script(keys=[], args=[store.keys.prefix, store.lateness, store.retention,
+                                              CARD_AGG_10M.ttl_s, CARD_AGG_10M.window_ms, now_ns // 1_000_000,
+                                              now_ns // 1_000, packed]))
+    return apply
+
+
+def ceiling_writes(n: int, cards: int, keyer: EntityKeyer) -> list:
+    from featurestore.state import EventWrite
+
+    keys = [keyer(f"4{i:015d}") for i in range(cards)]
+    return [EventWrite(keys[i % cards], f"c-{i}", 1_600_000_000_000 + i * 50, 500 + i % 9_700) for i in range(n)]
+
+
+def redis_ceiling(writes: list, prefix: str, batch: int = 2000, script: str | None = None) -> tuple[float, float]:
+    """Events/s of the worker's Redis writes from a bare loop (same events, Lua, batch size; no Kafka), and Redis's
+    CPU per event meanwhile (us). `script`: an older apply script's text instead of the current one."""
+    from stores.redis_online import OnlineStore, delete_prefix
+
+    store = OnlineStore(prefix=prefix)
+    apply = store.apply_events if script is None else reference_apply(store, script)
+    probe = redis.Redis(**RedisSettings().client_kwargs())
+    try:
+        cpu0, start = redis_cpu_s(probe), time.perf_counter()
+        for i in range(0, len(writes), batch):
+            apply(writes[i:i + batch])
+        elapsed, cpu = time.perf_counter() - start, redis_cpu_s(probe) - cpu0
+        return len(writes) / elapsed, cpu / len(writes) * 1e6
     finally:
+        delete_prefix(store.redis, prefix)
         store.close()
+        probe.close()
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3]) + f" on {os.cpu_count()} cores"
+    except OSError:
+        return "unknown"
 
 
 def start_worker(topic: str, prefix: str, port: int, offline: Path, extra: list[str]) -> subprocess.Popen:
     env = {**os.environ, "VELOCITY_ENTITY_SECRET": SECRET}
     cmd = [str(REPO / ".venv/bin/velocity"), "stream", "--topic", topic, "--dlq-topic", f"{topic}.dlq",
            "--group", f"bench-{topic}", "--key-prefix", prefix, "--metrics-port", str(port),
-           "--offline-dir", str(offline), "--log-level", "warning", *extra]
+           "--offline-dir", str(offline), "--log-level", "warning", "--no-score", *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(offline / "worker.log", "w"))
 
 
@@ -130,6 +196,9 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=9480)
     ap.add_argument("--no-record", action="store_true")
     ap.add_argument("--worker-arg", action="append", default=[], help="extra `velocity stream` argument (repeatable)")
+    ap.add_argument("--reference", default="3d3ed2b", help="git revision whose apply script is measured beside the "
+                    "current one in phase 0 ('none' to skip)")
+    ap.add_argument("--rounds", type=int, default=2, help="ceiling runs of each script before the worker phase")
     args = ap.parse_args()
 
     run = uuid.uuid4().hex[:8]
@@ -138,10 +207,26 @@ def main() -> None:
     offline.mkdir(parents=True, exist_ok=True)
     ensure_topics(BOOT, {topic: 4, f"{topic}.dlq": 4, f"{topic}.warmup": 1})
     keyer = EntityKeyer(SECRET)
+    print(f"load average at start: {load_average()}", flush=True)
 
-    print(f"ceiling: {args.events:,} events from a bare loop into Redis ...", flush=True)
-    ceiling = redis_ceiling(args.events, args.cards, keyer, f"{prefix}:ceiling")
-    print(f"ceiling: {ceiling:,.0f} events/s (Redis writes alone, same script and batch size)", flush=True)
+    writes = ceiling_writes(args.events, args.cards, keyer)
+    reference = None if args.reference == "none" else reference_script(args.reference)
+    if args.reference != "none" and reference is None:
+        print(f"reference {args.reference}: its apply script is not in this clone's history; measuring without it")
+    scripts = [(f"reference {args.reference}", reference)] if reference else []
+    scripts.append(("current", None))
+    runs: dict[str, list[float]] = {name: [] for name, _ in scripts}
+
+    def ceiling_run(name: str, script: str | None) -> None:
+        tps, cpu = redis_ceiling(writes, f"{prefix}:ceiling{sum(map(len, runs.values()))}", script=script)
+        runs[name].append(tps)
+        print(f"  {name:>20}: {tps:9,.0f} events/s  (Redis CPU {cpu:5.1f} us/event)", flush=True)
+
+    print(f"ceiling: {args.events:,} events over {args.cards:,} cards from a bare loop into Redis, batches of 2,000",
+          flush=True)
+    for _ in range(args.rounds):
+        for name, script in scripts:
+            ceiling_run(name, script)
 
     print(f"producing {args.events:,} events to {topic} ...", flush=True)
     prod = producer()
@@ -152,6 +237,7 @@ def main() -> None:
     worker = start_worker(topic, prefix, args.port, offline, args.worker_arg)
     try:
         wait_metrics(args.port)
+        redis_probe = redis.Redis(**RedisSettings().client_kwargs())
         first = None
         deadline = time.monotonic() + 600
         while True:
@@ -161,14 +247,26 @@ def main() -> None:
             now = time.perf_counter()
             if n > 0 and first is None:
                 first, n_first = now, n
+                cpu_first, redis_first = process_cpu_s(worker.pid), redis_cpu_s(redis_probe)
             if n >= args.events:
                 break
             if worker.poll() is not None:
                 raise SystemExit("worker died; see " + str(offline / "worker.log"))
             time.sleep(0.25)  # scraping /metrics costs the worker CPU: do not poll it hard
         tps = (args.events - n_first) / (now - first)
-        print(f"throughput: {tps:,.0f} events/s (one worker process, {args.events:,} events, {args.cards:,} cards); "
-              f"{tps / ceiling:.2f}x the bare-loop ceiling", flush=True)
+        worker_cpu = (process_cpu_s(worker.pid) - cpu_first) / (args.events - n_first) * 1e6
+        redis_cpu = (redis_cpu_s(redis_probe) - redis_first) / (args.events - n_first) * 1e6
+        print(f"throughput: {tps:,.0f} events/s (one worker process, {args.events:,} events, {args.cards:,} cards; "
+              f"worker CPU {worker_cpu:.1f} us/event, Redis CPU {redis_cpu:.1f} us/event; load {load_average()})",
+              flush=True)
+        ceiling_run("current", None)  # after the worker too: the machine's drift shows in the spread
+        ceiling = statistics.median(runs["current"])
+        print(f"ceiling (median of {len(runs['current'])} runs of the current script): {ceiling:,.0f} events/s; "
+              f"worker {tps / ceiling:.2f}x of it", flush=True)
+        if reference:
+            before = statistics.median(runs[scripts[0][0]])
+            print(f"ceiling before/after: {before:,.0f} -> {ceiling:,.0f} events/s ({ceiling / before:.2f}x)",
+                  flush=True)
 
         print(f"freshness: live events at {args.rate}/s for {args.seconds}s ...", flush=True)
         live = KafkaProducer(bootstrap_servers=BOOT, acks=1, linger_ms=1)
@@ -199,6 +297,7 @@ def main() -> None:
         if not args.no_record:
             update(stream_tps=round(tps), stream_freshness_p99_ms_at_5k=round(p99, 1),
                    stream_redis_ceiling_tps=round(ceiling), stream_vs_redis_ceiling=round(tps / ceiling, 2))
+        print(f"load average at the end: {load_average()}")
     finally:
         worker.send_signal(signal.SIGTERM)
         try:

@@ -47,8 +47,8 @@ def get(
     store = OnlineStore(settings.redis)
     ts = at if at is not None else now_ms()
     try:
-        state = store.card_state(key)
-        stored = txn is not None and bool(store.redis.hexists(store.keys.events(key), txn))
+        state = store.card_state(key)  # last_seq, newest, oldest, trimmed (what the apply script keeps)
+        stored = bool(txn) and bool(store.redis.hexists(store.keys.card(key), txn))
         feats = store.read_features(key, txn or "__inspect__", ts, None)  # no amount of its own
     except redis.RedisError as exc:
         Console(stderr=True).print(
@@ -72,6 +72,6 @@ def get(
     table.add_column("value", justify="right")
     shown = [(name, feats.values[name]) for name in store.registry.group_features]
     for name, value in [*shown, ("snapshot_cutoff_ms", feats.snapshot_cutoff_ms)] + \
-            [(f"state.{k}", v) for k, v in sorted(state.items())]:
+            [(f"state.{k}", v) for k, v in state.items()]:
         table.add_row(name, str(value))
     console.print(table)

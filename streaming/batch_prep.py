@@ -8,13 +8,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from featurestore.events import InvalidEvent, Transaction, parse_transaction
-from featurestore.state import Applied, ApplyStatus, EventWrite
+from featurestore.state import Applied, ApplyStatus
+from featurestore.windows import to_cents
 
 
-@dataclass(frozen=True, slots=True)
-class RawMessage:
+class RawMessage(NamedTuple):
+    """One Kafka record as the worker keeps it (a tuple: one is made per message, so it has to be cheap)."""
+
     key: bytes | None
     value: bytes | None
     partition: int
@@ -29,10 +32,23 @@ class RawMessage:
 
 @dataclass(slots=True)
 class PreparedBatch:
-    writes: list[EventWrite] = field(default_factory=list)
+    """A batch's valid transactions (in stream order) with the messages they came from, and its rejects.
+
+    `packed` is their window writes as the online store's apply script takes them (`stores.redis_online.
+    pack_writes`: card, txn_id, ts, cents per event), built here once, with `cents` kept for the archive:
+    no second object per event. A Transaction is its own window write where one is needed (`writes`).
+    """
+
     txns: list[Transaction] = field(default_factory=list)
     sources: list[RawMessage] = field(default_factory=list)
     rejects: list[tuple[RawMessage, InvalidEvent]] = field(default_factory=list)
+    packed: list[str] = field(default_factory=list)
+    cents: list[int] = field(default_factory=list)
+
+    @property
+    def writes(self) -> list[Transaction]:
+        """The window writes, in stream order (the store assigns each its arrival position)."""
+        return self.txns
 
 
 def prepare_batch(messages: Sequence[RawMessage], keyer: Callable[[str], str], now_ms: int | None = None,
@@ -42,7 +58,7 @@ def prepare_batch(messages: Sequence[RawMessage], keyer: Callable[[str], str], n
     `now_ms` is the worker's clock for the whole batch (read once here when not given): events more than
     `max_future_ms` ahead of it are rejected as `future` (default: the configured VELOCITY_MAX_FUTURE_MS).
     `keyer` tokenizes an outside producer's `cc_num`; nothing after this holds a clear PAN, and PAN-like runs in
-    txn_id, merchant and category are already masked in the Transactions and writes.
+    txn_id, merchant and category are already masked in the Transactions.
     """
     if now_ms is None:
         now_ms = int(time.time() * 1000)
@@ -51,15 +67,18 @@ def prepare_batch(messages: Sequence[RawMessage], keyer: Callable[[str], str], n
 
         max_future_ms = get_settings().max_future_ms
     out = PreparedBatch()
+    txns, sources, rejects, packed, amounts = out.txns, out.sources, out.rejects, out.packed, out.cents
     for msg in messages:
         try:
             txn = parse_transaction(msg.value, keyer, now_ms, max_future_ms)
         except InvalidEvent as exc:
-            out.rejects.append((msg, exc))
+            rejects.append((msg, exc))
             continue
-        out.writes.append(EventWrite(card=txn.card, txn_id=txn.txn_id, ts=txn.ts, amount_cents=txn.amount_cents))
-        out.txns.append(txn)
-        out.sources.append(msg)
+        cents = to_cents(txn.amount)
+        txns.append(txn)
+        sources.append(msg)
+        amounts.append(cents)
+        packed += (txn.card, txn.txn_id, str(txn.ts), str(cents))  # stores.redis_online.pack_writes
     return out
 
 
@@ -72,12 +91,11 @@ def archive_rows(batch: PreparedBatch, applied: Sequence[Applied], now_ms: int) 
     Duplicates are archived too (at-least-once: the first copy may have been lost with a killed worker); they
     carry the first copy's arrival position, and readers keep one row per txn_id (the earliest arrival).
     """
-    rows = []
-    for w, txn, src, a in zip(batch.writes, batch.txns, batch.sources, applied, strict=True):
-        rows.append({
-            "txn_id": txn.txn_id, "card": w.card, "pan_last4": getattr(txn, "pan_last4", None),
-            "amount": txn.amount, "amount_cents": w.amount_cents, "ts": txn.ts, "merchant": txn.merchant,
-            "category": txn.category, "fraud_label": txn.fraud_label, "late": a.status in LATE_STATUSES,
-            "seq": a.seq, "partition": src.partition, "offset": src.offset, "archived_ms": now_ms,
-        })
-    return rows
+    late = LATE_STATUSES
+    return [
+        {"txn_id": txn.txn_id, "card": txn.card, "pan_last4": txn.pan_last4, "amount": txn.amount,
+         "amount_cents": cents, "ts": txn.ts, "merchant": txn.merchant, "category": txn.category,
+         "fraud_label": txn.fraud_label, "late": status in late, "seq": seq, "partition": src.partition,
+         "offset": src.offset, "archived_ms": now_ms}
+        for txn, cents, src, (status, seq) in zip(batch.txns, batch.cents, batch.sources, applied, strict=True)
+    ]

@@ -174,7 +174,7 @@ class BatchSink:
         self._rolls: set[asyncio.Task] = set()
         self.redis_watch = RedisWatch(store)
 
-    async def _apply_with_retry(self, writes):
+    async def _apply_with_retry(self, packed: list[str]):
         """Redis unavailable is not a reason to drop or skip a batch: retry with backoff until it is back.
 
         What the log says is measured (see RedisWatch): how long each failed attempt really took (redis-py
@@ -185,7 +185,7 @@ class BatchSink:
         while True:
             started = time.monotonic()
             try:
-                applied = await self.store.apply_events(writes)
+                applied = await self.store.apply_packed(packed)
             except Exception as exc:  # redis-py raises its own ConnectionError/TimeoutError types
                 if not redis_unavailable(exc):
                     raise
@@ -211,7 +211,7 @@ class BatchSink:
     async def write_online(self, prepared) -> tuple[list[Applied], float]:
         """The Redis half of `apply`: window writes (retried until Redis takes them); returns outcomes, when visible."""
         _, batch, _ = prepared
-        applied = await self._apply_with_retry(batch.writes) if batch.writes else []
+        applied = await self._apply_with_retry(batch.packed) if batch.packed else []
         return applied, time.time() * 1000.0
 
     async def finish(self, prepared, applied: Sequence[Applied], visible_ms: float) -> BatchResult:
@@ -222,19 +222,20 @@ class BatchSink:
         for msg, exc in batch.rejects:
             sends.append(self.dlq_send(msg, exc.reason, exc.detail))
             metrics.DLQ.labels(exc.reason).inc()
-        for src, (status, _) in zip(batch.sources, applied, strict=True):
-            if status == ApplyStatus.APPLIED:
-                result.applied += 1
-            elif status in (ApplyStatus.LATE, ApplyStatus.DUPLICATE_LATE):
-                result.late += status == ApplyStatus.LATE
-                result.duplicate += status == ApplyStatus.DUPLICATE_LATE
-                # Redelivered late events are dead-lettered again: at-least-once, never lost.
-                sends.append(self.dlq_send(src, "late", "event time behind the card's newest event by more "
-                                           "than the allowed lateness"))
-                metrics.DLQ.labels("late").inc()
-            else:
-                result.duplicate += 1
-        if self.archive is not None and batch.writes:
+        statuses = [a[0] for a in applied]
+        result.applied = statuses.count(ApplyStatus.APPLIED)
+        if result.applied != len(statuses):  # the usual batch is all applied: no second pass over it
+            for src, status in zip(batch.sources, statuses, strict=True):
+                if status in (ApplyStatus.LATE, ApplyStatus.DUPLICATE_LATE):
+                    result.late += status == ApplyStatus.LATE
+                    result.duplicate += status == ApplyStatus.DUPLICATE_LATE
+                    # Redelivered late events are dead-lettered again: at-least-once, never lost.
+                    sends.append(self.dlq_send(src, "late", "event time behind the card's newest event by more "
+                                               "than the allowed lateness"))
+                    metrics.DLQ.labels("late").inc()
+                elif status == ApplyStatus.DUPLICATE:
+                    result.duplicate += 1
+        if self.archive is not None and batch.txns:
             rows = archive_rows(batch, applied, int(visible_ms))
             self.archive.append(rows)
             metrics.ARCHIVED.inc(len(rows))

@@ -240,7 +240,8 @@ def build_app(cfg: StreamConfig) -> faust.App:
                 taken += len(event.value)
                 if taken < cfg.batch_size and not arrived.empty():
                     continue
-                prepared = agg.prepare([RawMessage.from_record(r) for e in events for r in e.value])
+                prepared = agg.prepare([RawMessage(r.key, r.value, r.partition, r.offset, r.timestamp)
+                                        for e in events for r in e.value])
                 if online is not None:
                     await online  # Redis has the previous batch: one batch at a time there, in order
                 if older is not None:

@@ -354,14 +354,14 @@ class _FlakyStore:
         self.settings = RedisSettings(port=1)
         self.redis = _FakeRedis()
 
-    async def apply_events(self, writes):
+    async def apply_packed(self, packed):  # the worker's write path (AsyncOnlineStore.apply_packed)
         import redis
 
         await asyncio.sleep(self.attempt_s)
         if self.fails:
             self.fails -= 1
             raise redis.exceptions.ConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
-        return [None] * len(writes)
+        return [None] * len(packed)
 
     async def close(self) -> None:
         pass
@@ -415,7 +415,7 @@ def test_a_request_error_is_not_retried():
     from streaming.batch_sink import BatchSink
 
     class Broken(_FlakyStore):
-        async def apply_events(self, writes):
+        async def apply_packed(self, packed):
             raise redis.exceptions.ResponseError("ERR Error running script")
 
     agg = BatchSink(Broken(0, 0), str, _no_dlq, None)

@@ -51,13 +51,15 @@ def raw_client(redis_settings):
 
 
 def assert_latest_aggregates(store: OnlineStore, rows) -> None:
-    """Each card's inspection aggregate: its on-time events with ts in [newest - W, newest]."""
+    """Each card's newest on-time ts, and its window as of then (what `velocity features get` shows): its on-time
+    events with ts in [newest - W, newest], read back without a transaction of its own."""
     for card in {r.card for r in rows}:
         on_time = [r for r in rows if r.card == card and not r.late]
         newest = max(r.ts for r in on_time)
         live = [r for r in on_time if r.ts >= newest - W]
         state = store.card_state(card)
-        got = (int(state["newest"]), int(state["n10m"]), int(state["sum10m"]))
+        f = store.read_features(card, "__inspect__", newest, None)
+        got = (int(state["newest"]), f.num_trans_last_10m, f.sum_cents_last_10m)
         assert got == (newest, len(live), sum(r.amount_cents for r in live)), (card, state)
 
 
@@ -107,6 +109,99 @@ def test_online_read_equals_oracle(redis_settings, raw_client, data):
         delete_prefix(raw_client, prefix)
 
 
+@st.composite
+def long_streams(draw):
+    """Streams spanning several retentions (no repeated txn_id: a redelivery of a trimmed event is re-applied)."""
+    cards = draw(st.lists(st.sampled_from(["c1", "c2"]), min_size=1, max_size=2, unique=True))
+    n = draw(st.integers(1, 40))
+    step = draw(st.sampled_from([W // 7, W // 2, W, 2 * W]))
+    arrivals = [Arrival(draw(st.sampled_from(cards)), f"x{i}",
+                        BASE + i * step + draw(st.integers(-2 * W, W)), draw(st.integers(1, 500_000)))
+                for i in range(n)]
+    cuts = sorted(draw(st.lists(st.integers(1, max(1, n - 1)), max_size=4)))
+    return arrivals, cuts
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=long_streams())
+def test_reads_under_retention_equal_the_oracle_or_say_they_are_incomplete(redis_settings, raw_client, data):
+    """With a retention of window + lateness, the store trims as time moves on; every read it calls complete is
+    the oracle's, and the read of each card's newest on-time event is always complete."""
+    arrivals, cuts = data
+    prefix = f"test:oracle:{uuid.uuid4().hex[:10]}"
+    store = OnlineStore(redis_settings, prefix=prefix, allowed_lateness_ms=W, retention_ms=2 * W, client=raw_client)
+    try:
+        writes = [EventWrite(a.card, a.txn_id, a.ts, a.amount_cents) for a in arrivals]
+        applied = []
+        for lo, hi in zip([0, *cuts], [*cuts, len(writes)], strict=True):
+            applied += store.apply_events(writes[lo:hi])
+        rows = oracle.window_10m(arrivals, W)
+        assert [a.status == ApplyStatus.LATE for a in applied] == [r.late for r in rows]
+        for r in rows:
+            f = store.read_features(r.card, r.txn_id, r.ts, r.amount_cents)
+            if f.complete:
+                assert (f.num_trans_last_10m, f.sum_cents_last_10m) == (r.count, r.sum_cents), r
+        for card in {r.card for r in rows}:
+            newest = max((r for r in rows if r.card == card and not r.late), key=lambda r: r.ts)
+            f = store.read_features(card, newest.txn_id, newest.ts, newest.amount_cents)
+            assert f.complete and (f.num_trans_last_10m, f.sum_cents_last_10m) == (newest.count, newest.sum_cents)
+    finally:
+        delete_prefix(raw_client, prefix)
+
+
+def test_the_store_keeps_two_keys_per_card_and_no_inspection_only_state(online_store):
+    """Per card: its window events and one hash (state + idempotency records); nothing only a debug command reads
+    (the apply script once kept a running 10-minute aggregate for `velocity features get`: a Redis write per
+    event that no read used)."""
+    from stores.redis_online import CARD_STATE_FIELDS
+
+    store = online_store
+    store.apply_events([EventWrite("c", f"t{i}", BASE + i * 1000, 100 + i) for i in range(5)])
+    store.apply_events([EventWrite("c", "t5", BASE + 9000, 100), EventWrite("d", "u0", BASE, 7)])
+    r = store.redis
+    keys = {k.decode() for k in r.scan_iter(match=f"{store.keys.prefix}:*")}
+    assert keys == {store.keys.card(c) for c in "cd"} | {store.keys.window(c) for c in "cd"}
+    assert {k.decode() for k in r.hkeys(store.keys.card("c"))} == {""} | {f"t{i}" for i in range(6)}
+    state = store.card_state("c")
+    assert tuple(state) == CARD_STATE_FIELDS == ("last_seq", "newest", "oldest", "trimmed")
+    assert (state["newest"], state["oldest"], state["trimmed"]) == (str(BASE + 9000), str(BASE), "")
+    assert int(state["last_seq"]) == store.apply_events([EventWrite("c", "t5", 0, 0)])[0].seq  # a duplicate
+    assert r.zcard(store.keys.window("c")) == 6 and all(r.ttl(k) > 0 for k in keys)
+
+
+def test_one_card_filling_whole_batches(online_store):
+    """A batch of one card's events: the script's per-card calls go out in bounded pieces (Lua's unpack limit)."""
+    store = online_store
+    writes = [EventWrite("c", f"x{i}", BASE + i, 100 + i % 7) for i in range(2500)]  # 2,000 + 500 per call
+    first, again = store.apply_events(writes), store.apply_events(writes[::-1])
+    assert {a.status for a in first} == {ApplyStatus.APPLIED} and {a.status for a in again} == {ApplyStatus.DUPLICATE}
+    seqs = [a.seq for a in first]
+    assert seqs == sorted(set(seqs)) and [a.seq for a in again] == seqs[::-1]
+    f = store.read_features("c", "x2499", BASE + 2499, 0)
+    assert (f.num_trans_last_10m, f.sum_cents_last_10m) == (2500, sum(w.amount_cents for w in writes))
+    assert store.redis.hlen(store.keys.card("c")) == 2501 and store.redis.zcard(store.keys.window("c")) == 2500
+
+
+def test_ttls_are_set_once_per_half_ttl_not_per_batch(online_store):
+    import time
+
+    store = online_store
+    store.ttl_s = 4  # periods of 2 s of the worker's clock
+    keys = (store.keys.card("c"), store.keys.window("c"))
+    store.apply_events([EventWrite("c", "a", BASE, 1)])
+    assert all(0 < store.redis.ttl(k) <= 4 for k in keys)
+    for k in keys:
+        store.redis.expire(k, 1000)
+    period = int(time.time() // 2)
+    store.apply_events([EventWrite("c", "b", BASE + 1, 1)])
+    if int(time.time() // 2) == period:  # (else the period turned meanwhile: the next write checks that case)
+        assert all(store.redis.ttl(k) > 900 for k in keys), "an EXPIRE per batch"
+    while int(time.time() // 2) == period:
+        time.sleep(0.05)
+    store.apply_events([EventWrite("c", "c", BASE + 2, 1)])
+    assert all(0 < store.redis.ttl(k) <= 4 for k in keys), "a new period must set the TTLs again"
+
+
 def test_txn_id_with_separators_keeps_its_late_flag_structurally(online_store):
     store = online_store
     store.lateness = W
@@ -151,10 +246,12 @@ def test_retention_trims_events_and_idempotency_records(online_store):
     r = store.redis
     members = [m.decode().split("|")[-1] for m in r.zrange(store.keys.window("c"), 0, -1)]
     assert members == ["mid", "new"]
-    assert set(k.decode() for k in r.hkeys(store.keys.events("c"))) == {"mid", "new"}
+    assert set(k.decode() for k in r.hkeys(store.keys.events("c"))) == {"", "mid", "new"}  # "": the card's state
     assert r.ttl(store.keys.window("c")) > 0 and r.ttl(store.keys.card("c")) > 0
     state = store.card_state("c")
-    assert state["newest"] == str(BASE + 3 * W) and state["n10m"] == "1" and state["trimmed"] == str(BASE + W)
+    assert state["newest"] == str(BASE + 3 * W) and state["trimmed"] == str(BASE + W)
+    assert int(state["oldest"]) <= BASE + W  # no stored event is older
+    assert store.read_features("c", "__inspect__", BASE + 3 * W, None).num_trans_last_10m == 1
     # A read whose window reaches below what the store still holds says so instead of a truncated answer.
     assert not store.read_features("c", "probe", BASE + W + 10, 1).complete
     assert store.read_features("c", "probe", BASE + 2 * W, 1).complete
@@ -172,10 +269,12 @@ def test_card_idle_longer_than_retention_starts_afresh(online_store):
     ])] == [ApplyStatus.APPLIED, ApplyStatus.APPLIED, ApplyStatus.DUPLICATE]
     r = store.redis
     assert sorted(m.decode().split("|")[-1] for m in r.zrange(store.keys.window("c"), 0, -1)) == ["new", "next"]
-    assert set(k.decode() for k in r.hkeys(store.keys.events("c"))) == {"new", "next"}
-    assert all(r.ttl(k) > 0 for k in (store.keys.window("c"), store.keys.events("c"), store.keys.card("c")))
+    assert set(k.decode() for k in r.hkeys(store.keys.events("c"))) == {"", "new", "next"}
+    assert all(r.ttl(k) > 0 for k in (store.keys.window("c"), store.keys.card("c")))
     state = store.card_state("c")
-    assert (state["oldest"], state["newest"], state["n10m"], state["sum10m"]) == (str(far), str(far + 1), "2", "700")
+    assert (state["oldest"], state["newest"], state["trimmed"]) == (str(far), str(far + 1), str(far - 2 * W))
+    f = store.read_features("c", "__inspect__", far + 1, None)
+    assert (f.num_trans_last_10m, f.sum_cents_last_10m) == (2, 700)
     got = store.read_features("c", "probe", far + 5, 1)
     assert (got.num_trans_last_10m, got.sum_cents_last_10m) == (3, 701)
 

@@ -1,169 +1,165 @@
 -- Apply a batch of window events to the online store, idempotently, in one round trip.
--- ARGV: prefix, allowed_lateness_ms, retention_ms, ttl_s, window_ms, now_ms, now_us, events
--- events: one JSON array of [card, txn_id, ts, cents], the numbers as decimal strings (one argument: packing
--- 4 per event costs the client more than the whole script costs Redis). Numbers travel as strings and are handed to
--- redis.call as strings: Redis 7.0 formats every Lua number argument with printf("%.17g"), which was ~15% of the
--- script's time.
--- Keys per card (prefix p):
---   p:w:<card>  ZSET  score = ts, member = "seq|cents|flag|txn_id"  (flag A = aggregated, L = late)
---   p:e:<card>  HASH  txn_id -> member                               (idempotency: a txn_id is applied once)
---   p:c:<card>  HASH  newest, last_seq, oldest, trimmed (events with ts below it may be gone), n10m, sum10m,
---                     win_lo (the latest aggregate, as of the newest event, and its oldest counted ts), updated, exp_at
+-- ARGV: prefix, allowed_lateness_ms, retention_ms, ttl_s, now_ms, now_us, events
+-- events: one flat JSON array card, txn_id, ts, cents, card, ..., the numbers as decimal strings (one argument:
+-- packing 4 per event costs the client more than the whole script costs Redis). Numbers travel as strings and are
+-- handed to redis.call as strings: Redis 7.0 formats every Lua number argument with printf("%.17g"), which was ~15%
+-- of the script's time.
+-- Two keys per card (prefix p), written with three calls per card per batch (HMGET, ZADD, HSET), however many of
+-- its events the batch holds:
+--   p:win:<card>   ZSET  score = ts, member = "seq|cents|flag|txn_id"  (flag A = aggregated, L = late): the window
+--                        events every declared stream window is folded from (read_features.lua)
+--   p:card:<card>  HASH  txn_id -> "seq|cents|flag|ts"  (idempotency: a txn_id is applied once; the read of a stored
+--                        transaction takes its seq and ts from here)
+--                        "" -> "last_seq|newest|oldest|trimmed"  (the card's state; a txn_id is never empty)
+--     newest: the newest aggregated ts (lateness horizon); oldest: no stored event is older (a lower bound);
+--     trimmed: events with ts below it may be gone. Under 64 bytes, so a small card's hash stays a listpack.
+-- TTLs: both keys get ttl_s at the card's first write of each ttl_s/2 period of the worker's clock (the period of
+-- the previous write is that of last_seq, in us), so they outlive the last write by at least ttl_s/2 without an
+-- EXPIRE per batch.
+-- Nothing here serves inspection only: `velocity features get` shows what the read script folds.
 -- seq is the card's arrival position: strictly increasing per card, max(previous + 1, the worker's clock in us).
 -- It survives a recreated topic, a changed partition count and an emptied Redis (the clock keeps counting), and
 -- seq // 1000 is the arrival time in ms (what snapshot visibility is judged against).
 -- The lateness horizon is min(newest, now) - lateness: an event stamped ahead of the worker's clock cannot push
 -- a card's horizon into the future.
+-- Retention: events older than horizon - retention are dropped with their idempotency records once the oldest
+-- stored event is retention/8 past that cut (so a card is trimmed at most once per retention/8 of event time,
+-- not on every batch), and a card idle for longer than the retention drops everything with one DEL.
 -- Returns, flat, per event: status, seq. status 0 applied, 1 late, 2 duplicate of an applied event,
 -- 3 duplicate of a late event; seq is the one assigned, or for a duplicate the stored one.
 local p = ARGV[1]
 local lateness = tonumber(ARGV[2])
 local retention = tonumber(ARGV[3])
 local ttl_s = ARGV[4]
-local ttl = tonumber(ttl_s)
-local window = tonumber(ARGV[5])
-local now_ms = tonumber(ARGV[6])
-local now_s = string.format('%d', math.floor(now_ms / 1000))
-local now = tonumber(now_s)
-local now_us = tonumber(ARGV[7])
-local events = cjson.decode(ARGV[8])
-local fmt, find, call = string.format, string.find, redis.call
+local half = tonumber(ttl_s) / 2
+local now_ms = tonumber(ARGV[5])
+local period = math.floor(now_ms / 1000 / half)
+local now_us_s = ARGV[6]
+local now_us = tonumber(now_us_s)
+local ev = cjson.decode(ARGV[7]) -- flat: card, txn_id, ts, cents, card, ...
+local slack = math.floor(retention / 8)
+local fmt, find, call, unpack, min = string.format, string.find, redis.call, unpack, math.min
+local CHUNK = 1000 -- arguments per unpack (Lua's C stack holds ~8000); even, so pairs stay whole
 local out = {}
-local touched = {}
-local state = {}
 
--- Count one aggregated event (ts t, cents as a string) in the card's latest aggregate.
-local function count_in(st, t, cents)
-  st.n = st.n + 1; st.sum = st.sum + tonumber(cents)
-  if (not st.win_lo) or t < st.win_lo then st.win_lo = t end
-end
-
--- The fields of a stored member, by position (the txn_id is last and may hold any character, '|' included).
-local function fields(member)
-  local _, _, seq, cents, flag = find(member, '^([^|]*)|([^|]*)|([^|]*)|')
-  return seq, cents, flag
-end
-
-local function horizon(st)
-  if not st.newest then return nil end
-  return math.min(st.newest, now_ms)
-end
-
-for i = 1, #events do
-  local e = events[i]
-  local card, txn, ts_s, cents = e[1], e[2], e[3], e[4]
-  local ts = tonumber(ts_s)
-  local ek = p .. ':e:' .. card
-  local st = state[card]
-  if not st then
-    local c = call('HMGET', p .. ':c:' .. card, 'newest', 'last_seq', 'oldest', 'exp_at', 'n10m', 'sum10m', 'win_lo',
-      'trimmed')
-    st = {newest_s = c[1], newest = tonumber(c[1]), last_seq = tonumber(c[2]) or 0,
-          oldest_s = c[3], oldest = tonumber(c[3]), exp_at_s = c[4], exp_at = tonumber(c[4]),
-          n = tonumber(c[5]) or 0, sum = tonumber(c[6]) or 0, win_lo = tonumber(c[7]), trimmed = tonumber(c[8]),
-          counted = {}}
-    st.base_newest = st.newest
-    -- A state written before win_lo existed: its aggregate is recomputed from the window once.
-    st.unknown = st.newest ~= nil and not c[7]
-    state[card] = st
-    touched[#touched + 1] = card
-    local h = horizon(st)
-    if h and ts - retention > h and call('HEXISTS', ek, txn) == 0 then
-      -- The card was idle for longer than the retention: all it has stored is older than the cutoff this event
-      -- sets, so drop it in one call instead of trimming it record by record below (replayed history meeting
-      -- live traffic does this for every card at once). TTLs are set again when the keys are written.
-      call('DEL', ek, p .. ':w:' .. card)
-      st.trimmed = math.max(st.trimmed or 0, ts - retention)
-      st.oldest, st.oldest_s, st.exp_at = nil, nil, nil
-      st.n, st.sum, st.win_lo, st.unknown = 0, 0, nil, false
-    end
+-- A command over one key and the first n arguments of a buffer, in bounded calls; a table reply is joined.
+local function many(cmd, key, args, n)
+  if n <= CHUNK then return call(cmd, key, unpack(args, 1, n)) end
+  local got = {}
+  for j = 1, n, CHUNK do
+    local r = call(cmd, key, unpack(args, j, min(j + CHUNK - 1, n)))
+    if type(r) == 'table' then for _, v in ipairs(r) do got[#got + 1] = v end end
   end
-  local seq = math.max(st.last_seq + 1, now_us)
-  local seq_s = fmt('%d', seq)
-  local flag = 'A'
-  local h = horizon(st)
-  if h and ts < h - lateness then flag = 'L' end
-  local member = seq_s .. '|' .. cents .. '|' .. flag .. '|' .. txn
-  -- HSETNX is the idempotency check and the record in one call: 0 means this txn_id was seen before.
-  if call('HSETNX', ek, txn, member) == 0 then
-    local prev_seq, _, prev_flag = fields(call('HGET', ek, txn))
-    out[2 * i - 1] = (prev_flag == 'L') and 3 or 2
-    out[2 * i] = tonumber(prev_seq)
-  else
-    call('ZADD', p .. ':w:' .. card, ts_s, member)
-    if (not st.oldest) or ts < st.oldest then st.oldest = ts; st.oldest_s = ts_s end
-    if flag == 'A' then
-      out[2 * i - 1] = 0
-      if (not st.newest) or ts > st.newest then st.newest = ts; st.newest_s = ts_s end
-      if ts >= st.newest - window then
-        -- Counted in the latest aggregate (as of newest); what a later newest pushes out is settled below.
-        count_in(st, ts, cents)
-        st.counted[#st.counted + 1] = ts; st.counted[#st.counted + 1] = cents
-      end
+  return got
+end
+
+-- Events by card, in arrival order within each card (cards are independent: one pass per card). Each card's
+-- events are a chain through nxt (no table per card).
+local order, head, tail, nxt = {}, {}, {}, {}
+for i = 1, #ev / 4 do
+  local card = ev[4 * i - 3]
+  if ev[4 * i - 2] == '' then return redis.error_reply('empty txn_id') end -- before anything is written
+  local t = tail[card]
+  if t then nxt[t] = i else head[card] = i; order[#order + 1] = card end
+  tail[card] = i
+end
+
+local fields, zadd, hset = {''}, {}, {'', false} -- reused buffers (explicit lengths): no tables per card
+for c = 1, #order do
+  local card = order[c]
+  local hk, wk = p .. ':card:' .. card, p .. ':win:' .. card
+  local i, nf = head[card], 1
+  while i do
+    nf = nf + 1; fields[nf] = ev[4 * i - 2]
+    i = nxt[i]
+  end
+  -- One call: the card's state and the stored record of each of its txn_ids in this batch.
+  local got = many('HMGET', hk, fields, nf)
+  local last_seq, last_seq_s, newest, newest_s, oldest, oldest_s, trimmed, trimmed_s = 0
+  local refresh = true
+  if got[1] then
+    local _, _, a, b, o, t = find(got[1], '^([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
+    last_seq = tonumber(a) or 0
+    newest, newest_s = tonumber(b), b
+    oldest, oldest_s = tonumber(o), o
+    trimmed, trimmed_s = tonumber(t), t
+    refresh = math.floor(last_seq / 1e6 / half) ~= period
+  end
+  local first_ts = tonumber(ev[4 * head[card] - 1])
+  local dropped = false
+  if newest and first_ts - retention > min(newest, now_ms) and not got[2] then
+    -- The card was idle for longer than the retention: all it has stored is older than the cutoff this event
+    -- sets, so drop it in one call instead of trimming it record by record (replayed history meeting live
+    -- traffic does this for every card at once). TTLs are set again below.
+    call('DEL', hk, wk)
+    trimmed = math.max(trimmed or 0, first_ts - retention); trimmed_s = fmt('%d', trimmed)
+    oldest, oldest_s, refresh = nil, nil, true
+    dropped = true
+  end
+  local nz, nh = 0, 2 -- hset[1], hset[2]: the state, set below
+  local pending -- txn_id -> record, for a txn_id repeated within this batch (created when one may be)
+  if nf > 2 then pending = {} end
+  local new_oldest, new_oldest_s
+  local j = 1
+  i = head[card]
+  while i do
+    j = j + 1
+    local txn, ts_s, cents = ev[4 * i - 2], ev[4 * i - 1], ev[4 * i]
+    local rec = (pending and pending[txn]) or (not dropped and got[j])
+    if rec then
+      local _, _, prev_seq, prev_flag = find(rec, '^([^|]*)|[^|]*|([^|]*)|')
+      out[2 * i - 1] = (prev_flag == 'L') and 3 or 2
+      out[2 * i] = tonumber(prev_seq)
     else
-      out[2 * i - 1] = 1
+      local ts = tonumber(ts_s)
+      local seq, seq_s = last_seq + 1, nil
+      if now_us >= seq then seq, seq_s = now_us, now_us_s else seq_s = fmt('%d', seq) end
+      local flag = 'A'
+      if newest and ts < min(newest, now_ms) - lateness then flag = 'L' end
+      local head_s = seq_s .. '|' .. cents .. '|' .. flag .. '|'
+      rec = head_s .. ts_s
+      zadd[nz + 1] = ts_s; zadd[nz + 2] = head_s .. txn; nz = nz + 2
+      hset[nh + 1] = txn; hset[nh + 2] = rec; nh = nh + 2
+      if pending then pending[txn] = rec end
+      if (not new_oldest) or ts < new_oldest then new_oldest, new_oldest_s = ts, ts_s end
+      if flag == 'A' then
+        out[2 * i - 1] = 0
+        if (not newest) or ts > newest then newest, newest_s = ts, ts_s end
+      else
+        out[2 * i - 1] = 1
+      end
+      out[2 * i] = seq
+      last_seq, last_seq_s = seq, seq_s
     end
-    out[2 * i] = seq
-    st.last_seq = seq
-    st.changed = true
+    i = nxt[i]
   end
-end
-
-for _, card in ipairs(touched) do
-  local st = state[card]
-  local wk, ek, ck = p .. ':w:' .. card, p .. ':e:' .. card, p .. ':c:' .. card
-  if st.changed then
-    local h = horizon(st)
-    if h and st.oldest and st.oldest < h - retention then
+  if nz > 0 then
+    local h = min(newest, now_ms)
+    if oldest and oldest < h - retention - slack then
       -- Events older than the horizon - retention can no longer count for any on-time event: drop them
       -- together with their idempotency records, and remember where the store's memory of this card starts.
       local cut = h - retention
       local cutoff = '(' .. fmt('%d', cut)
       local old = call('ZRANGEBYSCORE', wk, '-inf', cutoff)
-      for j = 1, #old, 500 do
+      if #old > 0 then
         local ids = {}
-        for k = j, math.min(j + 499, #old) do
+        for k = 1, #old do
           local _, _, id = find(old[k], '^[^|]*|[^|]*|[^|]*|(.*)$')
-          ids[#ids + 1] = id
+          ids[k] = id
         end
-        call('HDEL', ek, unpack(ids))
+        many('HDEL', hk, ids, #ids)
+        call('ZREMRANGEBYSCORE', wk, '-inf', cutoff)
       end
-      call('ZREMRANGEBYSCORE', wk, '-inf', cutoff)
-      st.trimmed = math.max(st.trimmed or 0, cut)
-      local first = call('ZRANGE', wk, 0, 0, 'WITHSCORES')
-      st.oldest_s = first[2]
-      st.oldest = tonumber(first[2])
+      trimmed = math.max(trimmed or 0, cut); trimmed_s = fmt('%d', trimmed)
+      oldest, oldest_s = cut, fmt('%d', cut) -- what is left is at or after the cut
     end
-    -- The latest aggregate, as of the newest event, for inspection (`velocity features get`): the aggregated
-    -- events with ts in [newest - window, newest]. It is kept incrementally with the oldest counted ts (win_lo);
-    -- the window is read back only when a counted event from an earlier batch has left it.
-    local lo = st.newest and st.newest - window
-    if lo and (st.unknown or (st.win_lo and st.win_lo < lo)) then
-      st.n, st.sum, st.win_lo = 0, 0, nil
-      if st.unknown or (st.base_newest and st.base_newest >= lo) then
-        local live = call('ZRANGEBYSCORE', wk, fmt('%d', lo), st.newest_s, 'WITHSCORES')
-        for j = 1, #live, 2 do
-          local _, c, f = fields(live[j])
-          if f == 'A' then count_in(st, tonumber(live[j + 1]), c) end
-        end
-      else
-        -- Everything counted before this batch is older than lo: only this batch's counted events can remain.
-        local counted = st.counted
-        for j = 1, #counted, 2 do
-          if counted[j] >= lo then count_in(st, counted[j], counted[j + 1]) end
-        end
-      end
-    end
-    -- TTLs are refreshed when half used up, not on every batch: three fewer calls per card per batch.
-    local refresh = (not st.exp_at) or st.exp_at - now < ttl / 2
-    if refresh then st.exp_at_s = fmt('%d', now + ttl) end
-    call('HSET', ck, 'newest', st.newest_s or '', 'last_seq', fmt('%d', st.last_seq), 'oldest', st.oldest_s or '',
-      'n10m', fmt('%d', st.n), 'sum10m', fmt('%d', st.sum), 'win_lo', st.win_lo and fmt('%d', st.win_lo) or '',
-      'trimmed', st.trimmed and fmt('%d', st.trimmed) or '', 'updated', now_s, 'exp_at', st.exp_at_s)
+    if (not oldest) or new_oldest < oldest then oldest, oldest_s = new_oldest, new_oldest_s end
+    many('ZADD', wk, zadd, nz)
+    hset[2] = last_seq_s .. '|' .. newest_s .. '|' .. oldest_s .. '|' .. (trimmed_s or '')
+    many('HSET', hk, hset, nh)
     if refresh then
+      call('EXPIRE', hk, ttl_s)
       call('EXPIRE', wk, ttl_s)
-      call('EXPIRE', ek, ttl_s)
-      call('EXPIRE', ck, ttl_s)
     end
   end
 end
