@@ -110,6 +110,9 @@ def register(app: typer.Typer) -> None:
                                                "scale_pos_weight, each on all legitimate rows and on a 10% "
                                                "subsample, and remember the winner for later runs (4 more fits; "
                                                "without it the remembered choice is used)."),
+        compare_features: bool = typer.Option(False, "--compare-features", help="Also refit the chosen feature set "
+                                              "without each feature beyond the original four, one at a time, and "
+                                              "report what each one adds (one more fit per feature)."),
         max_fpr: float = typer.Option(0.001, help="Threshold rule: the lowest threshold whose validation "
                                       "false-positive rate is at most this (0.001 = 0.1% of legitimate "
                                       "transactions flagged)."),
@@ -152,7 +155,8 @@ def register(app: typer.Typer) -> None:
             data_dir=settings.data_dir, models_dir=models_dir or default_models_dir(settings.data_dir),
             secret=settings.entity_secret, allowed_lateness_ms=settings.allowed_lateness_ms,
             start=parse_date(start, "--start"), end=parse_date(end, "--end"), val_days=val_days, test_days=test_days,
-            device=device, tune_trials=tune, compare_imbalance=compare_imbalance, rule=ThresholdRule(max_fpr),
+            device=device, tune_trials=tune, compare_imbalance=compare_imbalance,
+            compare_features=compare_features, rule=ThresholdRule(max_fpr),
             seed=seed, make_current=use)
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -51,6 +51,32 @@ def average_precision(y: np.ndarray, scores: np.ndarray) -> float:
     return float(average_precision_score(y, scores)) if np.any(y == 1) else float("nan")
 
 
+class AveragePrecision:
+    """`average_precision(y, scores)` for one fixed `y`, cheap enough to run after every boosting round (early
+    stopping): the same step-wise sum, ties included, without sorting every score.
+
+    Only the distinct positive scores are sorted (a few thousand); each legitimate score is placed among them by a
+    binary search, which counts the legitimate rows at or above every positive score. With ~0.25% fraud this is a
+    few times faster than a full sort, and equal to scikit-learn's value up to float summation order (tested).
+    """
+
+    def __init__(self, y: np.ndarray) -> None:
+        y = np.asarray(y)
+        self.pos = np.flatnonzero(y == 1)
+        self.neg = np.flatnonzero(y != 1)
+
+    def __call__(self, scores: np.ndarray) -> float:
+        if self.pos.size == 0:
+            return float("nan")
+        s = np.asarray(scores)
+        values, counts = np.unique(s[self.pos], return_counts=True)  # ascending
+        # Legitimate rows scoring >= values[i] are those placed after position i.
+        placed = np.searchsorted(values, s[self.neg], side="right")
+        fp = np.cumsum(np.bincount(placed, minlength=values.size + 1)[::-1])[::-1][1:]
+        tp = np.cumsum(counts[::-1])[::-1]
+        return float(np.sum(counts * (tp / (tp + fp))) / self.pos.size)
+
+
 def recall_at_fpr(y: np.ndarray, scores: np.ndarray, fpr: float) -> float:
     """Recall when the threshold is set so that at most `fpr` of the legitimate transactions are flagged."""
     if not np.any(y == 1):

@@ -29,6 +29,7 @@ from model.trainer import (
     Imbalance,
     Progress,
     Trainer,
+    ablate_features,
     amount_baseline,
     compare_imbalance,
     original_baseline,
@@ -54,6 +55,7 @@ class TrainOptions:
     device: str = "auto"
     tune_trials: int = 0
     compare_imbalance: bool = False
+    compare_features: bool = False
     rule: ThresholdRule = field(default_factory=ThresholdRule)
     seed: int = 0
     max_rounds: int = MAX_ROUNDS
@@ -81,6 +83,7 @@ class TrainResult:
     imbalance_comparison: dict | None
     scale_pos_weight: float
     selection: FeatureSelection
+    ablation: dict | None
     tuning: TuneResult | None
     features: tuple[str, ...]
     params: dict
@@ -193,6 +196,10 @@ def train(opts: TrainOptions, progress: Progress | None = None, status=None) -> 
     selection = select_features(trainer, DEFAULT_PARAMS, imbalance)
     t = lap("feature_selection", t)
     final: Fit = selection.fit
+    ablation = None
+    if opts.compare_features:
+        ablation = ablate_features(trainer, final, DEFAULT_PARAMS, imbalance).to_dict()
+        t = lap("feature_ablation", t)
     tuned = None
     if opts.tune_trials > 0:
         tuned = tune(trainer, final.features, imbalance, opts.tune_trials, default_fit=final)
@@ -247,8 +254,8 @@ def train(opts: TrainOptions, progress: Progress | None = None, status=None) -> 
         device=device, device_why=device_why, source=data.source, start=data.start, end=data.end, rows=data.rows,
         unlabeled_dropped=data.unlabeled_dropped, split=split, split_counts=counts, imbalance=imbalance,
         imbalance_source=imbalance_source, imbalance_comparison=comparison, scale_pos_weight=trainer.scale_pos_weight,
-        selection=selection, tuning=tuned, features=final.features, params=params, best_rounds=final.rounds,
-        max_rounds=opts.max_rounds, early_stopping_rounds=opts.early_stopping_rounds,
+        selection=selection, ablation=ablation, tuning=tuned, features=final.features, params=params,
+        best_rounds=final.rounds, max_rounds=opts.max_rounds, early_stopping_rounds=opts.early_stopping_rounds,
         declarations_version=feats.declarations_version(), calibration_choice=choice, calibration=calib,
         rule=opts.rule, threshold=threshold, metrics=metrics, chains=chains, importance=importance, scores=scores,
         durations=durations, libraries=library_versions(), tracking_uri=trk.uri, experiment=trk.experiment)
@@ -311,6 +318,7 @@ def build_metadata(r: TrainResult, final: Fit) -> dict:
         "imbalance": {**r.imbalance.to_dict(), "source": r.imbalance_source,
                       "scale_pos_weight_value": r.scale_pos_weight if r.imbalance.scale_pos_weight else None},
         "feature_selection": r.selection.rows,
+        "feature_ablation": r.ablation,
         "tuning": r.tuning.to_dict() if r.tuning else None,
         "device": r.device,
         "device_reason": r.device_why,
@@ -342,4 +350,6 @@ def flat_metrics(r: TrainResult) -> dict[str, float]:
                 out[f"{model}.{split}.{k}"] = v
     out.update({f"duration.{k}": v for k, v in r.durations.items()})
     out["test_aucpr"] = r.metrics["model"]["test"]["aucpr"]
+    for row in (r.ablation or {}).get("rows", []):
+        out[f"ablation.{row['feature']}.val_aucpr_without"] = row["val_aucpr_without"]
     return out

@@ -203,6 +203,15 @@ def markdown(result: TrainResult) -> str:
         gain = "" if row["gain"] is None else f"{row['gain']:+.4f}"
         L.append(f"| {row['features']} | {row['val_aucpr']:.4f} | {gain} | {'yes' if row['kept'] else 'no'} | "
                  f"{row['rounds']} | {row['seconds']:.1f} s |")
+    if r.ablation:
+        L += ["", f"Drop-one comparison (`--compare-features`): {r.ablation['rule']}. Groups are chosen whole "
+              "(above); this shows what each member adds given all the others.", "",
+              "| feature | group | val AUC-PR without it | what it adds | adds >= the rule's gain alone | rounds | "
+              "fit time |",
+              "|---|---|---:|---:|---|---:|---:|"]
+        for row in r.ablation["rows"]:
+            L.append(f"| {row['feature']} | {row['group']} | {row['val_aucpr_without']:.4f} | {row['loss']:+.4f} | "
+                     f"{'yes' if row['helps'] else 'no'} | {row['rounds']} | {row['seconds']:.1f} s |")
     L += ["", f"![feature importance]({PLOTS['importance']})", ""]
 
     L += ["## Hyperparameters", ""]

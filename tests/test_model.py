@@ -2,7 +2,7 @@
 loader, MLflow tracking, and `velocity train` / `velocity models list|use` as a user runs them.
 
 One small generated history (2,000 cards, 35 days, the generator's default fraud rate: ~250k rows, ~640 fraud
-rows in ~100 attacks) is trained once with every option (`--compare-imbalance --tune 2`) and once by default; the
+rows in ~100 attacks) is trained once with every option (`--compare-imbalance --compare-features --tune 2`) and once by default; the
 e2e tests read what those runs left behind.
 """
 
@@ -92,6 +92,23 @@ def test_metrics_on_a_known_ranking() -> None:
     assert m.aucpr == pytest.approx(1.0) and m.roc_auc == pytest.approx(1.0)
     assert m.recall_at_fpr_0_1pct == 1.0 and m.precision_at_threshold == 1.0 and m.recall_at_threshold == 1.0
     assert m.rows == 1000 and m.frauds == 10
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("seed", range(6))
+def test_early_stopping_aucpr_equals_average_precision(seed: int) -> None:
+    """The per-round validation metric is the report's AUC-PR, ties and float32 scores included."""
+    from model.metrics import AveragePrecision, average_precision
+
+    rng = np.random.default_rng(seed)
+    y = (rng.random(20_000) < 0.01 * (seed + 1)).astype(np.int8)
+    s = (rng.random(y.size) + y * rng.random(y.size)).astype(np.float32)
+    if seed % 2:
+        s = np.round(s, 2).astype(np.float32)  # many ties, across classes too
+    ap = AveragePrecision(y)
+    assert ap(s) == pytest.approx(average_precision(y, s), rel=1e-12)
+    assert ap(np.ones(y.size, np.float32)) == pytest.approx(average_precision(y, np.ones(y.size)), rel=1e-12)
+    assert np.isnan(AveragePrecision(np.zeros(5))(np.arange(5.0)))
 
 
 @pytest.mark.unit
@@ -265,8 +282,8 @@ def _train(store: dict, *extra: str, check: bool = True) -> subprocess.Completed
 
 @pytest.fixture(scope="module")
 def full_run(store) -> dict:
-    """`velocity train` with every option: imbalance comparison and a small Optuna search."""
-    proc = _train(store, "--compare-imbalance", "--tune", "2")
+    """`velocity train` with every option: imbalance and feature comparisons and a small Optuna search."""
+    proc = _train(store, "--compare-imbalance", "--compare-features", "--tune", "2")
     version = registry.current_version(store["models"])
     meta = json.loads((store["models"] / version / registry.METADATA_FILE).read_text())
     return {"proc": proc, "version": version, "meta": meta, "path": store["models"] / version}
@@ -358,11 +375,15 @@ def test_choices_are_reported_and_the_imbalance_choice_is_remembered(full_run, s
     assert meta["imbalance"]["name"] == remembered["chosen"]["name"]
     rows = meta["feature_selection"]
     assert rows[0]["kept"] and len(rows) == 1 + len(feats.candidate_groups())
+    dropped = [r["feature"] for r in meta["feature_ablation"]["rows"]]  # each feature beyond the declared four
+    assert dropped == [f for f in meta["features"] if f not in feats.base_features()]
+    kept = [r for r in rows if r["kept"]][-1]["val_aucpr"]
+    assert all(r["loss"] == pytest.approx(kept - r["val_aucpr_without"]) for r in meta["feature_ablation"]["rows"])
     tuning = meta["tuning"]
     assert tuning["trials"][0]["state"] == "DEFAULTS" and len(tuning["trials"]) == 3
     report = (full_run["path"] / registry.REPORT_FILE).read_text()
     for needle in ("## Class imbalance", "time saved vs all rows", "## Features", "## Hyperparameters",
-                   "## Threshold", "## Calibration", "original four (baseline)", "amount only (baseline)",
+                   "## Threshold", "## Calibration", "Drop-one comparison", "original four (baseline)", "amount only (baseline)",
                    "recall @ 0.1% FPR", "Brier", "## Where the misses are"):
         assert needle in report, needle
     for png in ("pr_curves", "calibration", "score_distributions", "feature_importance"):
