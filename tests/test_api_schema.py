@@ -8,20 +8,16 @@ valid request refused, an invalid one accepted. Bounded: a few dozen examples pe
 
 from __future__ import annotations
 
-import contextlib
 import time
-import uuid
 
-import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from tests.helpers import wait_until
-from tests.test_serving import PANS, Server, body
-from tests.toy_models import save_model, toy_booster
+from tests.api_harness import isolated_api
+from tests.test_serving import PANS, body
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -61,40 +57,11 @@ def realistic(case):
 @pytest.fixture(scope="module")
 def api(services, kafka_admin, tmp_path_factory):
     """A server process with its own Redis prefix, topics and model directory, and a few cards with history."""
-    from kafka.admin import NewTopic
-
-    from stores.kafka_topics import topic_configs
-    from stores.redis_online import delete_prefix
-
-    folder = tmp_path_factory.mktemp("api-schema")
-    tag = uuid.uuid4().hex[:10]
-    topics = {"transactions": f"test.schema.{tag}", "scores": f"test.schema.{tag}.scores"}
-    kafka_admin.create_topics([NewTopic(t, 2, 1, topic_configs=topic_configs()) for t in topics.values()])
-    prefix = f"test:schema:{tag}"
-    save_model(folder / "models", "v1", toy_booster(1))
-    server = Server(env={"VELOCITY_REDIS_KEY_PREFIX": prefix, "VELOCITY_REDIS_PORT": str(services["redis_port"]),
-                         "VELOCITY_KAFKA_BOOTSTRAP": services["bootstrap"],
-                         "VELOCITY_KAFKA_TOPIC_TRANSACTIONS": topics["transactions"],
-                         "VELOCITY_KAFKA_TOPIC_SCORES": topics["scores"], "VELOCITY_SERVE_MAX_BATCH": "8",
-                         "VELOCITY_DATA_DIR": str(folder)},
-                    log=folder / "server.log").start()
-    client = httpx.Client(base_url=server.url, timeout=10)
-    wait_until(lambda: client.get("/readyz").json()["kafka"]["state"] == "connected", timeout=60,
-               what="the server's Kafka producer")
-    for pan in PANS[:3]:  # cards with stored transactions, so generated reads find something
-        assert client.post("/v1/score", json=body(pan)).status_code == 200
-    yield server
-    client.close()
-    server.stop()
-    import redis
-
-    from featurestore.config import RedisSettings
-
-    r = redis.Redis(**RedisSettings(port=services["redis_port"]).client_kwargs())
-    delete_prefix(r, prefix)
-    r.close()
-    with contextlib.suppress(Exception):
-        kafka_admin.delete_topics(list(topics.values()))
+    with isolated_api(services, kafka_admin, tmp_path_factory.mktemp("api-schema"), "schema",
+                      env={"VELOCITY_SERVE_MAX_BATCH": "8"}) as stack:
+        for pan in PANS[:3]:  # cards with stored transactions, so generated reads find something
+            assert stack["client"].post("/v1/score", json=body(pan)).status_code == 200
+        yield stack["server"]
 
 
 def _run_operation(op, mode: GenerationMode, base_url: str, seen: dict[tuple[str, str, int], int]) -> None:

@@ -22,10 +22,11 @@ import numpy as np
 import orjson
 import pytest
 
+from tests.api_harness import Server, free_port, isolated_api
 from tests.conftest import REPO
 from tests.helpers import wait_until
 from tests.synthetic import luhn_pan
-from tests.test_serving import Server, body, free_port
+from tests.test_serving import body
 from tests.toy_models import save_model, toy_booster
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -79,40 +80,9 @@ def _with_report(folder: Path, aucpr: float) -> None:
 
 @pytest.fixture(scope="module")
 def stack(services, kafka_admin, tmp_path_factory):
-    from kafka.admin import NewTopic
-
-    from stores.kafka_topics import topic_configs
-    from stores.redis_online import delete_prefix
-
-    folder = tmp_path_factory.mktemp("dashboard")
-    tag = uuid.uuid4().hex[:10]
-    topics = {"transactions": f"test.dash.{tag}", "scores": f"test.dash.{tag}.scores",
-              "alerts": f"test.dash.{tag}.alerts", "dlq": f"test.dash.{tag}.dlq"}
-    kafka_admin.create_topics([NewTopic(t, 2, 1, topic_configs=topic_configs()) for t in topics.values()])
-    prefix = f"test:dash:{tag}"
-    models = folder / "models"
-    save_model(models, "v1", toy_booster(1), threshold=0.5)
-    env = {"VELOCITY_REDIS_KEY_PREFIX": prefix, "VELOCITY_REDIS_PORT": str(services["redis_port"]),
-           "VELOCITY_KAFKA_BOOTSTRAP": services["bootstrap"], "VELOCITY_DATA_DIR": str(folder),
-           "VELOCITY_KAFKA_TOPIC_TRANSACTIONS": topics["transactions"], "VELOCITY_KAFKA_TOPIC_DLQ": topics["dlq"],
-           "VELOCITY_KAFKA_TOPIC_SCORES": topics["scores"], "VELOCITY_KAFKA_TOPIC_ALERTS": topics["alerts"]}
-    server = Server(env=env, log=folder / "server.log").start()
-    client = httpx.Client(base_url=server.url, timeout=10)
-    wait_until(lambda: client.get("/readyz").json()["kafka"]["state"] == "connected", timeout=60,
-               what="the server's Kafka producer")
-    yield {"server": server, "client": client, "models": models, "topics": topics, "env": env, "folder": folder,
-           "bootstrap": services["bootstrap"]}
-    client.close()
-    server.stop()
-    import redis
-
-    from featurestore.config import RedisSettings
-
-    r = redis.Redis(**RedisSettings(port=services["redis_port"]).client_kwargs())
-    delete_prefix(r, prefix)
-    r.close()
-    with contextlib.suppress(Exception):
-        kafka_admin.delete_topics(list(topics.values()))
+    with isolated_api(services, kafka_admin, tmp_path_factory.mktemp("dashboard"), "dash",
+                      topics=("transactions", "scores", "alerts", "dlq"), threshold=0.5) as api:
+        yield api
 
 
 def _ms_text():

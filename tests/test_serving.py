@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -28,12 +27,12 @@ import pytest
 
 from featurestore.definitions import REGISTRY
 from featurestore.entity import EntityKeyer
+from tests.api_harness import SECRET, Server, free_port, isolated_api
 from tests.conftest import REPO
 from tests.helpers import wait_until
 from tests.synthetic import luhn_pan
 from tests.toy_models import save_model, toy_booster
 
-SECRET = "serving-test-secret"
 FEATURES = REGISTRY.model_features
 MINUTE = 60_000
 RNG = np.random.default_rng(14)
@@ -44,43 +43,6 @@ KEYER = EntityKeyer(SECRET)
 # ------------------------------------------------------------------------------------------ the server process
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, *, env: dict, log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "VELOCITY_ENTITY_SECRET": SECRET, "VELOCITY_SERVE_MODEL_POLL_S": "0.1",
-                    "VELOCITY_SERVE_KAFKA_RETRY_S": "1", **env}
-        self.log = log
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> Server:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "velocity_cli", "serve", "--port", str(self.port)],
-                env=self.env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-        wait_until(lambda: self._up(), timeout=60, what="the server to answer /healthz")
-        return self
-
-    def _up(self) -> bool:
-        assert self.proc.poll() is None, f"server exited: {self.log.read_text()[-3000:]}"
-        with contextlib.suppress(httpx.HTTPError):
-            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
-        return False
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def body(pan: str, txn_id: str | None = None, amount: float = 42.5, ts: int | None = None, **extra) -> dict:
@@ -94,40 +56,9 @@ def body(pan: str, txn_id: str | None = None, amount: float = 42.5, ts: int | No
 @pytest.fixture(scope="module")
 def stack(services, kafka_admin, tmp_path_factory):
     """One server process for the module, with its own Redis prefix, topics and model directory."""
-    from kafka.admin import NewTopic
-
-    from stores.kafka_topics import topic_configs
-    from stores.redis_online import delete_prefix
-
-    folder = tmp_path_factory.mktemp("serving")
-    tag = uuid.uuid4().hex[:10]
-    topics = {"transactions": f"test.serve.{tag}", "scores": f"test.serve.{tag}.scores"}
-    kafka_admin.create_topics([NewTopic(t, 2, 1, topic_configs=topic_configs()) for t in topics.values()])
-    prefix = f"test:serve:{tag}"
-    models = folder / "models"  # $VELOCITY_DATA_DIR/models, model.registry's layout
-    save_model(models, "v1", toy_booster(1))
-    server = Server(env={"VELOCITY_REDIS_KEY_PREFIX": prefix, "VELOCITY_REDIS_PORT": str(services["redis_port"]),
-                         "VELOCITY_KAFKA_BOOTSTRAP": services["bootstrap"],
-                         "VELOCITY_KAFKA_TOPIC_TRANSACTIONS": topics["transactions"],
-                         "VELOCITY_KAFKA_TOPIC_SCORES": topics["scores"], "VELOCITY_SERVE_MAX_BATCH": "8",
-                         "VELOCITY_DATA_DIR": str(folder)},
-                    log=folder / "server.log").start()
-    client = httpx.Client(base_url=server.url, timeout=10)
-    wait_until(lambda: client.get("/readyz").json()["kafka"]["state"] == "connected", timeout=60,
-               what="the server's Kafka producer")
-    yield {"server": server, "client": client, "prefix": prefix, "topics": topics, "models": models,
-           "bootstrap": services["bootstrap"]}
-    client.close()
-    server.stop()
-    import redis
-
-    from featurestore.config import RedisSettings
-
-    r = redis.Redis(**RedisSettings(port=services["redis_port"]).client_kwargs())
-    delete_prefix(r, prefix)
-    r.close()
-    with contextlib.suppress(Exception):
-        kafka_admin.delete_topics(list(topics.values()))
+    with isolated_api(services, kafka_admin, tmp_path_factory.mktemp("serving"), "serve",
+                      env={"VELOCITY_SERVE_MAX_BATCH": "8"}) as api:
+        yield api
 
 
 def consume(bootstrap: str, topic: str, until, timeout: float = 30.0) -> list:
