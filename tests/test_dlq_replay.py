@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 
+import numpy as np
 import orjson
 import pytest
 from kafka import KafkaConsumer, TopicPartition
@@ -50,7 +51,7 @@ def test_dead_letters_are_replayed_once_after_the_fix(services, make_topic, kafk
     bootstrap, topic = services["bootstrap"], make_topic("dlqr", partitions=2)
     ensure_topics(bootstrap, {f"{topic}.dlq": 2})
     keyer = EntityKeyer(SECRET)
-    pan = luhn_pan(__import__("numpy").random.default_rng(5))
+    pan = luhn_pan(np.random.default_rng(5))
     card = keyer(pan)
     now = int(time.time() * 1000)
     good = [{"txn_id": f"f{i}", "card": card, "pan_last4": pan[-4:], "amount": 10.0 + i, "ts": now + 3_600_000 + i,
