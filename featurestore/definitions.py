@@ -11,10 +11,21 @@ from dataclasses import dataclass, field
 MINUTE_MS = 60_000
 DAY_MS = 86_400_000
 
-#: What an aggregate can compute over the amounts of the events in its window.
+#: What an aggregate can compute over a column of the events in its window.
 FUNCTIONS = ("count", "sum", "mean", "min", "max")
-#: The per-window statistics (integer cents) every function is derived from: count, sum, min, max.
+#: The event columns an aggregate reads. `amount` (held in integer cents); `known_fraud` is 1 when the
+#: transaction's label as known at the group's cut-off is fraud (its latest version with labeled_at <= the cut-off,
+#: SPEC section 4), else 0: only a nightly (batch) group has a cut-off, so only batch groups may read it.
+COLUMNS = ("amount", "known_fraud")
+#: The per-window statistics every function is derived from: count (n); over the amount in cents: sum (s), min
+#: (mn), max (mx); over known_fraud: the number of known frauds (f).
 STATS_OF = {"count": ("n",), "sum": ("s",), "mean": ("n", "s"), "min": ("mn",), "max": ("mx",)}
+FRAUD_STATS_OF = {"count": ("n",), "sum": ("f",), "mean": ("n", "f")}
+STAT_ORDER = ("n", "s", "mn", "mx", "f")
+#: The entities features are kept for, and the event column holding each one's key. A card's key is the keyed hash
+#: of its PAN (SPEC section 3); a merchant's is its merchant id as the event carries it (no PAN involved: PAN-like
+#: digit runs are masked at the edge).
+ENTITY_COLUMNS = {"card": "card", "merchant": "merchant"}
 
 
 @dataclass(frozen=True)
@@ -23,13 +34,26 @@ class Aggregate:
 
     name: str
     function: str
-    column: str = "amount"  # windows hold each event's amount (in cents); it is the only aggregated column
+    column: str = "amount"
 
     def __post_init__(self) -> None:
         if self.function not in FUNCTIONS:
             raise ValueError(f"{self.name}: unknown aggregation {self.function!r} (one of {', '.join(FUNCTIONS)})")
-        if self.column != "amount":
-            raise ValueError(f"{self.name}: only the event's amount is aggregated, not {self.column!r}")
+        if self.column not in COLUMNS:
+            raise ValueError(f"{self.name}: unknown column {self.column!r} (one of {', '.join(COLUMNS)})")
+        if self.column == "known_fraud" and self.function not in FRAUD_STATS_OF:
+            raise ValueError(f"{self.name}: known_fraud is counted, summed or averaged, not {self.function!r}")
+
+    @property
+    def stats(self) -> tuple[str, ...]:
+        """The statistics this feature is derived from (see STATS_OF)."""
+        return (FRAUD_STATS_OF if self.column == "known_fraud" else STATS_OF)[self.function]
+
+    @property
+    def default(self) -> float:
+        """The value for an entity absent from an existing snapshot (no transactions in the window): counts and
+        sums are 0; a mean, min or max of nothing is NaN (XGBoost's missing value)."""
+        return 0.0 if self.function in ("count", "sum") else float("nan")
 
 
 @dataclass(frozen=True)
@@ -49,6 +73,12 @@ class FeatureGroup:
             raise ValueError(f"{self.name}: source must be stream or batch, not {self.source!r}")
         if self.source == "batch" and self.window_ms % DAY_MS:
             raise ValueError(f"{self.name}: a batch window is whole days (cut-offs are midnights)")
+        if self.entity not in ENTITY_COLUMNS:
+            raise ValueError(f"{self.name}: unknown entity {self.entity!r} (one of {', '.join(ENTITY_COLUMNS)})")
+        if self.source == "stream" and self.entity != "card":
+            raise ValueError(f"{self.name}: the stream keeps window state per card only")
+        if self.source == "stream" and any(f.column == "known_fraud" for f in self.features):
+            raise ValueError(f"{self.name}: known_fraud needs a cut-off; only batch groups may read it")
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -57,8 +87,13 @@ class FeatureGroup:
     @property
     def stats(self) -> tuple[str, ...]:
         """The statistics this group's features need, in a fixed order."""
-        need = {s for f in self.features for s in STATS_OF[f.function]}
-        return tuple(s for s in ("n", "s", "mn", "mx") if s in need)
+        need = {s for f in self.features for s in f.stats}
+        return tuple(s for s in STAT_ORDER if s in need)
+
+    @property
+    def entity_column(self) -> str:
+        """The event column holding this group's entity key."""
+        return ENTITY_COLUMNS[self.entity]
 
 
 @dataclass(frozen=True)
@@ -168,6 +203,33 @@ CARD_AGG_1W = FeatureGroup(
         Aggregate("avg_amt_last_1w", "mean"),
     ),
 )
+
+#: Card spending windows over a day and a month, nightly like card_agg_1w (issue 16).
+CARD_AGG_1D = FeatureGroup(
+    name="card_agg_1d", entity="card", window_ms=DAY_MS, source="batch", ttl_s=2 * 86_400 + 6 * 3_600,
+    features=(Aggregate("num_trans_last_1d", "count"), Aggregate("avg_amt_last_1d", "mean")),
+)
+CARD_AGG_30D = FeatureGroup(
+    name="card_agg_30d", entity="card", window_ms=30 * DAY_MS, source="batch", ttl_s=2 * 86_400 + 6 * 3_600,
+    features=(Aggregate("num_trans_last_30d", "count"), Aggregate("avg_amt_last_30d", "mean")),
+)
+
+
+def merchant_group(days: int) -> FeatureGroup:
+    """A merchant's transactions over `days` before the cut-off and the frauds among them known by then: the
+    compromised-merchant pattern (many cards defrauded at one shop) that no card feature sees."""
+    return FeatureGroup(
+        name=f"merchant_agg_{days}d", entity="merchant", window_ms=days * DAY_MS, source="batch",
+        ttl_s=2 * 86_400 + 6 * 3_600,
+        features=(
+            Aggregate(f"merchant_num_trans_{days}d", "count"),
+            Aggregate(f"merchant_fraud_count_{days}d", "sum", column="known_fraud"),
+            Aggregate(f"merchant_fraud_rate_{days}d", "mean", column="known_fraud"),
+        ),
+    )
+
+
+MERCHANT_AGG_1D, MERCHANT_AGG_7D, MERCHANT_AGG_30D = (merchant_group(d) for d in (1, 7, 30))
 
 RATIO_FEATURES: tuple[RatioFeature, ...] = (
     RatioFeature("amt_ratio1", "avg_amt_last_10m", "avg_amt_last_1w"),
