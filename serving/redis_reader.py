@@ -2,7 +2,7 @@
 
 `AsyncOnlineStore.read_replies` (redis-py) costs ~250 us of CPU per call on the development machine; the same
 EVALSHA written on a raw asyncio connection and parsed by hiredis costs ~90 us (measured side by side). The
-script, its arguments (`stores.redis_online._read_args`) and the fold of its reply (`fold_read`) are the store's,
+script, its arguments (`stores.redis_online.read_request_args`) and the fold of its reply (`fold_read`) are the store's,
 unchanged: only the transport differs, and a test checks that both give identical replies.
 
 Requests from concurrent HTTP requests share the connection (Redis answers in order, a FIFO of futures matches
@@ -24,7 +24,7 @@ import hiredis
 
 from featurestore.config import RedisSettings
 from featurestore.definitions import REGISTRY, Registry
-from stores.redis_online import _read_args, _script
+from stores.redis_online import _script, read_request_args
 
 
 class RedisReplyError(RuntimeError):
@@ -44,7 +44,9 @@ _UNAVAILABLE = ("LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOR
 def _check(reply):
     if isinstance(reply, hiredis.ReplyError):
         text = str(reply)
-        if text.startswith(_UNAVAILABLE):
+        # A client that has not authenticated may send at most 10 arguments (the read script takes more): Redis
+        # answers that with a protocol error instead of NOAUTH. Both are a refused connection, not a bad request.
+        if text.startswith(_UNAVAILABLE) or text.startswith("ERR Protocol error: unauthenticated"):
             raise RedisBusyError(f"Redis: {text}")
         raise RedisReplyError(text)
     return reply
@@ -187,23 +189,22 @@ class ScriptReader:
 
     async def read_replies(self, requests: Sequence[tuple[str, str, int]], arrival_ms: int | None = None, *,
                            timeout_s: float | None = None) -> list:
-        """The read script's raw replies for (card, txn_id, ts) requests, one round trip (as the store's).
+        """The read script's raw replies for (card, txn_id, ts[, merchant]) requests, one round trip (as the
+        store's): the card's windows and snapshot groups and the merchant's snapshot groups together.
 
         `timeout_s` bounds the wait for the replies (TimeoutError); a new connection is bounded by the settings'
         connect timeout."""
         proto = await self._connection()
         sha, prefix, registry = self.sha, self.prefix, self.registry
         if len(requests) == 1:
-            card, txn_id, ts = requests[0]
-            futs = proto.request(_command(b"EVALSHA", sha, 0, *_read_args(prefix, card, txn_id, ts, arrival_ms,
-                                                                           registry)))
+            futs = proto.request(_command(b"EVALSHA", sha, 0, *read_request_args(prefix, requests[0], arrival_ms,
+                                                                                 registry)))
             if timeout_s is not None:
                 self._bound(futs, timeout_s)
             replies = [await futs[0]]
         else:
-            payload = b"".join(_command(b"EVALSHA", sha, 0, *_read_args(prefix, card, txn_id, ts, arrival_ms,
-                                                                        registry))
-                               for card, txn_id, ts in requests)
+            payload = b"".join(_command(b"EVALSHA", sha, 0, *read_request_args(prefix, r, arrival_ms, registry))
+                               for r in requests)
             futs = proto.request(payload, len(requests))
             if timeout_s is not None:
                 self._bound(futs, timeout_s)
@@ -213,9 +214,8 @@ class ScriptReader:
                 if not str(reply).startswith("NOSCRIPT"):
                     _check(reply)
                 # The script cache was flushed (a Redis restart): EVAL sends the text and caches it again.
-                card, txn_id, ts = requests[i]
                 futs = proto.request(_command(b"EVAL", self.script, 0,
-                                              *_read_args(prefix, card, txn_id, ts, arrival_ms, registry)))
+                                              *read_request_args(prefix, requests[i], arrival_ms, registry)))
                 if timeout_s is not None:
                     self._bound(futs, timeout_s)
                 replies[i] = _check(await futs[0])

@@ -27,7 +27,8 @@ from stores.redis_online import AsyncOnlineStore, OnlineFeatures, fold_read, new
 
 
 class ReplyReader(Protocol):
-    async def read_replies(self, requests: Sequence[tuple[str, str, int]]) -> list: ...
+    async def read_replies(self, requests: Sequence[tuple]) -> list:
+        """Raw read-script replies for (card, txn_id, ts[, merchant]) requests, in one round trip."""
 
 
 FRAUD = "FRAUD"
@@ -77,11 +78,11 @@ class Scorer:
         self.timeout_s = timeout_s
         self.registry = registry
         self._stream_windows = tuple((g.name, g.window_ms) for g in registry.stream_groups)
-        self._batch_group = registry.batch_group.name
+        self._batch_groups = tuple(g.name for g in registry.batch_groups)
         self._all_features = registry.all_features
         self._ratios = registry.ratios
 
-    async def _replies(self, requests: Sequence[tuple[str, str, int]]) -> list:
+    async def _replies(self, requests: Sequence[tuple]) -> list:
         reader = self.reader
         try:
             if getattr(reader, "bounds_waits", False):  # one sweep timer for every request's wait
@@ -109,12 +110,14 @@ class Scorer:
 
     def _ages(self, online: OnlineFeatures, newest: int | None, at_ms: int, nothing_stored) -> dict:
         """Per group: a stream group's age is now minus the event time of the newest stored event its window
-        counts (`nothing_stored` when it counts none); a batch group's, now minus the served snapshot's cut-off
-        (None: no snapshot visible yet)."""
+        counts (`nothing_stored` when it counts none); a batch group's, now minus the cut-off of the snapshot
+        serving it (None: no visible snapshot holds the group yet)."""
         ages = {name: nothing_stored if newest is None or not in_window(newest, online.ts, window)
                 else max(0, at_ms - newest) for name, window in self._stream_windows}
-        cutoff = online.snapshot_cutoff_ms
-        ages[self._batch_group] = None if cutoff is None else max(0, at_ms - cutoff)
+        cutoffs = online.group_cutoffs
+        for name in self._batch_groups:
+            cutoff = cutoffs.get(name)
+            ages[name] = None if cutoff is None else max(0, at_ms - cutoff)
         return ages
 
     def _answer(self, txn: Transaction, model: ServingModel, score: float, values: dict, ages: dict) -> dict:
@@ -134,7 +137,7 @@ class Scorer:
         """Score one transaction (raises RedisUnavailable / ModelUnavailable)."""
         model = self._model()
         t0 = time.perf_counter()
-        reply = (await self._replies([(txn.card, txn.txn_id, txn.ts)]))[0]
+        reply = (await self._replies([(txn.card, txn.txn_id, txn.ts, txn.merchant)]))[0]
         redis_s = time.perf_counter() - t0
         model = self._model()  # the freshest model after the await: a swap in between is fine either way
         values, _, ages = self.features(txn, reply, now_ms())
@@ -152,7 +155,7 @@ class Scorer:
         """
         self._model()
         t0 = time.perf_counter()
-        replies = await self._replies([(t.card, t.txn_id, t.ts) for t in txns])
+        replies = await self._replies([(t.card, t.txn_id, t.ts, t.merchant) for t in txns])
         redis_s = time.perf_counter() - t0
         model = self._model()
         at = now_ms()

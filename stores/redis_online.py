@@ -1,4 +1,5 @@
-"""The Redis online store: idempotent window writes, 1-week snapshots, and a one-round-trip feature read.
+"""The Redis online store: idempotent window writes, nightly snapshots of every batch group (card and merchant,
+`stores.online_snapshots`), and a one-round-trip feature read of a transaction's card and merchant.
 
 Both Lua scripts live in `stores/lua/`; the sync client (batch, CLI, tests) and the asyncio client
 (stream worker, HTTP server) run the very same scripts, so there is one implementation of the online state.
@@ -8,9 +9,8 @@ from __future__ import annotations
 
 import math
 import time
-import uuid
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from itertools import repeat
 from typing import Protocol
@@ -30,15 +30,21 @@ from featurestore.definitions import (
 )
 from featurestore.state import Applied, ApplyStatus
 from featurestore.windows import SEQ_LAST, WindowAggregate, WindowEvent, window_aggregate
+from stores.online_snapshots import (  # noqa: F401  (SnapshotEntry, KEEP_LATEST_S: re-exported)
+    KEEP_LATEST_S,
+    SNAPSHOT_CHUNK,
+    SnapshotEntry,
+    SnapshotFold,
+    entity_tag,
+    expire_keys,
+    write_night,
+)
 
 #: Events per EVALSHA call: bounds the time Redis spends in one script (it blocks other clients meanwhile).
 APPLY_CHUNK = 2_000
-SNAPSHOT_CHUNK = 5_000
 #: Default online retention of window events (event time). Must exceed window + lateness; longer keeps
 #: idempotency records for redelivered messages after a crash.
 DEFAULT_RETENTION_MS = DEFAULT_EVENT_RETENTION_MS
-#: The latest 1-week snapshot stays online this long without a newer one (a month of missed nights).
-KEEP_LATEST_S = 30 * 86_400
 
 
 def _script(name: str) -> str:
@@ -64,6 +70,8 @@ class OnlineFeatures:
     #: False when the read reaches back beyond the store's retention (events trimmed, or the chosen snapshot
     #: expired): the values above are then not the full answer.
     complete: bool = True
+    #: Per batch group, the cut-off of the snapshot its values come from (None: no snapshot holds the group).
+    group_cutoffs: dict[str, int | None] = field(default_factory=dict)
 
     def __getattr__(self, name: str) -> float:
         try:
@@ -93,10 +101,15 @@ def parse_member(member: bytes | str, score: float) -> WindowEvent:
     return WindowEvent(txn_id, int(score), int(seq), int(cents), flag == "L")
 
 
-def _snapshot_stats(flat: Sequence) -> WindowAggregate:
-    """A card's statistics in a snapshot (no fields: it had no transactions in that window)."""
-    got = {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
-    return WindowAggregate(got.get("n", 0), got.get("s", 0), got.get("mn"), got.get("mx"))
+_FOLDS: dict[int, tuple[Registry, SnapshotFold]] = {}
+
+
+def _snapshot_fold(registry: Registry) -> SnapshotFold:
+    """The registry's snapshot fold, built once (keyed by identity: hashing a Registry costs more than the fold)."""
+    got = _FOLDS.get(id(registry))
+    if got is None or got[0] is not registry:
+        got = _FOLDS[id(registry)] = (registry, SnapshotFold(registry))
+    return got[1]
 
 
 def fold_read(reply: Sequence, txn_id: str, ts: int, amount_cents: int | None,
@@ -106,7 +119,7 @@ def fold_read(reply: Sequence, txn_id: str, ts: int, amount_cents: int | None,
     A stored transaction is read as of its own arrival (its seq); one the store has not seen arrives now,
     after everything stored. `amount_cents=None` reads the windows without a transaction of its own (inspection).
     """
-    stored, flat, cutoff, snap, ts_used, trimmed, expired = reply
+    stored, flat, cutoff, nights, ts_used, trimmed, expired = reply
     members = [parse_member(flat[i], float(flat[i + 1])) for i in range(0, len(flat), 2)]
     t = int(ts_used)
     if stored:
@@ -120,14 +133,11 @@ def fold_read(reply: Sequence, txn_id: str, ts: int, amount_cents: int | None,
         stats[group.name] = agg = window_aggregate(members, current, group.window_ms,
                                                    include_current=bool(stored) or amount_cents is not None)
         values.update(agg.values(group))
-    batch = registry.batch_group
-    known = cutoff and not expired
-    stats[batch.name] = agg = _snapshot_stats(snap or []) if known else None
-    values.update(agg.values(batch) if agg is not None else {n: math.nan for n in batch.feature_names})
-    if known:  # a count from a snapshot is a float like the training set's (NaN when there is none)
-        values.update({a.name: float(values[a.name]) for a in batch.features if a.function == "count"})
+    cutoff_ms = int(cutoff) if cutoff else None
+    cutoffs: dict[str, int | None] = {}
+    _snapshot_fold(registry).fold(nights, values, stats, cutoffs)
     complete = not expired and not (trimmed and t - registry.longest_stream_window_ms < int(trimmed))
-    return OnlineFeatures(values, stats, int(cutoff) if cutoff else None, t, complete)
+    return OnlineFeatures(values, stats, cutoff_ms, t, complete, cutoffs)
 
 
 class WindowWrite(Protocol):
@@ -168,10 +178,20 @@ def parse_card_state(raw: bytes | str | None) -> dict[str, str]:
     return dict(zip(CARD_STATE_FIELDS, text.split("|"), strict=True))
 
 
-def _read_args(prefix: str, card: str, txn_id: str, ts: int, arrival_ms: int | None, registry: Registry) -> list:
+def _read_args(prefix: str, card: str, txn_id: str, ts: int, arrival_ms: int | None, registry: Registry,
+               merchant: str | None = None) -> list:
+    """The read script's ARGV. The merchant's snapshot is read only where the registry has merchant groups."""
     now = now_ms()
+    fold = _snapshot_fold(registry)
+    m = entity_tag("merchant", merchant) if merchant is not None and fold.reads_merchant else ""
     return [prefix, card, txn_id, ts, registry.longest_stream_window_ms, now if arrival_ms is None else arrival_ms,
-            now]
+            now, entity_tag("card", card), m, fold.names]
+
+
+def read_request_args(prefix: str, request: Sequence, arrival_ms: int | None, registry: Registry) -> list:
+    """`_read_args` of a (card, txn_id, ts) or (card, txn_id, ts, merchant) request."""
+    return _read_args(prefix, request[0], request[1], request[2], arrival_ms, registry,
+                      request[3] if len(request) > 3 else None)
 
 
 _STATUS = tuple(ApplyStatus)  # by value: 0, 1, 2, 3
@@ -182,23 +202,6 @@ def _applied(reply: Sequence[int]) -> list[Applied]:
     per event (the stream worker turns ~100k of these a second)."""
     return list(map(tuple.__new__, repeat(Applied), zip(map(_STATUS.__getitem__, reply[0::2]), reply[1::2],
                                                           strict=True)))
-
-
-@dataclass(frozen=True, slots=True)
-class SnapshotEntry:
-    """A published snapshot in the index: its key id, when it became visible, when its keys expire."""
-
-    snap_id: str
-    published_ms: int
-    expires_ms: int
-
-    @classmethod
-    def parse(cls, raw: bytes | str) -> SnapshotEntry:
-        snap_id, published, expires = (raw.decode() if isinstance(raw, bytes) else raw).split("|")
-        return cls(snap_id, int(published), int(expires))
-
-    def dump(self) -> str:
-        return f"{self.snap_id}|{self.published_ms}|{self.expires_ms}"
 
 
 class _Keys:
@@ -224,8 +227,16 @@ class _Keys:
     def snapshot_cutoffs(self) -> str:
         return f"{self.prefix}:w1:cutoffs"
 
+    def snapshot_at(self, snap_id: str, tag: str) -> str:
+        """HASH of one entity's statistics in one night (`online_snapshots`; `tag` from `entity_tag`)."""
+        return f"{self.prefix}:snap:{snap_id}:{tag}"
+
     def snapshot(self, snap_id: str, card: str) -> str:
-        return f"{self.prefix}:w1:{snap_id}:{card}"
+        """HASH of a card's statistics in one night: every card group's, fields `<group>:<stat>`."""
+        return self.snapshot_at(snap_id, entity_tag("card", card))
+
+    def merchant_snapshot(self, snap_id: str, merchant: str) -> str:
+        return self.snapshot_at(snap_id, entity_tag("merchant", merchant))
 
 
 class OnlineStore:
@@ -271,14 +282,15 @@ class OnlineStore:
         return out
 
     def read_features(self, card: str, txn_id: str, ts: int, amount_cents: int | None,
-                      arrival_ms: int | None = None) -> OnlineFeatures:
-        """Both groups as of `ts` for one transaction, in one round trip.
+                      arrival_ms: int | None = None, merchant: str | None = None) -> OnlineFeatures:
+        """Every group as of `ts` for one transaction, in one round trip.
 
         A transaction the store holds is read as of its own arrival; one it has not seen as if it arrived at
-        `arrival_ms` (default now), after everything stored.
+        `arrival_ms` (default now), after everything stored. Merchant groups need the transaction's `merchant`
+        (NaN without one).
         """
         reply = self._read(keys=[], args=_read_args(self.keys.prefix, card, txn_id, ts, arrival_ms,
-                                                                 self.registry))
+                                                    self.registry, merchant))
         return fold_read(reply, txn_id, ts, amount_cents, self.registry)
 
     def card_state(self, card: str) -> dict[str, str]:
@@ -295,74 +307,30 @@ class OnlineStore:
     def write_snapshot(
         self,
         cutoff_ms: int,
-        rows: Iterable[tuple[str, Mapping[str, int]] | tuple[str, int, int]],
+        rows_by_group: Mapping[str, Iterable[tuple[str, Mapping[str, int]]]] | Iterable,
         *,
         published_ms: int | None = None,
         chunk: int = SNAPSHOT_CHUNK,
-        on_progress=None,
+        on_progress: Callable[[int], None] | None = None,
     ) -> str:
-        """Materialize one batch snapshot, then publish it. Rows are (card, statistics) with the statistics its
-        features need (`FeatureGroup.stats`: n, s, mn, mx in cents), or (card, count, summed cents).
+        """Materialize one night's batch groups, then publish them together (`stores.online_snapshots`).
 
-        Rows go to fresh keys under a new snapshot id in bounded pipelines; only when all are written does one
-        MULTI/EXEC publish the id for the cut-off, with `published_ms` (default now; a backfill passes C + delay).
-        Readers see the old snapshot or the new one, never a mix or nothing. The latest cut-off is kept until a
-        newer one is published (`KEEP_LATEST_S`, a month of missed nights); a superseded one expires after
-        `card_agg_1w`'s TTL, and the index remembers when, so a read never mistakes expired keys for absent cards.
-        A rerun of a night keeps the first publication time: readers have used that cut-off since then.
+        `rows_by_group` maps a batch group's name to its (entity key, {stat: int}) rows, stats named as in
+        `STAT_ORDER` (n, s, mn, mx in cents, f). The older single-group form, an iterable of (card, statistics) or
+        (card, count, summed cents) rows, is the registry's first batch group (card_agg_1w).
+
+        Rows go to fresh keys under a new snapshot id in bounded pipelines (`on_progress(rows)` after each); only
+        when all are written does one MULTI/EXEC publish the id for the cut-off, with `published_ms` (default now;
+        a backfill passes C + delay). Readers see the old night or the new one, every group of it, never a mix.
+        The latest cut-off is kept until a newer one is published (`KEEP_LATEST_S`, a month of missed nights); a
+        superseded one expires after the batch groups' TTL, and the index remembers when, so a read never mistakes
+        expired keys for absent entities. A rerun of a night keeps the first publication time: readers have used
+        that cut-off since then.
         """
         now = now_ms()
-        published_ms = now if published_ms is None else int(published_ms)
-        entries = self.snapshot_entries()
-        is_latest = not entries or cutoff_ms >= max(entries)
-        ttl_s = KEEP_LATEST_S if is_latest else self.registry.batch_group.ttl_s
-        snap_id = f"{cutoff_ms}.{uuid.uuid4().hex[:8]}"
-        cards: list[str] = []
-        pipe = self.redis.pipeline(transaction=False)
-        for card, *values in rows:
-            stats = values[0] if len(values) == 1 else {"n": values[0], "s": values[1]}
-            key = self.keys.snapshot(snap_id, card)
-            pipe.hset(key, mapping={k: int(v) for k, v in stats.items()})
-            pipe.expire(key, ttl_s)
-            cards.append(card)
-            if len(pipe) >= 2 * chunk:
-                pipe.execute()
-                if on_progress:
-                    on_progress(chunk)
-        if len(pipe):
-            done = len(pipe) // 2
-            pipe.execute()
-            if on_progress:
-                on_progress(done)
-        previous = entries.get(cutoff_ms)
-        if previous is not None:
-            published_ms = min(published_ms, previous.published_ms)
-        entry = SnapshotEntry(snap_id, published_ms, now + ttl_s * 1000)
-        tx = self.redis.pipeline(transaction=True)
-        tx.hset(self.keys.snapshot_index, str(cutoff_ms), entry.dump())
-        tx.zadd(self.keys.snapshot_cutoffs, {str(cutoff_ms): cutoff_ms})
-        tx.execute()
-        if previous is not None:
-            # Readers that fetched the old id a moment ago still find its keys for a minute.
-            self._expire_keys(previous.snap_id, cards, 60)
-        if is_latest:
-            retire_until = now + self.registry.batch_group.ttl_s * 1000
-            for c, old in entries.items():
-                if c < cutoff_ms and old.expires_ms > retire_until:
-                    # Superseded: its keys (those of the cards the new snapshot lists; any other keeps its
-                    # longer TTL, which the index's expiry time overrides for readers) expire with card_agg_1w's TTL.
-                    self._expire_keys(old.snap_id, cards, self.registry.batch_group.ttl_s)
-                    self.redis.hset(self.keys.snapshot_index, str(c),
-                                    SnapshotEntry(old.snap_id, old.published_ms, retire_until).dump())
-        return snap_id
-
-    def _expire_keys(self, snap_id: str, cards: Sequence[str], ttl_s: int) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        for card in cards:
-            pipe.expire(self.keys.snapshot(snap_id, card), ttl_s)
-            if len(pipe) >= SNAPSHOT_CHUNK:
-                pipe.execute()
-        pipe.execute()
+        published = now if published_ms is None else int(published_ms)
+        return write_night(self, cutoff_ms, rows_by_group, published_ms=published, now=now, chunk=chunk,
+                           on_progress=on_progress)
 
 
 class AsyncOnlineStore:
@@ -406,37 +374,36 @@ class AsyncOnlineStore:
         return out
 
     async def read_features(self, card: str, txn_id: str, ts: int, amount_cents: int,
-                            arrival_ms: int | None = None) -> OnlineFeatures:
+                            arrival_ms: int | None = None, merchant: str | None = None) -> OnlineFeatures:
         reply = await self._read(keys=[], args=_read_args(self.keys.prefix, card, txn_id, ts, arrival_ms,
-                                                                 self.registry))
+                                                          self.registry, merchant))
         return fold_read(reply, txn_id, ts, amount_cents, self.registry)
 
-    async def read_many(self, requests: Sequence[tuple[str, str, int, int]]) -> list[OnlineFeatures]:
-        """Several reads in one pipelined round trip (the stream scorer reads a whole batch at once)."""
+    async def read_many(self, requests: Sequence[tuple]) -> list[OnlineFeatures]:
+        """Several reads in one pipelined round trip: (card, txn_id, ts, cents[, merchant]) requests."""
         pipe = self.redis.pipeline(transaction=False)
-        for card, txn_id, ts, _ in requests:
-            await self._read(keys=[], args=_read_args(self.keys.prefix, card, txn_id, ts, None, self.registry),
-                             client=pipe)
+        for card, txn_id, ts, _, *merchant in requests:
+            await self._read(keys=[], args=_read_args(self.keys.prefix, card, txn_id, ts, None, self.registry,
+                                                      *merchant), client=pipe)
         replies = await pipe.execute()
         return [
-            fold_read(r, txn_id, ts, cents, self.registry)
-            for r, (_, txn_id, ts, cents) in zip(replies, requests, strict=True)
+            fold_read(r, req[1], req[2], req[3], self.registry)
+            for r, req in zip(replies, requests, strict=True)
         ]
 
     async def read_replies(self, requests: Sequence[tuple[str, str, int]], arrival_ms: int | None = None) -> list:
-        """The read script's raw replies for (card, txn_id, ts) requests, one round trip (pipelined for several).
+        """The read script's raw replies for (card, txn_id, ts[, merchant]) requests, one round trip (pipelined
+        for several).
 
         For callers that need more than `fold_read` keeps (the scorer reports how old the newest stored window
         event is: `newest_counted_ts`); turn each reply into features with `fold_read`, as `read_features` does.
         """
+        prefix, registry = self.keys.prefix, self.registry
         if len(requests) == 1:
-            card, txn_id, ts = requests[0]
-            return [await self._read(keys=[], args=_read_args(self.keys.prefix, card, txn_id, ts, arrival_ms,
-                                                              self.registry))]
+            return [await self._read(keys=[], args=read_request_args(prefix, requests[0], arrival_ms, registry))]
         pipe = self.redis.pipeline(transaction=False)
-        for card, txn_id, ts in requests:
-            await self._read(keys=[], args=_read_args(self.keys.prefix, card, txn_id, ts, arrival_ms, self.registry),
-                             client=pipe)
+        for request in requests:
+            await self._read(keys=[], args=read_request_args(prefix, request, arrival_ms, registry), client=pipe)
         return list(await pipe.execute())
 
 
