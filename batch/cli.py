@@ -118,7 +118,8 @@ def register(app: typer.Typer, features_app: typer.Typer) -> None:
 
     @app.command()
     def batch(
-        date: str = typer.Option(None, help="Run date D: snapshot with cut-off D 00:00 UTC over [D-7d, D)."),
+        date: str = typer.Option(None, help="Run date D: every batch group's snapshot with cut-off D 00:00 UTC "
+                                 "(each over its window before D)."),
         start: str = typer.Option(None, help="Backfill: first run date (with --end)."),
         end: str = typer.Option(None, help="Backfill: last run date, inclusive."),
         engine: str = typer.Option("spark", help="spark (PySpark, any --master) or duckdb (in-process)."),
@@ -134,7 +135,8 @@ def register(app: typer.Typer, features_app: typer.Typer) -> None:
         max_median_factor: float = typer.Option(3.0, min=1, help="Quality gate: largest factor between a "
                                                 "feature's median and the night before's."),
     ) -> None:
-        """Compute card_agg_1w snapshots: offline Parquet by cut-off (atomic replace) and Redis (atomic switch).
+        """Compute every batch group's snapshots (card_agg_1w, and any other declared nightly group): offline
+        Parquet per group and cut-off (atomic replace) and Redis (one atomic switch per night).
 
         Bad input (a damaged archive file, a bad --history file, an unwritable --offline-dir) stops the run
         before anything is written, with a one-line message and exit code 2; Redis unreachable exits 1.
@@ -177,7 +179,8 @@ def register(app: typer.Typer, features_app: typer.Typer) -> None:
                       code=1)
             raise
         for day, n in written:
-            err.print(f"{day}: {n:,} cards -> offline{' + Redis' if online else ''}")
+            err.print(f"{day}: {n:,} cards ({len(eng.registry.batch_groups)} batch group(s)) -> "
+                      f"offline{' + Redis' if online else ''}")
 
     @features_app.command("training-set")
     def training_set(
@@ -190,7 +193,8 @@ def register(app: typer.Typer, features_app: typer.Typer) -> None:
         master: str = typer.Option("local[*]", help="Spark master URL."),
         offline_dir: Path = typer.Option(None, help="Offline store root (default: $VELOCITY_DATA_DIR/offline)."),
     ) -> None:
-        """Point-in-time training set: 10-minute window as of each transaction, 1-week snapshot as-of joined.
+        """Point-in-time training set: stream windows as of each transaction, each nightly group's snapshot
+        as-of joined on its entity (card or merchant).
 
         Written atomically: a failed run leaves no partial file. Bad input exits 2 with a one-line message.
         """
@@ -214,7 +218,7 @@ def register(app: typer.Typer, features_app: typer.Typer) -> None:
             return
         missing = int(frame["snapshot_cutoff_ms"].isna().sum())
         err.print(f"{len(frame):,} rows, fraud {int(frame['fraud_label'].fillna(0).sum()):,}, "
-                  f"{missing:,} without a 1-week snapshot -> {out}")
+                  f"{missing:,} without a nightly snapshot -> {out}")
 
 
 def missed_nights(published: list[dt.date], today: dt.date, lookback_days: int) -> list[dt.date]:
@@ -232,14 +236,17 @@ def register_status(features_app: typer.Typer) -> None:
         metrics_file: Path = typer.Option(None, help="Also write Prometheus metrics to this file (for a node "
                                           "exporter's textfile collector), atomically."),
     ) -> None:
-        """Say whether every recent night's card_agg_1w snapshot was published. Exit 1 when one is missing, so a
-        scheduler or monitor can alert; the online store keeps serving the latest snapshot meanwhile."""
+        """Say whether every recent night's snapshots were published (a night counts when every batch group has
+        its file). Exit 1 when one is missing, so a scheduler or monitor can alert; the online store keeps serving
+        the latest snapshot meanwhile."""
         from featurestore.config import get_settings
+        from featurestore.definitions import REGISTRY
         from stores.offline_files import read_snapshots, snapshot_day
 
         root = offline_dir or get_settings().offline_dir
         day = parse_date(today, "--today") or dt.datetime.now(dt.UTC).date()
-        published = sorted(snapshot_day(p) for p in read_snapshots(root))
+        per_group = [{snapshot_day(p) for p in read_snapshots(root, g.name)} for g in REGISTRY.batch_groups]
+        published = sorted(set.intersection(*per_group))
         missed = missed_nights(published, day, lookback_days)
         latest = published[-1] if published else None
         if metrics_file is not None:

@@ -31,7 +31,7 @@ import pandas as pd
 
 from featurestore.definitions import DAY_MS, REGISTRY, Registry
 from stores.archive import ArchiveError, archive_dir, archive_files, read_spool
-from stores.offline_files import OfflineError, snapshot_dir
+from stores.offline_files import OfflineError, snapshot_path, snapshots_root
 
 #: Floats agree when equal to this relative tolerance (SPEC section 4).
 REL_TOL = 1e-9
@@ -85,8 +85,14 @@ def read_scores(bootstrap: str, topic: str, *, sample: int, since_ms: int | None
     from kafka.errors import KafkaError
 
     try:
+        from stores.kafka_security import KafkaSecurityError, check_credentials, kafka_python_kwargs
+
+        try:
+            check_credentials(bootstrap)
+        except KafkaSecurityError as exc:
+            raise ConsistencyError(str(exc)) from None
         consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                                 allow_auto_create_topics=False, request_timeout_ms=15_000)
+                                 allow_auto_create_topics=False, request_timeout_ms=15_000, **kafka_python_kwargs())
     except KafkaError as exc:
         raise ConsistencyError(f"Kafka at {bootstrap} is not reachable ({type(exc).__name__}); is it running? "
                                "(`velocity services status`)") from None
@@ -188,10 +194,11 @@ class _OfflineView:
         out = archive_dir(view) / "date=spool" / "part-spool.parquet"
         out.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(spooled, out)
-        snaps = snapshot_dir(self.offline_dir)
-        if snaps.exists():
-            snapshot_dir(view).parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(snaps.resolve(), snapshot_dir(view))
+        from stores.labels import labels_dir
+
+        for linked in (snapshots_root, labels_dir):  # every batch group's snapshots, and the label store
+            if linked(self.offline_dir).exists():
+                os.symlink(linked(self.offline_dir).resolve(), linked(view))
         return view
 
     def __exit__(self, *exc) -> None:
@@ -372,9 +379,9 @@ class ConsistencyReport:
         return 0 if self.ok else 1
 
 
-def _snapshot_written_ms(offline_dir: Path, cutoff_ms: int) -> int | None:
+def _snapshot_written_ms(offline_dir: Path, cutoff_ms: int, group: str) -> int | None:
     day = dt.datetime.fromtimestamp(cutoff_ms / 1000, dt.UTC).date()
-    path = snapshot_dir(offline_dir) / f"cutoff={day.isoformat()}" / "part-0.parquet"
+    path = snapshot_path(offline_dir, day, group)
     try:
         return int(path.stat().st_mtime * 1000)
     except OSError:
@@ -432,16 +439,15 @@ def explain(result: RowResult, offline: pd.Series, events: pd.DataFrame, offline
             reasons.append(f"{count}: served {online_n:g}, offline {offline_n:g}; only {len(in_flight)} of the card's "
                            f"transactions were in flight (unexplained)")
             explained = False
-    batch = registry.batch_group
-    if names & set(batch.feature_names):
+    used = offline.get("snapshot_cutoff_ms")  # every batch group of a nightly run shares the cut-off
+    used = None if _missing(used) else int(used)
+    for batch in (g for g in registry.batch_groups if names & set(g.feature_names)):
         served = served_cutoff_ms(rec, batch.name)
-        used = offline.get("snapshot_cutoff_ms")
-        used = None if _missing(used) else int(used)
         if served != used:
             reasons.append(f"{batch.name}: served the snapshot of cut-off {_day(served)}, offline as of its arrival "
                            f"the one of {_day(used)} (published in between)")
         else:
-            written = _snapshot_written_ms(offline_dir, used) if used is not None else None
+            written = _snapshot_written_ms(offline_dir, used, batch.name) if used is not None else None
             if written is not None and rec.scored_at_ms is not None and written > rec.scored_at_ms:
                 reasons.append(f"{batch.name}: the snapshot of cut-off {_day(used)} was rebuilt after this score "
                                f"(written {_when(written)}), so offline no longer holds what was served")

@@ -6,25 +6,25 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
 
 import pandas as pd
 
 from batch.quality import QualityLimits
-from featurestore.definitions import DEFAULT_ALLOWED_LATENESS_MS, REGISTRY, Registry
+from featurestore.definitions import DEFAULT_ALLOWED_LATENESS_MS, REGISTRY, FeatureGroup, Registry
 from featurestore.offline_sql import SNAPSHOT_STATS
 from stores.offline_files import (
     OfflineError,
     cutoff_ms_of,
+    first_publication,
     latest_snapshot_before,
     write_frame,
     write_snapshot_file,
 )
 
 log = logging.getLogger(__name__)
-WEEK_MS = 7 * 86_400_000
 DAY_MS = 86_400_000
 
 
@@ -38,8 +38,9 @@ class Engine(Protocol):
     registry: Registry
     span: tuple[int, int]  # first and last event time loaded
 
-    def snapshots(self, days: list[dt.date]) -> list[tuple[dt.date, pd.DataFrame]]:
-        """Every night of `days` in one pass."""
+    def snapshots(self, days: list[dt.date]) -> list[tuple[dt.date, dict[str, pd.DataFrame]]]:
+        """Every night of `days` in one pass: per night, one frame per batch group (its entity column, then its
+        statistics named by `offline_sql.SNAPSHOT_STATS`, its features, `cutoff_ms`)."""
 
     def training_set(self, start_ms: int, end_ms: int) -> pd.DataFrame:
         """Point-in-time rows for transactions with ts in [start_ms, end_ms)."""
@@ -67,7 +68,7 @@ class DuckDBEngine:
                                    allowed_lateness_ms=allowed_lateness_ms)
         self.span = duckdb_offline.events_span(self._con)
 
-    def snapshots(self, days: list[dt.date]) -> list[tuple[dt.date, pd.DataFrame]]:
+    def snapshots(self, days: list[dt.date]) -> list[tuple[dt.date, dict[str, pd.DataFrame]]]:
         return self._sql.snapshots_duckdb(self._con, days, self.registry)
 
     def training_set(self, start_ms: int, end_ms: int) -> pd.DataFrame:
@@ -95,7 +96,7 @@ class SparkEngine:
                                   allowed_lateness_ms=allowed_lateness_ms)
         self.span = tuple(self._spark.sql("SELECT MIN(ts), MAX(ts) FROM events").first())
 
-    def snapshots(self, days: list[dt.date]) -> list[tuple[dt.date, pd.DataFrame]]:
+    def snapshots(self, days: list[dt.date]) -> list[tuple[dt.date, dict[str, pd.DataFrame]]]:
         return self._job.snapshots(self._spark, days, self.registry)
 
     def training_set(self, start_ms: int, end_ms: int) -> pd.DataFrame:
@@ -142,46 +143,69 @@ def run_snapshots(engine: Engine, days: list[dt.date], *, offline_dir: Path, onl
                   progress: Callable[[str], None] = lambda _: None,
                   published: Callable[[dt.date], int] | None = None,
                   quality: QualityLimits | None = QualityLimits()) -> list[tuple[dt.date, int]]:
-    """Compute every night first, then write: a date without data, or a night failing the quality gate
-    (`batch.quality`; `quality=None` skips it), fails the run before anything is written.
+    """Compute every night of every batch group first, then write: a date without data, or a night failing the
+    quality gate (`batch.quality`; `quality=None` skips it), fails the run before anything is written.
 
     `published(day)` gives each night's publication time (default `publication_ms` with the configured delay);
-    the offline file and Redis record the same one.
+    every group of the night, the offline files and Redis record the same one. Returns (night, rows of the first
+    batch group) per night.
     """
     if published is None:
         from featurestore.config import get_settings
 
         delay = get_settings().snapshot_publish_delay_ms
         published = lambda day: publication_ms(day, now_ms=now(), delay_ms=delay)  # noqa: E731
+    groups = engine.registry.batch_groups
+    longest = max(g.window_ms for g in groups)
     lo, hi = engine.span
     for day in days:
         c = cutoff_ms_of(day)
-        if hi < c - WEEK_MS or lo >= c:
-            raise OfflineError(f"no transactions in the week before {day} (history spans "
+        if hi < c - longest or lo >= c:
+            raise OfflineError(f"no transactions in the {_span_words(longest)} before {day} (history spans "
                                f"{_fmt(lo)} .. {_fmt(hi)}); nothing was written")
     progress(f"computing {len(days)} night(s)")
-    frames = engine.snapshots(days)
+    nights = engine.snapshots(days)
     if quality is not None:
-        from batch.quality import check_nights
+        from batch.quality import check_groups
 
         progress("quality gate")
-        check_nights(frames, latest_snapshot_before(offline_dir, min(days)), engine.registry.batch_group,
-                     data_start_ms=lo, limits=quality)
+        previous = {g.name: latest_snapshot_before(offline_dir, min(days), g.name) for g in groups}
+        check_groups(nights, previous, groups, data_start_ms=lo, limits=quality)
     written = []
-    for day, frame in frames:
+    names = [g.name for g in groups]
+    for day, frames in nights:
         progress(f"writing {day}")
-        at = write_snapshot_file(frame, offline_dir, day, published(day))
+        at = first_publication(offline_dir, day, names, published(day))
+        for g in groups:
+            write_snapshot_file(frames[g.name], offline_dir, day, at, g.name)
         if online is not None:
-            online.write_snapshot(cutoff_ms_of(day), snapshot_rows(frame, engine.registry), published_ms=at)
-        written.append((day, len(frame)))
+            publish_online(online, day, frames, at, engine.registry)
+        written.append((day, len(frames[names[0]])))
     return written
 
 
-def snapshot_rows(frame: pd.DataFrame, registry: Registry = REGISTRY):
-    """(card, statistics) per row, for the online store: the statistics its read folds into the features."""
-    stats = {k: frame[SNAPSHOT_STATS[k]].to_numpy() for k in registry.batch_group.stats}
-    for i, card in enumerate(frame["card"]):
-        yield card, {k: int(v[i]) for k, v in stats.items()}
+def publish_online(online, day: dt.date, frames: Mapping[str, pd.DataFrame] | pd.DataFrame, published_ms: int,
+                   registry: Registry = REGISTRY) -> None:
+    """Materialize one night's snapshot frames (group name -> frame) in the online store, every group at once:
+    the batch job's publish step, also what `velocity features rebuild` calls to restore snapshots from the
+    offline store (one path, so both agree). A lone frame is the first batch group's (the legacy layout)."""
+    if isinstance(frames, pd.DataFrame):
+        frames = {registry.batch_groups[0].name: frames}
+    rows = {g.name: snapshot_rows(frames[g.name], g) for g in registry.batch_groups if g.name in frames}
+    online.write_snapshot(cutoff_ms_of(day), rows, published_ms=published_ms)
+
+
+def snapshot_rows(frame: pd.DataFrame, group: FeatureGroup) -> Iterator[tuple[str, dict[str, int]]]:
+    """(entity key, statistics) per row, for the online store: the statistics its read folds into the features,
+    keyed by `definitions.STAT_ORDER` names."""
+    stats = {k: frame[SNAPSHOT_STATS[k]].to_numpy() for k in group.stats}
+    for i, key in enumerate(frame[group.entity_column]):
+        yield key, {k: int(v[i]) for k, v in stats.items()}
+
+
+def _span_words(ms: int) -> str:
+    days = ms // DAY_MS
+    return {1: "day", 7: "week"}.get(days, f"{days} days")
 
 
 def now() -> int:

@@ -1,16 +1,23 @@
 """The quality gate a nightly snapshot passes before it is published (offline file and Redis).
 
-A night is refused when a value is impossible (a count below 1, a non-positive or non-finite amount statistic,
-min above max), or, against the previous night when both nights' windows lie wholly inside the data, when the
-number of cards moves by more than `max_row_change` or a feature's median by more than `max_median_factor`:
-an upstream outage that halved the archive, or an amount unit changed from dollars to cents, stops at the gate
-instead of reaching the model. A refused night is not written anywhere; the message says which check failed.
+Every batch group of a night is checked; one failing group refuses the whole night (the groups of a night are
+published together). A night is refused when a value is impossible (a count below 1, a non-positive or non-finite
+amount statistic, min above max, a known fraud count outside [0, count]), or, against the previous night when
+both nights' windows lie wholly inside the data, when the number of entities moves by more than `max_row_change`
+or a feature's median by more than `max_median_factor`: an upstream outage that halved the archive, or an amount
+unit changed from dollars to cents, stops at the gate instead of reaching the model. A refused night is not
+written anywhere; the message says which group and check failed.
+
+Features over `known_fraud` (a merchant's known fraud count and rate) are not compared with the night before:
+they legitimately jump, by design: a compromised merchant's frauds get labeled in bursts (a batch of
+chargebacks), and the pattern these features exist to catch is exactly a sudden rise. Their values are still
+checked for being possible.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,29 +38,35 @@ class QualityError(ValueError):
 
 
 def feature_values(frame: pd.DataFrame, group: FeatureGroup) -> dict[str, np.ndarray]:
-    """The group's declared features, from a snapshot's statistics (amounts in currency units)."""
+    """The group's declared features that are compared night to night (not those over known_fraud), from a
+    snapshot's statistics (amounts in currency units)."""
     col = {k: frame[v].to_numpy(dtype="float64") for k, v in SNAPSHOT_STATS.items() if v in frame.columns}
     n = col["n"]
+    nan = np.full_like(n, np.nan)
     with np.errstate(divide="ignore", invalid="ignore"):
-        derived = {"count": n, "sum": col["s"] / 100, "mean": col["s"] / n / 100,
-                   "min": col.get("mn", np.full_like(n, np.nan)) / 100,
-                   "max": col.get("mx", np.full_like(n, np.nan)) / 100}
-    return {a.name: derived[a.function] for a in group.features}
+        derived = {"count": n, "sum": col.get("s", nan) / 100, "mean": col.get("s", nan) / n / 100,
+                   "min": col.get("mn", nan) / 100, "max": col.get("mx", nan) / 100}
+    return {a.name: derived[a.function] for a in group.features if a.column != "known_fraud"}
 
 
-def invalid_values(frame: pd.DataFrame) -> list[str]:
-    """Statistics no real week can have."""
+def invalid_values(frame: pd.DataFrame, entity: str = "card") -> list[str]:
+    """Statistics no real window can have."""
     problems = []
     n = frame[SNAPSHOT_STATS["n"]].to_numpy(dtype="float64")
     if (bad := int(np.sum(~(n >= 1)))):
-        problems.append(f"{bad} card(s) with a transaction count below 1")
-    s = frame[SNAPSHOT_STATS["s"]].to_numpy(dtype="float64")
-    if (bad := int(np.sum(~((s > 0) & np.isfinite(s))))):
-        problems.append(f"{bad} card(s) with a non-positive or non-finite amount sum")
+        problems.append(f"{bad} {entity}(s) with a transaction count below 1")
+    if SNAPSHOT_STATS["s"] in frame.columns:
+        s = frame[SNAPSHOT_STATS["s"]].to_numpy(dtype="float64")
+        if (bad := int(np.sum(~((s > 0) & np.isfinite(s))))):
+            problems.append(f"{bad} {entity}(s) with a non-positive or non-finite amount sum")
     if {SNAPSHOT_STATS["mn"], SNAPSHOT_STATS["mx"]} <= set(frame.columns):
         mn, mx = frame[SNAPSHOT_STATS["mn"]].to_numpy(dtype="float64"), frame[SNAPSHOT_STATS["mx"]].to_numpy(dtype="float64")
         if (bad := int(np.sum(~((mn > 0) & (mn <= mx))))):
-            problems.append(f"{bad} card(s) with min amount not in (0, max]")
+            problems.append(f"{bad} {entity}(s) with min amount not in (0, max]")
+    if SNAPSHOT_STATS["f"] in frame.columns:
+        f = frame[SNAPSHOT_STATS["f"]].to_numpy(dtype="float64")
+        if (bad := int(np.sum(~((f >= 0) & (f <= n))))):
+            problems.append(f"{bad} {entity}(s) with a known fraud count not in [0, count]")
     return problems
 
 
@@ -62,7 +75,7 @@ def drift(frame: pd.DataFrame, previous: pd.DataFrame, group: FeatureGroup, limi
     problems = []
     rows, prev_rows = len(frame), len(previous)
     if prev_rows and abs(rows / prev_rows - 1) > limits.max_row_change:
-        problems.append(f"{rows:,} cards against {prev_rows:,} the night before "
+        problems.append(f"{rows:,} {group.entity}s against {prev_rows:,} the night before "
                         f"(more than {limits.max_row_change:.0%} change)")
     now, before = feature_values(frame, group), feature_values(previous, group)
     for name, values in now.items():
@@ -73,22 +86,45 @@ def drift(frame: pd.DataFrame, previous: pd.DataFrame, group: FeatureGroup, limi
     return problems
 
 
-def check_nights(nights: Sequence[tuple[dt.date, pd.DataFrame]], previous: tuple[dt.date, pd.DataFrame] | None,
-                 group: FeatureGroup, *, data_start_ms: int, limits: QualityLimits = QualityLimits()) -> None:
-    """Check every night of a run in date order, each against the night before it (the run's, or the latest
-    published one before the run). Raises QualityError naming every failing night and check."""
+def night_problems(nights: Sequence[tuple[dt.date, pd.DataFrame]], previous: tuple[dt.date, pd.DataFrame] | None,
+                   group: FeatureGroup, *, data_start_ms: int, limits: QualityLimits = QualityLimits()) -> list[str]:
+    """One group's failures over a run's nights in date order, each against the night before it (the run's, or
+    the latest published one before the run)."""
     from stores.offline_files import cutoff_ms_of
 
     failures = []
     before = previous
     for day, frame in sorted(nights, key=lambda x: x[0]):
-        problems = invalid_values(frame)
+        problems = invalid_values(frame, group.entity)
         both_full = before is not None and cutoff_ms_of(before[0]) - group.window_ms >= data_start_ms
         if both_full and (day - before[0]).days >= 1:
             problems += drift(frame, before[1], group, limits)
         if problems:
             failures.append(f"{day}: " + "; ".join(problems))
         before = (day, frame)
+    return failures
+
+
+def _refuse(failures: list[str]) -> None:
     if failures:
         raise QualityError("snapshot quality gate: nothing was published. " + " | ".join(failures)
                            + " (inspect the input; rerun with --skip-quality-gate to publish anyway)")
+
+
+def check_nights(nights: Sequence[tuple[dt.date, pd.DataFrame]], previous: tuple[dt.date, pd.DataFrame] | None,
+                 group: FeatureGroup, *, data_start_ms: int, limits: QualityLimits = QualityLimits()) -> None:
+    """Check one group's nights. Raises QualityError naming every failing night and check."""
+    _refuse(night_problems(nights, previous, group, data_start_ms=data_start_ms, limits=limits))
+
+
+def check_groups(nights: Sequence[tuple[dt.date, Mapping[str, pd.DataFrame]]],
+                 previous: Mapping[str, tuple[dt.date, pd.DataFrame] | None], groups: Sequence[FeatureGroup], *,
+                 data_start_ms: int, limits: QualityLimits = QualityLimits()) -> None:
+    """Check every batch group of every night (`Engine.snapshots`' shape). Raises QualityError naming every
+    failing group, night and check: one failure refuses the whole run."""
+    failures = []
+    for g in groups:
+        mine = [(day, frames[g.name]) for day, frames in nights]
+        failures += [f"{g.name} {f}" for f in night_problems(mine, previous.get(g.name), g,
+                                                                data_start_ms=data_start_ms, limits=limits)]
+    _refuse(failures)

@@ -1,7 +1,7 @@
 """The offline feature definitions as SQL, generated from the declarations and run by both DuckDB and Spark.
 
-Input relation `events(txn_id, card, amount, amount_cents, ts, fraud_label, late, seq, arrived_ms, prev_max_ts)`,
-one row per distinct txn_id; `seq` is the card's arrival position (a history file's row index, or the stream's
+Input relation `events(txn_id, card, merchant, amount, amount_cents, ts, fraud_label, late, seq, arrived_ms,
+prev_max_ts)`, one row per distinct txn_id; `seq` is the card's arrival position (a history file's row index, or the stream's
 per-card sequence), `arrived_ms` when it reached the store (a history file's rows arrive at their event time) and
 `prev_max_ts` the newest ts among the card's earlier arrivals (`arrival_order_sql`).
 
@@ -11,6 +11,9 @@ event that arrived *after* x sits in it. Only an "overtaken" event (one whose ts
 maximum when it arrived: ties and out-of-order arrivals) can, and those are few, so the transactions they touch
 are found with a small join and recomputed by brute force; every other row takes the frame. Statistics are in
 integer cents (count, sum, min, max) and features derive from them exactly like `WindowAggregate.value`.
+
+Nightly (batch) groups are computed by `featurestore.batch_sql`; the training set joins each one's snapshot as of
+each transaction, on its entity (card or merchant), here.
 """
 
 from __future__ import annotations
@@ -52,11 +55,17 @@ def arrival_order_sql(source: str, allowed_lateness_ms: int | None = None) -> st
     """
 
 
-def value_sql(function: str, n: str, s: str, mn: str, mx: str) -> str:
-    """One aggregation from statistics columns, as `WindowAggregate.value` computes it (NaN for an empty window)."""
+def value_sql(function: str, n: str, s: str, mn: str, mx: str, f: str = "0", column: str = "amount") -> str:
+    """One aggregation from statistics columns, as `WindowAggregate.value` computes it (NaN for an empty window).
+
+    Over `known_fraud` the sum is the known fraud count `f` and the mean the fraud rate f / n."""
     nan = "CAST('NaN' AS DOUBLE)"
     if function == "count":
         return f"CAST({n} AS BIGINT)"
+    if column == "known_fraud":
+        if function == "sum":
+            return f"CAST({f} AS DOUBLE)"
+        return f"CASE WHEN {n} > 0 THEN CAST({f} AS DOUBLE) / CAST({n} AS DOUBLE) ELSE {nan} END"
     if function == "mean":
         return _avg(s, n)
     if function == "sum":
@@ -65,9 +74,9 @@ def value_sql(function: str, n: str, s: str, mn: str, mx: str) -> str:
     return f"CASE WHEN {cents} IS NULL THEN {nan} ELSE CAST({cents} AS DOUBLE) / 100.0 END"
 
 
-def stream_group_sql(group: FeatureGroup, source: str = "events", carry: tuple[str, ...] = ("txn_id",)) -> str:
-    """The `carry` columns and the group's features for every transaction (see the module docstring for the
-    method). Carrying the event columns through saves a join on txn_id over every row."""
+def _stream_parts(group: FeatureGroup, i: int, source: str) -> tuple[list[str], str, list[str]]:
+    """One stream group's pieces for the shared SELECT: its RANGE-frame columns (`frame<i>_*`), its brute-force
+    relation for the few rows an overtaken event touches (joined as `e<i>`), and its feature expressions."""
     w = int(group.window_ms)
     rng = f"OVER (PARTITION BY card ORDER BY ts RANGE BETWEEN {w} PRECEDING AND CURRENT ROW)"
     on_cents = "CASE WHEN late THEN NULL ELSE amount_cents END"
@@ -80,71 +89,63 @@ def stream_group_sql(group: FeatureGroup, source: str = "events", carry: tuple[s
                  LEFT JOIN {source} y ON y.card = x.card AND y.seq < x.seq AND NOT y.late
                                       AND y.ts <= x.ts AND y.ts >= x.ts - {w}
                  GROUP BY x.txn_id)"""
+    e, fr = f"e{i}", f"f.frame{i}"
     own_n, own_c = "CASE WHEN f.late THEN 0 ELSE 1 END", "CASE WHEN f.late THEN 0 ELSE f.amount_cents END"
     # Others' statistics (x left out), from the brute force where it ran, else from the frame; then x added once.
-    n = f"(1 + CASE WHEN e.txn_id IS NULL THEN f.frame_n - {own_n} ELSE e.n END)"
-    s = f"(f.amount_cents + CASE WHEN e.txn_id IS NULL THEN f.frame_s - {own_c} ELSE COALESCE(e.s, 0) END)"
-    mn = "LEAST(f.amount_cents, COALESCE(CASE WHEN e.txn_id IS NULL THEN f.frame_mn ELSE e.mn END, f.amount_cents))"
-    mx = "GREATEST(f.amount_cents, COALESCE(CASE WHEN e.txn_id IS NULL THEN f.frame_mx ELSE e.mx END, f.amount_cents))"
-    cols = ",\n           ".join(f"{value_sql(a.function, n, s, mn, mx)} AS {a.name}" for a in group.features)
-    frame = {"n": f"SUM(CASE WHEN late THEN 0 ELSE 1 END) {rng} AS frame_n",
-             "s": f"SUM(CASE WHEN late THEN 0 ELSE amount_cents END) {rng} AS frame_s",
-             "mn": f"MIN({on_cents}) {rng} AS frame_mn", "mx": f"MAX({on_cents}) {rng} AS frame_mx"}
+    n = f"(1 + CASE WHEN {e}.txn_id IS NULL THEN {fr}_n - {own_n} ELSE {e}.n END)"
+    s = f"(f.amount_cents + CASE WHEN {e}.txn_id IS NULL THEN {fr}_s - {own_c} ELSE COALESCE({e}.s, 0) END)"
+    mn = f"LEAST(f.amount_cents, COALESCE(CASE WHEN {e}.txn_id IS NULL THEN {fr}_mn ELSE {e}.mn END, f.amount_cents))"
+    mx = (f"GREATEST(f.amount_cents, COALESCE(CASE WHEN {e}.txn_id IS NULL THEN {fr}_mx ELSE {e}.mx END, "
+          "f.amount_cents))")
+    cols = [f"{value_sql(a.function, n, s, mn, mx)} AS {a.name}" for a in group.features]
+    frame = {"n": f"SUM(CASE WHEN late THEN 0 ELSE 1 END) {rng} AS frame{i}_n",
+             "s": f"SUM(CASE WHEN late THEN 0 ELSE amount_cents END) {rng} AS frame{i}_s",
+             "mn": f"MIN({on_cents}) {rng} AS frame{i}_mn", "mx": f"MAX({on_cents}) {rng} AS frame{i}_mx"}
+    return [frame[k] for k in group.stats], f"LEFT JOIN {exact} {e} ON {e}.txn_id = f.txn_id", cols
+
+
+def stream_groups_sql(groups: tuple[FeatureGroup, ...], source: str = "events",
+                      carry: tuple[str, ...] = ("txn_id",)) -> str:
+    """The `carry` columns and the features of every group in `groups` for every transaction, in one pass: one
+    SELECT holds every group's RANGE frame (same partition and order, so one sort), and each group's brute force
+    joins only the few rows it recomputes (see the module docstring for the method). Carrying the event columns
+    through saves a join on txn_id over every row."""
+    frames, joins, cols = [], [], []
+    for i, g in enumerate(groups):
+        f, j, c = _stream_parts(g, i, source)
+        frames += f
+        joins.append(j)
+        cols += c
     inner = ", ".join(dict.fromkeys(("txn_id", "amount_cents", "late", *carry)))
+    sep = ",\n           "
     return f"""
     SELECT {', '.join(f"f.{c}" for c in carry)},
-           {cols}
-    FROM (SELECT {inner}, {', '.join(frame[k] for k in group.stats)} FROM {source}) f
-    LEFT JOIN {exact} e ON e.txn_id = f.txn_id
+           {sep.join(cols)}
+    FROM (SELECT {inner}, {', '.join(frames)} FROM {source}) f
+    {' '.join(joins)}
     """
 
 
-BASE_COLUMNS = ("txn_id", "card", "ts", "amount", "amount_cents", "fraud_label", "late", "seq", "arrived_ms")
+def stream_group_sql(group: FeatureGroup, source: str = "events", carry: tuple[str, ...] = ("txn_id",)) -> str:
+    """The `carry` columns and one group's features for every transaction."""
+    return stream_groups_sql((group,), source, carry)
+
+
+BASE_COLUMNS = ("txn_id", "card", "merchant", "ts", "amount", "amount_cents", "fraud_label", "late", "seq",
+                "arrived_ms")
 
 
 def stream_features_sql(registry: Registry = REGISTRY, source: str = "events") -> str:
-    """Every transaction with every stream group's features: the first group carries the event columns, each
-    further group joins on txn_id."""
-    first, *more = registry.stream_groups
-    sql = f"({stream_group_sql(first, source, BASE_COLUMNS)}) b"
-    if not more:
-        return f"SELECT * FROM {sql}"
-    select = [f"b.{c}" for c in (*BASE_COLUMNS, *first.feature_names)]
-    joins = []
-    for i, g in enumerate(more):
-        select += [f"g{i}.{name}" for name in g.feature_names]
-        joins.append(f"JOIN ({stream_group_sql(g, source)}) g{i} ON g{i}.txn_id = b.txn_id")
-    return f"SELECT {', '.join(select)} FROM {sql} " + "\n".join(joins)
+    """Every transaction with every stream group's features, all groups in one pass, the event columns carried."""
+    return stream_groups_sql(registry.stream_groups, source, BASE_COLUMNS)
 
 
-SNAPSHOT_STATS = {"n": "count", "s": "sum_cents", "mn": "min_cents", "mx": "max_cents"}
+#: A snapshot's statistic columns, by the stat names of `definitions.STAT_ORDER` (integers; the online store
+#: keeps these and folds them into the features).
+SNAPSHOT_STATS = {"n": "count", "s": "sum_cents", "mn": "min_cents", "mx": "max_cents", "f": "fraud_count"}
 
-
-def snapshots_sql(group: FeatureGroup, week_days: str = "week_days", source: str = "events") -> str:
-    """Every night's snapshot of a batch group in one pass: every valid transaction, late ones included, with ts
-    in [C - window, C), for each cut-off C listed in `week_days(day, cutoff_ms)` (the days before each cut-off).
-
-    Statistics are kept per card and day once; each day then feeds the nights whose window holds it (an equi-join
-    on the day), so a backfill of N nights reads the events once instead of N times. Rows carry the statistics
-    (`count`, `sum_cents`, `min_cents`, `max_cents` as the group needs them: the online store keeps these) and
-    the group's features.
-    """
-    stats = {"n": "SUM(d.n)", "s": "SUM(d.s)", "mn": "MIN(d.mn)", "mx": "MAX(d.mx)"}
-    typed = {k: f"CAST({v} AS BIGINT)" for k, v in stats.items()}
-    cols = [f"{typed[k]} AS {SNAPSHOT_STATS[k]}" for k in group.stats]
-    cols += [f"{value_sql(a.function, typed['n'], typed['s'], typed['mn'], typed['mx'])} AS {a.name}"
-             for a in group.features]
-    return f"""
-    SELECT d.card, {', '.join(cols)}, CAST(w.cutoff_ms AS BIGINT) AS cutoff_ms
-    FROM (SELECT card, {day_of('ts')} AS day, COUNT(*) AS n, SUM(amount_cents) AS s, MIN(amount_cents) AS mn,
-                 MAX(amount_cents) AS mx
-          FROM {source} GROUP BY 1, 2) d
-    JOIN {week_days} w ON w.day = d.day
-    GROUP BY d.card, w.cutoff_ms
-    """
-
-
-EVENT_COLUMNS = ("txn_id", "card", "amount", "amount_cents", "ts", "fraud_label", "late", "seq", "arrived_ms")
+EVENT_COLUMNS = ("txn_id", "card", "merchant", "amount", "amount_cents", "ts", "fraud_label", "late", "seq",
+                 "arrived_ms")
 
 
 def dedup_sql(source: str, order: str = "seq") -> str:
@@ -157,23 +158,25 @@ def dedup_sql(source: str, order: str = "seq") -> str:
     """
 
 
-def asof_sql(features: str, snap_days: str = "snap_days", snap_cutoffs: str = "snap_cutoffs") -> str:
-    """`features` plus `snapshot_cutoff_ms`: the latest cut-off C <= t whose snapshot was published at or before
-    the transaction arrived (SPEC section 4, visibility).
+def asof_sql(features: str, snap_days: str = "snap_days", snap_cutoffs: str = "snap_cutoffs",
+             column: str = "snapshot_cutoff_ms", base: str | None = None) -> str:
+    """`features` plus `column`: the latest cut-off C <= t whose snapshot was published at or before the
+    transaction arrived (SPEC section 4, visibility).
 
     Cut-offs are midnights, so the latest C <= t is the latest C <= t's midnight: `snap_days(day, c1, p1)` maps a
     day to it and its publication time (an equi-join, cheap on both engines). Only a transaction that arrived
     before c1 was published needs more: the latest earlier cut-off published by then, from `snap_cutoffs
-    (cutoff_ms, published_ms)`, for those few rows only.
+    (cutoff_ms, published_ms)`, for those few rows only (looked up in `base`, the plain rows, default `features`).
     """
     day = day_of("f.ts")
+    base = base or features
     return f"""
-    SELECT f.*, CASE WHEN d.p1 <= f.arrived_ms THEN d.c1 ELSE b.c2 END AS snapshot_cutoff_ms
+    SELECT f.*, CASE WHEN d.p1 <= f.arrived_ms THEN d.c1 ELSE b.c2 END AS {column}
     FROM {features} f
     LEFT JOIN {snap_days} d ON d.day = {day}
     LEFT JOIN (
         SELECT f.txn_id, MAX(c.cutoff_ms) AS c2
-        FROM {features} f
+        FROM {base} f
         JOIN {snap_days} d ON d.day = {day} AND d.p1 > f.arrived_ms
         JOIN {snap_cutoffs} c ON c.cutoff_ms < d.c1 AND c.published_ms <= f.arrived_ms
         GROUP BY f.txn_id
@@ -181,32 +184,58 @@ def asof_sql(features: str, snap_days: str = "snap_days", snap_cutoffs: str = "s
     """
 
 
+def key_columns(registry: Registry = REGISTRY) -> tuple[str, ...]:
+    """The entity columns a training row carries: the card, then any other entity a batch group is kept for."""
+    others = (g.entity_column for g in registry.batch_groups if g.entity_column != "card")
+    return ("card", *dict.fromkeys(others))
+
+
 def training_columns(registry: Registry = REGISTRY) -> tuple[str, ...]:
     """The training set's schema, from the declarations: keys, label, every group's features, the snapshot used,
     the ratios."""
-    return ("txn_id", "card", "ts", "amount", "fraud_label", *registry.group_features, "snapshot_cutoff_ms",
-            *(r.name for r in registry.ratios))
+    return ("txn_id", *key_columns(registry), "ts", "amount", "fraud_label", *registry.group_features,
+            "snapshot_cutoff_ms", *(r.name for r in registry.ratios))
 
 
 TRAINING_COLUMNS = training_columns()
 
 
-def training_select_sql(features: str, registry: Registry = REGISTRY, snapshots: str = "snap") -> str:
-    """Stream and batch groups side by side; a card absent from the chosen snapshot had no transaction in its
-    window (count 0, amounts missing), no snapshot at all leaves the batch group missing (NaN), exactly as the
-    online read does."""
-    group = registry.batch_group
-    stat = {k: (f"COALESCE(s.{v}, 0)" if k in ("n", "s") else f"s.{v}") for k, v in SNAPSHOT_STATS.items()}
+def snap_view(group: FeatureGroup) -> str:
+    """The relation name holding every snapshot row of a batch group (all cut-offs)."""
+    return f"snap__{group.name}"
+
+
+def asof_views(k: int) -> tuple[str, str]:
+    """The `snap_days` and `snap_cutoffs` relations of the k-th distinct publication history."""
+    return f"snap_days__{k}", f"snap_cutoffs__{k}"
+
+
+def training_select_sql(features: str, registry: Registry = REGISTRY, asof_sets: tuple[int, ...] | None = None) -> str:
+    """Stream and batch groups side by side. Each batch group is joined on its entity at its visible cut-off
+    (`asof_sets[j]`: which publication history the j-th batch group follows, its cut-off column `asof<k>`); an entity
+    absent from that snapshot gets the declared default (no transaction in its window: counts and sums 0, means
+    missing), no snapshot at all leaves the group missing (NaN), exactly as the online read does."""
+    groups = registry.batch_groups
+    asof_sets = asof_sets or tuple(range(len(groups)))
     nan = "CAST('NaN' AS DOUBLE)"
-    batch = [f"CASE WHEN f.snapshot_cutoff_ms IS NULL THEN {nan} ELSE CAST("
-             f"{value_sql(a.function, stat['n'], stat['s'], stat['mn'], stat['mx'])} AS DOUBLE) END AS {a.name}"
-             for a in group.features]
+    batch, joins = [], []
+    for j, (g, k) in enumerate(zip(groups, asof_sets, strict=True)):
+        a = f"s{j}"
+        stat = {key: (f"COALESCE({a}.{col}, 0)" if key in ("n", "s", "f") else f"{a}.{col}")
+                for key, col in SNAPSHOT_STATS.items()}
+        batch += [f"CASE WHEN f.asof{k} IS NULL THEN {nan} ELSE CAST("
+                  f"{value_sql(x.function, stat['n'], stat['s'], stat['mn'], stat['mx'], stat['f'], x.column)}"
+                  f" AS DOUBLE) END AS {x.name}" for x in g.features]
+        joins.append(f"LEFT JOIN {snap_view(g)} {a} ON {a}.cutoff_ms = f.asof{k} "
+                     f"AND {a}.{g.entity_column} = f.{g.entity_column}")
     stream = [f"f.{name}" for g in registry.stream_groups for name in g.feature_names]
+    keys = ", ".join(f"f.{c}" for c in key_columns(registry))
+    first = f"f.asof{asof_sets[0]}" if groups else "CAST(NULL AS BIGINT)"
     return f"""
-    SELECT f.txn_id, f.card, f.ts, f.amount, f.fraud_label, {', '.join(stream)}, {', '.join(batch)},
-           f.snapshot_cutoff_ms
+    SELECT f.txn_id, {keys}, f.ts, f.amount, f.fraud_label, {', '.join([*stream, *batch])},
+           {first} AS snapshot_cutoff_ms
     FROM {features} f
-    LEFT JOIN {snapshots} s ON s.cutoff_ms = f.snapshot_cutoff_ms AND s.card = f.card
+    {' '.join(joins)}
     """
 
 
@@ -217,10 +246,16 @@ def features_in_range_sql(start_ms: int, end_ms: int, registry: Registry = REGIS
     """
 
 
-def training_sql(features: str = "f10", registry: Registry = REGISTRY) -> str:
+def training_sql(features: str = "f10", registry: Registry = REGISTRY,
+                 asof_sets: tuple[int, ...] | None = None) -> str:
     """The point-in-time training rows from a materialized `features_in_range_sql` relation, on either engine.
 
-    Expects `snap` (the snapshots' rows), `snap_days` and `snap_cutoffs` to be registered (see
-    `stores.offline_files.snapshot_tables`).
-    """
-    return training_select_sql(f"({asof_sql(features)})", registry)
+    Expects, per batch group, `snap_view(group)` (its snapshot rows) and, per distinct publication history k
+    (`asof_sets`, default one per group), `asof_views(k)` to be registered (`stores.offline_files`). Every batch
+    group of one nightly run shares the cut-off and publication time, so usually all follow one history."""
+    asof_sets = asof_sets or tuple(range(len(registry.batch_groups)))
+    rel = features
+    for k in sorted(set(asof_sets)):
+        days, cutoffs = asof_views(k)
+        rel = f"({asof_sql(rel, days, cutoffs, column=f'asof{k}', base=features)})"
+    return training_select_sql(rel, registry, asof_sets)

@@ -9,24 +9,28 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
+from featurestore import batch_sql
 from featurestore import offline_sql as sql
 from featurestore.definitions import DEFAULT_ALLOWED_LATENESS_MS, REGISTRY, FeatureGroup, Registry
 from stores.archive import ArchiveError, archive_dir, archive_files
 from stores.offline_files import (
     OfflineError,
+    archived_labels,
+    asof_plan,
     cutoff_ms_of,
     events_from_history,
     finish_training_frame,
+    nights_table,
     read_snapshots,
     snapshot_tables,
     split_snapshots,
-    week_days,
 )
 
 
 def load_events(con: duckdb.DuckDBPyConnection, *, offline_dir: Path, history: Path | None, secret: str,
                 allowed_lateness_ms: int = DEFAULT_ALLOWED_LATENESS_MS) -> int:
-    """Create the deduplicated `events` view in `con`; returns its row count. Raises OfflineError when empty.
+    """Create the deduplicated `events` view and the `labels` relation (every label version: the label store's
+    plus a history's inline ones) in `con`; returns the event count. Raises OfflineError when empty.
 
     A history file's rows are its stream, in row order; late ones are marked as the worker would mark them.
     The archive holds what flowed through the stream, with the worker's arrival positions and late flags.
@@ -40,6 +44,7 @@ def load_events(con: duckdb.DuckDBPyConnection, *, offline_dir: Path, history: P
             raise OfflineError(str(exc)) from None
         con.register("raw_events", events_from_history(table, secret))  # txn_ids are unique (load_history)
         con.execute(f"CREATE OR REPLACE TEMP TABLE events AS {sql.arrival_order_sql('raw_events', allowed_lateness_ms)}")
+        con.register("labels", archived_labels(offline_dir, table))
     else:
         try:
             files = [str(p) for p in archive_files(offline_dir)]
@@ -50,11 +55,12 @@ def load_events(con: duckdb.DuckDBPyConnection, *, offline_dir: Path, history: P
                                "(run `velocity stream`, or pass --history PATH)")
         con.execute(f"""
             CREATE OR REPLACE TEMP VIEW raw_events AS
-            SELECT txn_id, card, amount, amount_cents, ts, fraud_label, late, seq,
+            SELECT txn_id, card, merchant, amount, amount_cents, ts, fraud_label, late, seq,
                    {sql.arrival_ms_of_seq('seq')} AS arrived_ms, archived_ms
             FROM read_parquet({files!r}, union_by_name = true)""")
         con.execute(f"CREATE OR REPLACE TEMP VIEW first_events AS {sql.dedup_sql('raw_events', 'seq, archived_ms')}")
         con.execute(f"CREATE OR REPLACE TEMP TABLE events AS {sql.arrival_order_sql('first_events')}")
+        con.register("labels", archived_labels(offline_dir))
     n = con.execute("SELECT COUNT(*) FROM events").fetchall()[0][0]  # fetchone would leave the result open
     if n == 0:
         raise OfflineError("the history is empty")
@@ -62,11 +68,12 @@ def load_events(con: duckdb.DuckDBPyConnection, *, offline_dir: Path, history: P
 
 
 def snapshots_duckdb(con: duckdb.DuckDBPyConnection, days: list[dt.date],
-                     registry: Registry = REGISTRY) -> list[tuple[dt.date, pd.DataFrame]]:
-    con.register("week_days", week_days(days, registry.batch_group))
-    result = con.sql(sql.snapshots_sql(registry.batch_group)).arrow()
+                     registry: Registry = REGISTRY) -> list[tuple[dt.date, dict[str, pd.DataFrame]]]:
+    """Every batch group's snapshot for every night of `days`, in one statement (`batch_sql`)."""
+    con.register("nights", nights_table(days))
+    result = con.sql(batch_sql.snapshots_sql(registry)).arrow()
     table = result.read_all() if hasattr(result, "read_all") else result
-    return split_snapshots(table.to_pandas(), days)
+    return split_snapshots(table.to_pandas(), days, registry)
 
 
 def events_span(con: duckdb.DuckDBPyConnection) -> tuple[int, int]:
@@ -74,25 +81,38 @@ def events_span(con: duckdb.DuckDBPyConnection) -> tuple[int, int]:
 
 
 def empty_snapshots_sql(group: FeatureGroup) -> str:
-    """A `snap` relation with a snapshot's columns and no rows (before the first nightly run)."""
+    """A snapshot relation with a group's columns and no rows (before its first nightly run)."""
     stats = ", ".join(f"NULL::BIGINT AS {sql.SNAPSHOT_STATS[k]}" for k in group.stats)
-    return f"SELECT NULL::VARCHAR AS card, {stats}, NULL::BIGINT AS cutoff_ms WHERE FALSE"
+    return f"SELECT NULL::VARCHAR AS {group.entity_column}, {stats}, NULL::BIGINT AS cutoff_ms WHERE FALSE"
+
+
+def register_snapshots(con: duckdb.DuckDBPyConnection, offline_dir: Path, start_ms: int, end_ms: int,
+                       registry: Registry) -> tuple[int, ...]:
+    """Each batch group's snapshot rows and the as-of tables of each distinct publication history; returns which
+    history each group follows (`offline_sql.training_sql`)."""
+    sets, histories = asof_plan(offline_dir, registry)
+    for k, pubs in enumerate(histories):
+        days_name, cutoffs_name = sql.asof_views(k)
+        snap_days, snap_cutoffs = snapshot_tables(offline_dir, start_ms, end_ms, pubs=pubs)
+        con.register(days_name, snap_days)
+        con.register(cutoffs_name, snap_cutoffs)
+    for g in registry.batch_groups:
+        snaps = read_snapshots(offline_dir, g.name)
+        cols = ", ".join([g.entity_column, *(sql.SNAPSHOT_STATS[k] for k in g.stats), "cutoff_ms"])
+        body = (f"SELECT {cols} FROM read_parquet({[str(p) for p in snaps]!r}, union_by_name = true)" if snaps
+                else empty_snapshots_sql(g))
+        con.execute(f"CREATE OR REPLACE TEMP VIEW {sql.snap_view(g)} AS {body}")
+    return sets
 
 
 def training_set_duckdb(con: duckdb.DuckDBPyConnection, offline_dir: Path, start_ms: int, end_ms: int,
                         registry: Registry = REGISTRY) -> pd.DataFrame:
     """Point-in-time training rows for transactions with ts in [start_ms, end_ms)."""
-    snap_days, snap_cutoffs = snapshot_tables(offline_dir, start_ms, end_ms)
-    con.register("snap_days", snap_days)
-    con.register("snap_cutoffs", snap_cutoffs)
-    snaps = read_snapshots(offline_dir)
-    if snaps:
-        con.execute(f"CREATE OR REPLACE TEMP VIEW snap AS SELECT * FROM read_parquet({[str(p) for p in snaps]!r})")
-    else:
-        con.execute(f"CREATE OR REPLACE TEMP VIEW snap AS {empty_snapshots_sql(registry.batch_group)}")
+    sets = register_snapshots(con, offline_dir, start_ms, end_ms, registry)
     con.execute(f"CREATE OR REPLACE TEMP TABLE f10 AS {sql.features_in_range_sql(start_ms, end_ms, registry)}")
     # Through Arrow: DuckDB's own pandas conversion of 5M rows with string columns is ~3x slower.
-    result = con.sql(f"SELECT * FROM ({sql.training_sql('f10', registry)}) t ORDER BY ts, card, txn_id").arrow()
+    query = f"SELECT * FROM ({sql.training_sql('f10', registry, sets)}) t ORDER BY ts, card, txn_id"
+    result = con.sql(query).arrow()
     table = result.read_all() if hasattr(result, "read_all") else result
     return finish_training_frame(table.to_pandas(), registry)
 

@@ -4,7 +4,10 @@ final types and ratios.
 
 Layout (root = `$VELOCITY_DATA_DIR/offline`):
 - `archive/date=YYYY-MM-DD/*.parquet` — every transaction that flowed through the stream (stores.archive)
-- `snapshots/card_agg_1w/cutoff=YYYY-MM-DD/part-0.parquet` — one nightly 1-week snapshot per cut-off
+- `snapshots/<group>/cutoff=YYYY-MM-DD/part-0.parquet` — one nightly snapshot per batch group and cut-off (the
+  group's entity column, its statistics, its features, `cutoff_ms`, `published_ms`); every group of one nightly
+  run records the same publication time
+- `labels/date=YYYY-MM-DD/*.parquet` — every fraud label version (stores.labels)
 - training sets wherever `--out` puts them.
 """
 
@@ -22,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from featurestore import offline_sql as sql
-from featurestore.definitions import REGISTRY, FeatureGroup, Registry
+from featurestore.definitions import REGISTRY, Registry
 from featurestore.entity import EntityKeyer
 from featurestore.ratios import compute_ratio_columns
 
@@ -38,12 +41,17 @@ def cutoff_ms_of(day: dt.date) -> int:
     return int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp() * 1000)
 
 
-def snapshot_dir(offline_dir: Path) -> Path:
-    return Path(offline_dir) / "snapshots" / SNAPSHOT_GROUP
+def snapshots_root(offline_dir: Path) -> Path:
+    """The folder holding every batch group's snapshots."""
+    return Path(offline_dir) / "snapshots"
 
 
-def snapshot_path(offline_dir: Path, day: dt.date) -> Path:
-    return snapshot_dir(offline_dir) / f"cutoff={day.isoformat()}" / "part-0.parquet"
+def snapshot_dir(offline_dir: Path, group: str = SNAPSHOT_GROUP) -> Path:
+    return snapshots_root(offline_dir) / group
+
+
+def snapshot_path(offline_dir: Path, day: dt.date, group: str = SNAPSHOT_GROUP) -> Path:
+    return snapshot_dir(offline_dir, group) / f"cutoff={day.isoformat()}" / "part-0.parquet"
 
 
 def pan_keys(pans: list[str], secret: str) -> list[str]:
@@ -60,7 +68,8 @@ def events_from_history(table: pa.Table, secret: str) -> pa.Table:
     cents = pc.cast(pc.round(pc.multiply(amount, 100.0)), pa.int64())
     label = table.column("fraud_label") if "fraud_label" in table.column_names else pa.nulls(table.num_rows, pa.int8())
     return pa.table({
-        "txn_id": table.column("txn_id"), "card": keys.take(enc.indices), "amount": amount,
+        "txn_id": table.column("txn_id"), "card": keys.take(enc.indices),
+        "merchant": pc.cast(table.column("merchant"), pa.string()), "amount": amount,
         "amount_cents": cents, "ts": pc.cast(table.column("ts"), pa.int64()),
         "fraud_label": pc.cast(label, pa.int8()), "late": pa.array(np.zeros(table.num_rows, dtype=bool)),
         "seq": pa.array(np.arange(table.num_rows, dtype=np.int64)),  # row order is stream order
@@ -68,15 +77,28 @@ def events_from_history(table: pa.Table, secret: str) -> pa.Table:
     })
 
 
-def write_snapshot_file(frame: pd.DataFrame | pa.Table, offline_dir: Path, day: dt.date, published_ms: int) -> int:
-    """Write one cut-off's snapshot with its publication time; a rerun replaces the file atomically (temp file +
-    rename) and keeps the first publication time (readers have used the cut-off since then). Returns the
-    publication time recorded."""
-    final = snapshot_path(offline_dir, day)
+def _published_ms_of(path: Path) -> int | None:
+    with contextlib.suppress(Exception):  # an unreadable or empty old file is simply replaced
+        return int(pq.read_table(path, columns=["published_ms"])[0][0].as_py())
+    return None
+
+
+def first_publication(offline_dir: Path, day: dt.date, groups: list[str], published_ms: int) -> int:
+    """The publication time a (re)run of night `day` records for all its groups: the earliest already recorded by
+    any of them (readers have used that cut-off since then), else `published_ms`."""
+    found = [p for g in groups if (p := _published_ms_of(snapshot_path(offline_dir, day, g))) is not None]
+    return min([published_ms, *found])
+
+
+def write_snapshot_file(frame: pd.DataFrame | pa.Table, offline_dir: Path, day: dt.date, published_ms: int,
+                        group: str = SNAPSHOT_GROUP) -> int:
+    """Write one cut-off's snapshot of one group with its publication time; a rerun replaces the file atomically
+    (temp file + rename) and keeps the first publication time (readers have used the cut-off since then). Returns
+    the publication time recorded."""
+    final = snapshot_path(offline_dir, day, group)
     final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():
-        with contextlib.suppress(Exception):  # an unreadable old file is simply replaced
-            published_ms = min(published_ms, int(pq.read_table(final, columns=["published_ms"])[0][0].as_py()))
+    if final.exists() and (before := _published_ms_of(final)) is not None:
+        published_ms = min(published_ms, before)
     table = frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame, preserve_index=False)
     if "published_ms" in table.column_names:
         table = table.drop(["published_ms"])
@@ -87,21 +109,23 @@ def write_snapshot_file(frame: pd.DataFrame | pa.Table, offline_dir: Path, day: 
     return published_ms
 
 
-def snapshot_publications(offline_dir: Path) -> dict[int, int]:
-    """cut-off ms -> published ms of every snapshot in the offline store (an empty snapshot: nothing to join)."""
+def snapshot_publications(offline_dir: Path, group: str = SNAPSHOT_GROUP) -> dict[int, int]:
+    """cut-off ms -> published ms of every snapshot of `group` in the offline store (an empty snapshot: nothing
+    to join)."""
     out = {}
-    for path in read_snapshots(offline_dir):
+    for path in read_snapshots(offline_dir, group):
         table = pq.read_table(path, columns=["cutoff_ms", "published_ms"])
         if table.num_rows:
             out[int(table["cutoff_ms"][0].as_py())] = int(table["published_ms"][0].as_py())
     return out
 
 
-def snapshot_tables(offline_dir: Path, start_ms: int, end_ms: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def snapshot_tables(offline_dir: Path, start_ms: int, end_ms: int, group: str = SNAPSHOT_GROUP,
+                    pubs: dict[int, int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The two small tables `offline_sql.asof_sql` joins: `snap_days(day, c1, p1)` for the days of
     [start_ms, end_ms) (the latest cut-off at or before the day's midnight and its publication time) and
     `snap_cutoffs(cutoff_ms, published_ms)`. Built here once for both engines."""
-    pubs = snapshot_publications(offline_dir)
+    pubs = snapshot_publications(offline_dir, group) if pubs is None else pubs
     cutoffs = np.array(sorted(pubs), dtype=np.int64)
     days = np.arange(start_ms // DAY_MS, (end_ms - 1) // DAY_MS + 1, dtype=np.int64)
     pos = np.searchsorted(cutoffs, days * DAY_MS, side="right") - 1
@@ -114,25 +138,61 @@ def snapshot_tables(offline_dir: Path, start_ms: int, end_ms: int) -> tuple[pd.D
     return snap_days, snap_cutoffs
 
 
-def week_days(days: list[dt.date], group: FeatureGroup = REGISTRY.batch_group) -> pd.DataFrame:
-    """`week_days(day, cutoff_ms)`: for each run date's cut-off C, the UTC day numbers of [C - window, C)."""
-    span = group.window_ms // DAY_MS
+def asof_plan(offline_dir: Path, registry: Registry) -> tuple[tuple[int, ...], list[dict[int, int]]]:
+    """Which publication history each batch group follows: groups whose snapshots share every cut-off and
+    publication time (every group of one nightly run does) share one as-of join. Returns the index of each
+    group's history and the distinct histories (cut-off ms -> published ms)."""
+    histories: list[dict[int, int]] = []
+    sets = []
+    for g in registry.batch_groups:
+        pubs = snapshot_publications(offline_dir, g.name)
+        if pubs not in histories:
+            histories.append(pubs)
+        sets.append(histories.index(pubs))
+    return tuple(sets), histories
+
+
+def nights_table(days: list[dt.date]) -> pd.DataFrame:
+    """`nights(day, cutoff_ms)`: each run date's cut-off and its UTC day number (`batch_sql`)."""
     cutoffs = np.array([cutoff_ms_of(d) for d in days], dtype=np.int64)
-    before = [c // DAY_MS - np.arange(1, span + 1) for c in cutoffs]
-    return pd.DataFrame({"day": np.concatenate(before).astype(np.int64) if before else np.array([], dtype=np.int64),
-                         "cutoff_ms": np.repeat(cutoffs, span)})
+    return pd.DataFrame({"day": cutoffs // DAY_MS, "cutoff_ms": cutoffs})
 
 
-def split_snapshots(frame: pd.DataFrame, days: list[dt.date]) -> list[tuple[dt.date, pd.DataFrame]]:
-    """One frame per night, in `days` order, sorted by card (a night without rows gets an empty frame)."""
-    frame = frame.sort_values(["cutoff_ms", "card"], kind="stable")
-    groups = {int(c): g.reset_index(drop=True) for c, g in frame.groupby("cutoff_ms", sort=False)}
-    return [(d, groups.get(cutoff_ms_of(d), frame.iloc[0:0])) for d in days]
+def split_snapshots(frame: pd.DataFrame, days: list[dt.date],
+                    registry: Registry = REGISTRY) -> list[tuple[dt.date, dict[str, pd.DataFrame]]]:
+    """The wide result of `batch_sql.snapshots_sql` as one frame per night and batch group, in `days` order:
+    the group's entity column, its statistics (`offline_sql.SNAPSHOT_STATS`, integers), its features and
+    `cutoff_ms`, sorted by entity key; a group's rows are the entities with a transaction in its window (a night
+    without any gets an empty frame)."""
+    from featurestore.batch_sql import stat_column
+
+    per_group = {}
+    of_entity = {e: (frame["entity"] == e).to_numpy() for e in dict.fromkeys(g.entity for g in registry.batch_groups)}
+    for g in registry.batch_groups:
+        keep = of_entity[g.entity] & (frame[stat_column(g, "n")].fillna(0) > 0).to_numpy()
+        cols = {"entity_key": g.entity_column, **{stat_column(g, k): sql.SNAPSHOT_STATS[k] for k in g.stats}}
+        # Only this group's columns are taken, in the engine's order.
+        out = frame.loc[keep, [*cols, *g.feature_names, "cutoff_ms"]].rename(columns=cols).reset_index(drop=True)
+        types = {sql.SNAPSHOT_STATS[k]: "int64" for k in g.stats}
+        types |= {a.name: "int64" if a.function == "count" else "float64" for a in g.features}
+        out = out.astype({**types, "cutoff_ms": "int64"})
+        cutoffs = out["cutoff_ms"].to_numpy()
+        if len(cutoffs) and not (np.diff(cutoffs) >= 0).all():  # an engine that did not sort: sort here
+            out = out.sort_values(["cutoff_ms", g.entity_column], kind="stable").reset_index(drop=True)
+            cutoffs = out["cutoff_ms"].to_numpy()
+        nights = {}
+        for d in days:
+            c = cutoff_ms_of(d)
+            lo, hi = np.searchsorted(cutoffs, c, "left"), np.searchsorted(cutoffs, c, "right")
+            nights[d] = out.iloc[lo:hi].reset_index(drop=True)
+        per_group[g.name] = nights
+    return [(d, {name: nights[d] for name, nights in per_group.items()}) for d in days]
 
 
-def latest_snapshot_before(offline_dir: Path, day: dt.date) -> tuple[dt.date, pd.DataFrame] | None:
-    """The newest published snapshot with a cut-off before `day` (None if there is none)."""
-    earlier = [p for p in read_snapshots(offline_dir) if snapshot_day(p) < day]
+def latest_snapshot_before(offline_dir: Path, day: dt.date,
+                           group: str = SNAPSHOT_GROUP) -> tuple[dt.date, pd.DataFrame] | None:
+    """The newest published snapshot of `group` with a cut-off before `day` (None if there is none)."""
+    earlier = [p for p in read_snapshots(offline_dir, group) if snapshot_day(p) < day]
     if not earlier:
         return None
     return snapshot_day(earlier[-1]), pq.read_table(earlier[-1]).to_pandas()
@@ -143,8 +203,16 @@ def snapshot_day(path: Path) -> dt.date:
     return dt.date.fromisoformat(Path(path).parent.name.removeprefix("cutoff="))
 
 
-def read_snapshots(offline_dir: Path) -> list[Path]:
-    return sorted(snapshot_dir(offline_dir).glob("cutoff=*/part-0.parquet"))
+def read_snapshots(offline_dir: Path, group: str = SNAPSHOT_GROUP) -> list[Path]:
+    """The snapshot files of one batch group, oldest cut-off first."""
+    return sorted(snapshot_dir(offline_dir, group).glob("cutoff=*/part-0.parquet"))
+
+
+def read_night(offline_dir: Path, day: dt.date, registry: Registry = REGISTRY) -> dict[str, pd.DataFrame]:
+    """Every batch group's stored snapshot of night `day` (the groups that have one), as `Engine.snapshots`
+    returns it: what `velocity features rebuild` republishes."""
+    paths = {g.name: snapshot_path(offline_dir, day, g.name) for g in registry.batch_groups}
+    return {name: pq.read_table(p).to_pandas() for name, p in paths.items() if p.exists()}
 
 
 def add_ratios(frame: pd.DataFrame, registry: Registry = REGISTRY) -> pd.DataFrame:
@@ -156,7 +224,7 @@ def add_ratios(frame: pd.DataFrame, registry: Registry = REGISTRY) -> pd.DataFra
 
 def finish_training_frame(frame: pd.DataFrame, registry: Registry = REGISTRY) -> pd.DataFrame:
     """Types as the schema says (batch features are float: NaN before the first snapshot), then the ratios."""
-    for name in registry.batch_group.feature_names:
+    for name in (n for g in registry.batch_groups for n in g.feature_names):
         frame[name] = frame[name].astype("float64")
     frame["snapshot_cutoff_ms"] = frame["snapshot_cutoff_ms"].astype("Int64")
     frame["fraud_label"] = frame["fraud_label"].astype("Int8")
@@ -188,3 +256,15 @@ def write_frame(frame: pd.DataFrame, out: Path) -> Path:
             tmp.unlink(missing_ok=True)
     return out
 
+
+def archived_labels(offline_dir: Path, history: pa.Table | None = None) -> pa.Table:
+    """Every label version the batch may use: the label store's (`stores.labels`) plus a history's inline
+    `labeled_at` column. Resolved per cut-off by the SQL (latest labeled_at <= C, fraud wins a tie)."""
+    from stores.archive import ArchiveError
+    from stores.labels import history_labels, read_labels
+
+    try:
+        stored = read_labels(offline_dir)
+    except ArchiveError as exc:
+        raise OfflineError(str(exc)) from None
+    return stored if history is None else pa.concat_tables([stored, history_labels(history)])

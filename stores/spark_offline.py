@@ -15,23 +15,30 @@ from pathlib import Path
 
 import pandas as pd
 
+from featurestore import batch_sql
 from featurestore import offline_sql as sql
 from featurestore.definitions import DEFAULT_ALLOWED_LATENESS_MS, REGISTRY, Registry
 from stores.archive import ArchiveError, archive_dir, archive_files
 from stores.offline_files import (
     OfflineError,
+    archived_labels,
+    asof_plan,
     finish_training_frame,
+    nights_table,
     pan_keys,
     read_snapshots,
     snapshot_tables,
     split_snapshots,
-    week_days,
 )
+
+LABELS_DDL = "txn_id string, fraud_label int, labeled_at long"
 
 
 def spark_session(master: str = "local[*]", app: str = "velocity-batch"):
     os.environ.setdefault("PYSPARK_PYTHON", os.sys.executable)
     from pyspark.sql import SparkSession
+
+    from stores.spark_cluster import executor_conf
 
     return _quiet(
         SparkSession.builder.master(master).appName(app)
@@ -42,6 +49,7 @@ def spark_session(master: str = "local[*]", app: str = "velocity-batch"):
         .config("spark.driver.memory", os.environ.get("VELOCITY_SPARK_DRIVER_MEMORY", "3g"))
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.sql.ansi.enabled", "false")
+        .config(map=executor_conf(master))  # executors' memory, Python and timeouts on a cluster master
         .getOrCreate()
     )
 
@@ -53,7 +61,8 @@ def _quiet(spark):
 
 def load_events(spark, *, offline_dir: Path, history: Path | None, secret: str,
                 allowed_lateness_ms: int = DEFAULT_ALLOWED_LATENESS_MS) -> int:
-    """Register the deduplicated `events` view (same rules as the DuckDB loader); returns its row count.
+    """Register the deduplicated `events` view and the `labels` relation (same rules as the DuckDB loader);
+    returns the event count.
 
     A history file is checked as every reader checks it (stores.history), by the executors: the driver reads
     its footer, never its rows.
@@ -94,12 +103,19 @@ def load_events(spark, *, offline_dir: Path, history: Path | None, secret: str,
         pans = [r[0] for r in raw.select("cc_num").distinct().collect()]
         keys = spark.createDataFrame(pd.DataFrame({"cc_num": pans, "card": pan_keys(pans, secret)}))
         ev = (raw.join(F.broadcast(keys), "cc_num")
-              .select("txn_id", "card", F.col("amount").cast("double").alias("amount"),
+              .select("txn_id", "card", F.col("merchant").cast("string").alias("merchant"),
+                      F.col("amount").cast("double").alias("amount"),
                       F.round(F.col("amount") * 100).cast("long").alias("amount_cents"),
                       F.col("ts").cast("long").alias("ts"), F.col("fraud_label").cast("tinyint").alias("fraud_label"),
                       F.lit(False).alias("late"), "seq", F.col("ts").cast("long").alias("arrived_ms")))
         ev.createOrReplaceTempView("raw_events")  # txn_ids are unique (check_counts)
         events = spark.sql(sql.arrival_order_sql("raw_events", allowed_lateness_ms))
+        labels = _labels_frame(spark, offline_dir)
+        if "labeled_at" in raw.columns:  # the history's inline labels, read by the executors
+            inline = raw.where("labeled_at IS NOT NULL").selectExpr(
+                "CAST(txn_id AS string) AS txn_id", "CAST(fraud_label AS int) AS fraud_label",
+                "CAST(labeled_at AS long) AS labeled_at")
+            labels = labels.unionByName(inline)
     else:
         root = archive_dir(offline_dir)
         try:
@@ -109,11 +125,13 @@ def load_events(spark, *, offline_dir: Path, history: Path | None, secret: str,
         if not files:
             raise OfflineError(f"no archived transactions under {root} (run `velocity stream`, or pass --history PATH)")
         raw = spark.read.option("basePath", str(root)).parquet(*[str(f) for f in files])
-        raw.select("txn_id", "card", "amount", "amount_cents", "ts", "fraud_label", "late", "seq",
+        raw.select("txn_id", "card", "merchant", "amount", "amount_cents", "ts", "fraud_label", "late", "seq",
                    F.expr(sql.arrival_ms_of_seq("seq")).alias("arrived_ms"),
                    "archived_ms").createOrReplaceTempView("raw_events")
         spark.sql(sql.dedup_sql("raw_events", "seq, archived_ms")).createOrReplaceTempView("first_events")
         events = spark.sql(sql.arrival_order_sql("first_events"))
+        labels = _labels_frame(spark, offline_dir)
+    labels.createOrReplaceTempView("labels")
     events.cache().createOrReplaceTempView("events")
     n = spark.table("events").count()
     if n == 0:
@@ -121,17 +139,28 @@ def load_events(spark, *, offline_dir: Path, history: Path | None, secret: str,
     return n
 
 
-def snapshots(spark, days: list[dt.date], registry: Registry = REGISTRY) -> list[tuple[dt.date, pd.DataFrame]]:
-    """Every night of `days` in one pass (same SQL as DuckDB); one row per card and night reaches the driver."""
-    group = registry.batch_group
-    spark.createDataFrame(week_days(days, group), "day long, cutoff_ms long").createOrReplaceTempView("week_days")
-    return split_snapshots(spark.sql(sql.snapshots_sql(group)).toPandas(), days)
+def _labels_frame(spark, offline_dir: Path):
+    """The label store's versions (small: labels are few), as a Spark frame."""
+    table = archived_labels(offline_dir)
+    if not table.num_rows:
+        return spark.createDataFrame([], LABELS_DDL)
+    frame = table.to_pandas().astype({"fraud_label": "int32", "labeled_at": "int64"})
+    return spark.createDataFrame(frame, LABELS_DDL)
+
+
+def snapshots(spark, days: list[dt.date],
+              registry: Registry = REGISTRY) -> list[tuple[dt.date, dict[str, pd.DataFrame]]]:
+    """Every batch group's snapshot for every night of `days`, in one statement (same SQL as DuckDB); one row per
+    entity and night reaches the driver."""
+    spark.createDataFrame(nights_table(days), "day long, cutoff_ms long").createOrReplaceTempView("nights")
+    return split_snapshots(spark.sql(batch_sql.snapshots_sql(registry)).toPandas(), days, registry)
 
 
 def training_schema(registry: Registry = REGISTRY) -> str:
     """The training set's Spark schema, from the declarations (`offline_sql.training_columns`)."""
     stream_counts = {a.name for g in registry.stream_groups for a in g.features if a.function == "count"}
-    types = {"txn_id": "string", "card": "string", "ts": "long", "fraud_label": "tinyint",
+    types = {"txn_id": "string", **dict.fromkeys(sql.key_columns(registry), "string"), "ts": "long",
+             "fraud_label": "tinyint",
              "snapshot_cutoff_ms": "long", **{n: "long" for n in stream_counts}}
     return ", ".join(f"{c} {types.get(c, 'double')}" for c in sql.training_columns(registry))
 
@@ -163,16 +192,22 @@ def write_training_set(spark, offline_dir: Path, start_ms: int, end_ms: int, out
 def training_frame(spark, offline_dir: Path, start_ms: int, end_ms: int, registry: Registry = REGISTRY):
     """Point-in-time rows for ts in [start_ms, end_ms): the same SQL text as DuckDB (`offline_sql.training_sql`)
     over the same small as-of tables (`offline_files.snapshot_tables`), broadcast to the executors."""
-    snap_days, snap_cutoffs = snapshot_tables(offline_dir, start_ms, end_ms)
-    spark.createDataFrame(snap_days, "day long, c1 long, p1 long").createOrReplaceTempView("snap_days")
-    spark.createDataFrame(snap_cutoffs, "cutoff_ms long, published_ms long").createOrReplaceTempView("snap_cutoffs")
-    snaps = read_snapshots(offline_dir)
-    if snaps:
-        spark.read.parquet(*[str(p) for p in snaps]).createOrReplaceTempView("snap")
-    else:
-        stats = ", ".join(f"{sql.SNAPSHOT_STATS[k]} long" for k in registry.batch_group.stats)
-        spark.createDataFrame([], f"card string, {stats}, cutoff_ms long").createOrReplaceTempView("snap")
+    sets, histories = asof_plan(offline_dir, registry)
+    for k, pubs in enumerate(histories):
+        days_name, cutoffs_name = sql.asof_views(k)
+        snap_days, snap_cutoffs = snapshot_tables(offline_dir, start_ms, end_ms, pubs=pubs)
+        spark.createDataFrame(snap_days, "day long, c1 long, p1 long").createOrReplaceTempView(days_name)
+        spark.createDataFrame(snap_cutoffs, "cutoff_ms long, published_ms long").createOrReplaceTempView(cutoffs_name)
+    for g in registry.batch_groups:
+        snaps = read_snapshots(offline_dir, g.name)
+        cols = [g.entity_column, *(sql.SNAPSHOT_STATS[k] for k in g.stats), "cutoff_ms"]
+        if snaps:
+            frame = spark.read.parquet(*[str(p) for p in snaps]).select(*cols)
+        else:
+            stats = ", ".join(f"{sql.SNAPSHOT_STATS[k]} long" for k in g.stats)
+            frame = spark.createDataFrame([], f"{g.entity_column} string, {stats}, cutoff_ms long")
+        frame.createOrReplaceTempView(sql.snap_view(g))
     spark.sql(sql.features_in_range_sql(start_ms, end_ms, registry)).cache().createOrReplaceTempView("f10")
     schema = training_schema(registry)
-    return spark.sql(sql.training_sql("f10", registry)).mapInPandas(
+    return spark.sql(sql.training_sql("f10", registry, sets)).mapInPandas(
         lambda batches: (finish_training_frame(pdf, registry) for pdf in batches), schema)

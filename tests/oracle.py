@@ -13,6 +13,14 @@ SPEC words it follows:
 - card_agg_1w for cut-off C: every valid transaction, late ones included, deduplicated by txn_id, with ts in
   [C - 7 days, C): count and mean amount; a card absent from an existing snapshot had 0 transactions.
 - a snapshot counts for x only if C <= t and it was published at or before x arrived; the latest such C wins.
+
+Issue 16 (merchant and card-spending groups), its words:
+- a group over `days` days for cut-off C covers the transactions with ts in [C - days, C), per entity (the card,
+  or the merchant id); count, amount mean (card spending), known fraud count and fraud rate (merchant);
+- a transaction's known_fraud at C is 1 when its latest label version with labeled_at <= C is fraud (a label known
+  later does not count; the latest version wins; fraud wins a tie on labeled_at), else 0;
+- an entity absent from an existing snapshot gets the default (counts and sums 0, means missing); before any
+  snapshot everything is missing.
 """
 
 from __future__ import annotations
@@ -148,3 +156,57 @@ def ratio(numerator: float, denominator: float) -> float:
     if denominator is None or numerator is None or math.isnan(denominator) or denominator == 0:
         return math.nan
     return numerator / denominator
+
+
+DAY_MS = 24 * 60 * 60 * 1000
+
+
+@dataclass(frozen=True)
+class Txn:
+    """A transaction as the batch sees it (any order; the first copy of a txn_id counts)."""
+
+    txn_id: str
+    card: str
+    merchant: str
+    ts: int
+    amount_cents: int
+
+
+def known_fraud(versions: list[tuple[int, int]], cutoff_ms: int) -> int:
+    """1 if the latest of `versions` ((fraud_label, labeled_at) of one transaction) with labeled_at <= C is fraud,
+    fraud winning a tie on labeled_at; 0 otherwise (never labeled, or labeled only after C)."""
+    known = [(at, label) for label, at in versions if at <= cutoff_ms]
+    if not known:
+        return 0
+    latest = max(at for at, _ in known)
+    return 1 if any(label == 1 for at, label in known if at == latest) else 0
+
+
+def entity_window(txns: list[Txn], cutoff_ms: int, days: int, entity: str,
+                  labels: dict[str, list[tuple[int, int]]]) -> dict[str, dict[str, float]]:
+    """entity key -> {count, sum_cents, fraud_count} over the first copies with ts in [C - days, C); `entity` is
+    "card" or "merchant"; `labels`: txn_id -> its label versions."""
+    seen: set[str] = set()
+    out: dict[str, dict[str, float]] = {}
+    for t in txns:
+        if t.txn_id in seen:
+            continue
+        seen.add(t.txn_id)
+        if cutoff_ms - days * DAY_MS <= t.ts < cutoff_ms:
+            agg = out.setdefault(getattr(t, entity), {"count": 0, "sum_cents": 0, "fraud_count": 0})
+            agg["count"] += 1
+            agg["sum_cents"] += t.amount_cents
+            agg["fraud_count"] += known_fraud(labels.get(t.txn_id, []), cutoff_ms)
+    return out
+
+
+def window_features(agg: dict[str, float] | None, snapshot_exists: bool) -> dict[str, float]:
+    """count, mean amount (currency units), known fraud count, fraud rate of one entity's window; an entity absent
+    from an existing snapshot: 0, NaN, 0, NaN; no snapshot at all: all NaN."""
+    if not snapshot_exists:
+        return {"count": math.nan, "mean": math.nan, "fraud_count": math.nan, "fraud_rate": math.nan}
+    if agg is None or agg["count"] == 0:
+        return {"count": 0.0, "mean": math.nan, "fraud_count": 0.0, "fraud_rate": math.nan}
+    n = agg["count"]
+    return {"count": float(n), "mean": agg["sum_cents"] / (100.0 * n), "fraud_count": float(agg["fraud_count"]),
+            "fraud_rate": agg["fraud_count"] / n}

@@ -1,0 +1,136 @@
+"""Every batch group's nightly snapshots as one SQL text, generated from the declarations, run by DuckDB and Spark.
+
+Inputs: `events` (one row per distinct txn_id, late ones included: `offline_sql.EVENT_COLUMNS`), `nights(day,
+cutoff_ms)` (the cut-offs to compute, `day` = the cut-off's UTC day number) and `labels(txn_id, fraud_label,
+labeled_at)` (every label version, possibly none).
+
+For cut-off C a group covers the transactions with ts in [C - window, C), per entity key (SPEC section 4). The
+method, per entity (card, merchant):
+- statistics per (entity, day) once (count, cents sum/min/max);
+- one probe row per entity and night it can have data for; a RANGE frame over days `[D - W, D - 1]` at the probe
+  of night D gives each group's window, every group of the entity in the same SELECT (one pass over the days);
+- `known_fraud` depends on the cut-off, not only on the day: only transactions with a fraud label version can be
+  known frauds, so those few are expanded into the nights whose window holds them and where their latest version
+  with labeled_at <= C is fraud (fraud wins a tie), then counted per (entity, night) and group window.
+The result is wide: one row per (entity, night) with `<group>__<stat>` and every group's features; a group's
+snapshot is its rows with a count above 0 (`offline_files.split_snapshots`).
+"""
+
+from __future__ import annotations
+
+from featurestore.definitions import DAY_MS, REGISTRY, FeatureGroup, Registry
+from featurestore.offline_sql import SNAPSHOT_STATS, day_of, value_sql
+
+AMOUNT_STATS = {"n": "COUNT(*)", "s": "SUM(amount_cents)", "mn": "MIN(amount_cents)", "mx": "MAX(amount_cents)"}
+FRAME_OF = {"n": "SUM", "s": "SUM", "mn": "MIN", "mx": "MAX"}
+
+
+def stat_column(group: FeatureGroup, stat: str) -> str:
+    """The wide result's column for one statistic of one group."""
+    return f"{group.name}__{SNAPSHOT_STATS[stat]}"
+
+
+def entities(registry: Registry) -> tuple[str, ...]:
+    """The entities batch groups are kept for, in declaration order."""
+    return tuple(dict.fromkeys(g.entity for g in registry.batch_groups))
+
+
+def reads_fraud(group: FeatureGroup) -> bool:
+    return "f" in group.stats
+
+
+def window_stats(group: FeatureGroup) -> tuple[str, ...]:
+    """The statistics kept for a group: its declared ones, and always the count (a group's rows are the entities
+    with a transaction in its window)."""
+    return ("n", *(k for k in group.stats if k != "n"))
+
+
+def known_fraud_sql(registry: Registry, source: str, nights: str, labels: str) -> str:
+    """(txn_id, card, merchant, ts, cutoff_ms): each transaction known as fraud at a night whose longest
+    fraud-reading window holds it. Only txn_ids with a fraud version are expanded (versions are few)."""
+    longest = max(g.window_ms for g in registry.batch_groups if reads_fraud(g))
+    return f"""
+    SELECT txn_id, card, merchant, ts, cutoff_ms FROM (
+        SELECT v.txn_id, v.card, v.merchant, v.ts, v.fraud_label, n.cutoff_ms,
+               ROW_NUMBER() OVER (PARTITION BY v.txn_id, n.cutoff_ms
+                                  ORDER BY v.labeled_at DESC, v.fraud_label DESC) AS rn
+        FROM (SELECT l.txn_id, CAST(l.fraud_label AS INT) AS fraud_label, CAST(l.labeled_at AS BIGINT) AS labeled_at,
+                     e.card, e.merchant, e.ts
+              FROM {labels} l
+              JOIN (SELECT DISTINCT txn_id FROM {labels} WHERE fraud_label = 1) i ON i.txn_id = l.txn_id
+              JOIN {source} e ON e.txn_id = l.txn_id) v
+        JOIN {nights} n ON n.cutoff_ms > v.ts AND n.cutoff_ms <= v.ts + {int(longest)}
+                        AND v.labeled_at <= n.cutoff_ms
+    ) k WHERE rn = 1 AND fraud_label = 1
+    """
+
+
+def entity_sql(registry: Registry, entity: str, source: str, nights: str, labels: str) -> str:
+    """One entity's groups for every night: (entity, entity_key, cutoff_ms, every group's stats and features),
+    with NULLs in the columns of the other entities' groups."""
+    mine = [g for g in registry.batch_groups if g.entity == entity]
+    col = mine[0].entity_column
+    stats = [k for k in AMOUNT_STATS if any(k in g.stats for g in mine) or k == "n"]
+    longest_days = max(g.window_ms for g in mine) // DAY_MS
+    day_stats = ", ".join(f"{AMOUNT_STATS[k]} AS {k}" for k in stats)
+    probe_stats = ", ".join("0" if k in ("n", "s") else "CAST(NULL AS BIGINT)" for k in stats)
+    frames = []
+    for g in mine:
+        rng = f"OVER (PARTITION BY k ORDER BY day RANGE BETWEEN {g.window_ms // DAY_MS} PRECEDING AND 1 PRECEDING)"
+        frames += [f"{FRAME_OF[k]}({k}) {rng} AS {stat_column(g, k)}" for k in window_stats(g) if k in AMOUNT_STATS]
+    fraud_groups = [g for g in mine if reads_fraud(g)]
+    fraud_join = ""
+    if fraud_groups:
+        counts = ", ".join(f"SUM(CASE WHEN ts >= cutoff_ms - {int(g.window_ms)} THEN 1 ELSE 0 END) AS "
+                           f"{stat_column(g, 'f')}" for g in fraud_groups)
+        fraud_join = f"""LEFT JOIN (SELECT {col} AS k, cutoff_ms, {counts}
+                   FROM ({known_fraud_sql(registry, source, nights, labels)}) kf GROUP BY {col}, cutoff_ms) kf
+          ON kf.k = w.k AND kf.cutoff_ms = w.cutoff_ms"""
+    out = []
+    for g in registry.batch_groups:
+        if g.entity != entity:
+            out += [f"CAST(NULL AS BIGINT) AS {stat_column(g, k)}" for k in window_stats(g)]
+            out += [f"CAST(NULL AS {'BIGINT' if a.function == 'count' else 'DOUBLE'}) AS {a.name}" for a in g.features]
+            continue
+        typed = {k: f"CAST(w.{stat_column(g, k)} AS BIGINT)" for k in window_stats(g) if k in AMOUNT_STATS}
+        if "f" in g.stats:
+            typed["f"] = f"CAST(COALESCE(kf.{stat_column(g, 'f')}, 0) AS BIGINT)"
+        out += [f"{typed[k]} AS {stat_column(g, k)}" for k in window_stats(g)]
+        for a in g.features:
+            value = value_sql(a.function, typed["n"], typed.get("s"), typed.get("mn"), typed.get("mx"),
+                              typed.get("f", "0"), a.column)
+            out.append(f"{value} AS {a.name}")
+    present = " OR ".join(f"w.{stat_column(g, 'n')} > 0" for g in mine)
+    return f"""
+    SELECT '{entity}' AS entity, w.k AS entity_key, CAST(w.cutoff_ms AS BIGINT) AS cutoff_ms, {', '.join(out)}
+    FROM (
+        SELECT k, cutoff_ms, {', '.join(frames)}
+        FROM (
+            SELECT k, day, {', '.join(stats)}, CAST(NULL AS BIGINT) AS cutoff_ms
+            FROM (SELECT {col} AS k, {day_of('ts')} AS day, {day_stats} FROM {source} GROUP BY 1, 2) d
+            UNION ALL
+            SELECT s.k, n.day, {probe_stats}, n.cutoff_ms
+            FROM (SELECT {col} AS k, MIN({day_of('ts')}) AS lo, MAX({day_of('ts')}) AS hi FROM {source} GROUP BY 1) s
+            JOIN {nights} n ON n.day > s.lo AND n.day <= s.hi + {int(longest_days)}
+        ) r
+    ) w
+    {fraud_join}
+    WHERE w.cutoff_ms IS NOT NULL AND ({present})
+    """
+
+
+def snapshots_sql(registry: Registry = REGISTRY, source: str = "events", nights: str = "nights",
+                  labels: str = "labels") -> str:
+    """Every batch group's snapshot for every night of `nights`, in one statement (see the module docstring),
+    ordered by entity, cut-off and entity key (the engines sort faster than the driver)."""
+    union = "\nUNION ALL\n".join(entity_sql(registry, e, source, nights, labels) for e in entities(registry))
+    return f"SELECT * FROM ({union}) u ORDER BY entity, cutoff_ms, entity_key"
+
+
+def wide_columns(registry: Registry) -> tuple[str, ...]:
+    """The columns `snapshots_sql` returns, in order."""
+    cols = ["entity", "entity_key", "cutoff_ms"]
+    for g in registry.batch_groups:
+        cols += [stat_column(g, k) for k in window_stats(g)]
+        cols += list(g.feature_names)
+    return tuple(cols)
