@@ -34,10 +34,16 @@ def _register() -> None:
     register_ingest(app)
     register_streaming(app)
     register_batch(app, features_app)
+    from stores.rebuild_cli import register as register_rebuild
+
+    register_rebuild(features_app)
     register_serving(app)
     register_model(app)
     register_demo(app)
     register_consistency(app)
+    from batch.monitor_cli import register as register_monitor
+
+    register_monitor(app)
 
 
 def _configure_logging() -> None:

@@ -40,6 +40,7 @@ def dlq_replay(
     from ingest.dlq import replay_dead_letters
 
     s = get_settings()
+    _check_kafka_credentials(s.kafka.bootstrap)
     report = replay_dead_letters(s.kafka.bootstrap, dlq_topic or s.kafka.topic_dlq,
                                  topic or s.kafka.topic_transactions, keyer=EntityKeyer(s.entity_secret),
                                  max_future_ms=s.max_future_ms, reasons=frozenset(reason) if reason else None,
@@ -47,6 +48,19 @@ def dlq_replay(
                                  progress=lambda n: err.print(f"{n:,} dead letters read"))
     for line in report.lines(dry_run):
         err.print(line, soft_wrap=True, highlight=False)
+
+
+def _check_kafka_credentials(bootstrap: str) -> None:
+    """Refused Kafka credentials (SASL) or inconsistent security settings: one clear line and exit 2."""
+    from stores.kafka_security import KafkaSecurityError, check_credentials
+
+    try:
+        check_credentials(bootstrap)
+    except KafkaSecurityError as exc:
+        from rich.markup import escape
+
+        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from None
 
 
 def register(app: typer.Typer) -> None:
@@ -67,6 +81,12 @@ def register(app: typer.Typer) -> None:
         chain_max: int = typer.Option(10, help="Longest fraud chain."),
         chain_gap_min_s: float = typer.Option(30.0, help="Shortest gap between chain transactions (s)."),
         chain_gap_max_s: float = typer.Option(120.0, help="Longest gap between chain transactions (s)."),
+        compromise_rate: float = typer.Option(0.0008, help="Share of rows that are compromised-merchant fraud "
+                                              "(0: no episodes)."),
+        compromise_card_share: float = typer.Option(0.25, help="Share of a compromised merchant's customers that "
+                                                    "get fraudulent transactions there."),
+        compromise_days_min: int = typer.Option(2, help="Shortest compromised-merchant episode (days)."),
+        compromise_days_max: int = typer.Option(7, help="Longest compromised-merchant episode (days)."),
         fmt: str = typer.Option(None, "--format", help="parquet or csv (default: from the file suffix, which "
                                 "must match)."),
     ) -> None:
@@ -75,11 +95,13 @@ def register(app: typer.Typer) -> None:
 
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from ingest.generate import GenerateConfig, generate_history, write_history
+        from ingest.generate import GenerateConfig, generate_history, summary_line, write_fraud_kinds, write_history
 
         cfg = GenerateConfig(cards=cards, days=days, start=_parse_date(start, "--start"), seed=seed,
                              fraud_rate=fraud_rate, chain_min=chain_min, chain_max=chain_max,
-                             gap_min_s=chain_gap_min_s, gap_max_s=chain_gap_max_s)
+                             gap_min_s=chain_gap_min_s, gap_max_s=chain_gap_max_s, compromise_rate=compromise_rate,
+                             compromise_card_share=compromise_card_share, compromise_days_min=compromise_days_min,
+                             compromise_days_max=compromise_days_max)
         from rich.markup import escape
 
         from featurestore.config import get_settings
@@ -98,17 +120,19 @@ def register(app: typer.Typer) -> None:
                                                                                    completed=frac))
             bar.update(task, description=f"writing {out}", completed=0.95)
             used = write_history(hist.table, out, fmt)
+            kinds = write_fraud_kinds(hist, out)  # each fraud row's kind, for the model report's breakdown
             bar.update(task, description="done", completed=1.0)
         s = hist.summary
         first = dt.datetime.fromtimestamp(s["first_ts"] / 1000, dt.UTC) if s["first_ts"] else None
         last = dt.datetime.fromtimestamp(s["last_ts"] / 1000, dt.UTC) if s["last_ts"] else None
         err.print(f"rows {s['rows']:,} | cards {s['cards']:,} | span {first:%Y-%m-%d %H:%M} .. {last:%Y-%m-%d %H:%M} UTC"
-                  f" | fraud {s['fraud_rows']:,} rows ({s['fraud_rate']:.3%}) in {s['chains']:,} chains"
-                  f" | {used} -> {out} | {time.perf_counter() - t0:.1f}s")
+                  f" | {summary_line(s)} | {used} -> {out} (fraud kinds -> {kinds.name}) | "
+                  f"{time.perf_counter() - t0:.1f}s")
 
     @app.command()
     def replay(
-        input: Path = typer.Option(..., "--input", "-i", help="History file (Parquet or CSV) from `velocity generate`."),
+        input: Path = typer.Option(..., "--input", "-i", help="History file (Parquet or CSV) in the SPEC schema: from "
+                                   "`velocity generate` or your own (README: Bring your own history)."),
         speed: str = typer.Option("max", help="max (as fast as possible), 1 (real time), 60 (60x), any positive factor."),
         limit: int = typer.Option(None, min=0, help="Send at most this many rows (0 or more)."),
         start_at: str = typer.Option("0", help="Row index, or an ISO time (the first row, in file order, at or after "
@@ -116,6 +140,18 @@ def register(app: typer.Typer) -> None:
         topic: str = typer.Option(None, help="Topic [env VELOCITY_KAFKA_TOPIC_TRANSACTIONS, default transactions]."),
         bootstrap: str = typer.Option(None, help="Kafka brokers [env VELOCITY_KAFKA_BOOTSTRAP, default 127.0.0.1:9092]."),
         workers: int = typer.Option(2, help="Producer processes (each owns whole partitions, so per-card order holds)."),
+        labels: bool = typer.Option(False, "--labels", help="Also send fraud labels to the labels topic, each once "
+                                    "the replay's event-time clock passes its labeled_at. From the history's "
+                                    "labeled_at column when it has one (null = never labeled); else every fraud "
+                                    "row gets a drawn delay. Legitimate rows get no label: nobody confirms a "
+                                    "legitimate payment, so an unlabeled transaction stays presumed legitimate."),
+        labels_topic: str = typer.Option(None, help="Labels topic [env VELOCITY_KAFKA_TOPIC_LABELS, default labels]."),
+        label_delay_median_days: float = typer.Option(5.0, help="Median label delay (days; log-normal, when the "
+                                                      "history has no labeled_at column)."),
+        label_delay_spread: float = typer.Option(0.8, help="Spread (sigma) of the log-normal delay: with the "
+                                                 "defaults ~88% of labels come within 1-14 days."),
+        label_delay_max_days: float = typer.Option(60.0, help="Longest label delay (days): the tail is cut here."),
+        label_seed: int = typer.Option(42, help="Seed of the drawn label delays (same seed, same delays)."),
     ) -> None:
         """Replay a history into Kafka in file order (its stream order), paced by event time, keyed by entity key.
 
@@ -168,6 +204,21 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(2) from None
         topic_name = topic or settings.kafka.topic_transactions
         brokers = bootstrap or settings.kafka.bootstrap
+        plan, labels_to = None, labels_topic or settings.kafka.topic_labels
+        if labels:
+            from ingest.labels import LabelDelay, LabelPlanError, plan_labels
+
+            delay = LabelDelay(median_days=label_delay_median_days, spread=label_delay_spread,
+                               max_days=label_delay_max_days, seed=label_seed)
+            try:
+                plan = plan_labels(table, delay, now_ms=int(__import__("time").time() * 1000),
+                                   max_future_ms=settings.max_future_ms)
+            except LabelPlanError as exc:
+                err.print(f"[red]error:[/] {escape(str(input))}: {escape(str(exc))}", soft_wrap=True, highlight=False)
+                raise typer.Exit(2) from None
+            held = f", {plan.held_back:,} not yet due held back" if plan.held_back else ""
+            err.print(f"labels: {len(plan):,} planned for the file{held} -> {labels_to}")
+        _check_kafka_credentials(brokers)
         err.print(f"replaying {total:,} rows of {input} to {topic_name} @ {brokers} (speed {speed})")
         with Progress(TextColumn("replay"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[rate]:>9} msg/s"), TimeElapsedColumn(), console=err) as bar:
@@ -182,18 +233,19 @@ def register(app: typer.Typer) -> None:
                 stats = replay_table(table, bootstrap=brokers, topic=topic_name, secret=settings.entity_secret,
                                      speed=factor, limit=total, start_at=first, partitions=settings.kafka.partitions,
                                      workers=workers, progress=progress, max_future_ms=settings.max_future_ms,
-                                     check=False)
+                                     check=False, labels=plan, labels_topic=labels_to)
             except KafkaError as exc:
                 err.print(f"[red]error:[/] Kafka at {brokers} is not reachable ({type(exc).__name__}); "
                           "is it running? (`velocity services status`)")
                 raise typer.Exit(1) from None
 
-        err.print(f"sent {stats.sent:,} | failed {stats.failed:,} | {stats.elapsed_s:.1f}s | {stats.tps:,.0f} msg/s")
+        err.print(f"sent {stats.sent:,} | failed {stats.failed:,} | {stats.elapsed_s:.1f}s | {stats.tps:,.0f} msg/s"
+                  + (f" | labels {stats.labels_sent:,} sent, {stats.labels_failed:,} failed" if labels else ""))
         if stats.interrupted:
             err.print(f"[yellow]interrupted[/]: flushed; resume with --start-at {stats.last_index + 1}")
             raise typer.Exit(130)
-        if stats.failed:
-            err.print(f"[red]{stats.failed:,} message(s) not delivered[/]: {stats.first_error}")
+        if stats.failed or stats.labels_failed:
+            err.print(f"[red]{stats.failed + stats.labels_failed:,} message(s) not delivered[/]: {stats.first_error}")
             raise typer.Exit(1)
         if stats.broker_errors:
             err.print(f"[yellow]note[/]: Kafka was unreachable or erroring during the run ({stats.broker_errors:,} "

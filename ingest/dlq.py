@@ -63,11 +63,14 @@ def replay_dead_letters(bootstrap: str, dlq_topic: str, topic: str, *, keyer: En
     """
     from kafka import KafkaConsumer, KafkaProducer
 
+    from stores.kafka_security import kafka_python_kwargs
+
+    security = kafka_python_kwargs()
     consumer = KafkaConsumer(dlq_topic, bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
                              auto_offset_reset="earliest", consumer_timeout_ms=int(idle_s * 1000),
-                             max_poll_records=2_000)
+                             max_poll_records=2_000, **security)
     producer = None if dry_run else KafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
-                                                  linger_ms=20)
+                                                  linger_ms=20, **security)
     report = DlqReport()
     try:
         for msg in consumer:

@@ -11,6 +11,11 @@ pure-Python CRC that alone caps a process near 36k messages/s, so `crc32c` is a 
 one is logged. The replay shards by partition over a few forked processes (each partition stays in one process,
 so per-card order is kept), and computes each card's partition once with Kafka's own murmur2 partitioner, so
 keys land exactly where any other Kafka producer would put them.
+
+With labels (`velocity replay --labels`, ingest/labels.py), each producer process also sends the labels of its
+own rows to the labels topic (key txn_id), each right after the row at which the process's event-time clock (the
+largest `ts` it has sent) reaches the label's `labeled_at`, and never before the transaction it labels. Labels
+known only after the last row are sent when the rows are done, without waiting for their time.
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ class ReplayStats:
     interrupted: bool = False
     first_error: str | None = None
     broker_errors: int = 0  # kafka-python connection/metadata errors seen (outages are retried, then reported)
+    labels_sent: int = 0
+    labels_failed: int = 0
 
     @property
     def tps(self) -> float:
@@ -101,6 +108,8 @@ def native_crc_available() -> bool:
 def _producer(bootstrap: str):
     from kafka import KafkaProducer
 
+    from stores.kafka_security import kafka_python_kwargs
+
     if not native_crc_available():
         log.warning("the crc32c package is missing: kafka-python will checksum batches in pure Python and the "
                     "replay will be ~3x slower (pip install crc32c)")
@@ -114,7 +123,7 @@ def _producer(bootstrap: str):
         bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=20,
         batch_size=1 << 20, compression_type=compression, max_in_flight_requests_per_connection=5,
         retry_backoff_ms=200, reconnect_backoff_max_ms=5000, delivery_timeout_ms=120_000,
-        request_timeout_ms=30_000,
+        request_timeout_ms=30_000, **kafka_python_kwargs(),
     )
 
 
@@ -223,18 +232,21 @@ def _encode_rows(table: pa.Table, rows: np.ndarray, codes: np.ndarray, cards: li
     return out
 
 
-def _shard(table, rows, cards, part_of_row, bootstrap, topic, speed, clock0, counter, results, shard_id):
+def _shard(table, rows, cards, part_of_row, bootstrap, topic, speed, clock0, counter, results, shard_id,
+           labels=None):
     """One producer process: its partitions' rows, in file order, paced by event time if asked.
 
     clock0 = (event time of the replay's first row, monotonic start): every shard paces against the same origin,
     so partitions stay in step with each other (CLOCK_MONOTONIC is shared by forked processes). A row is due at
     origin + (ts - first ts) / speed; one whose ts went backwards is already due and goes out without waiting.
-    `cards` = (codes: the row's card index, entity keys, last 4 digits, keyer).
+    `cards` = (codes: the row's card index, entity keys, last 4 digits, keyer). `labels` = (topic, due, keys,
+    values, labeled_at): label i goes out right after this process's row at position due[i] (ingest.labels).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; we stop on SIGTERM
     stop = {"flag": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("flag", True))
-    stats = {"sent": 0, "failed": 0, "last": -1, "first": int(rows[0]) if len(rows) else -1, "error": None}
+    stats = {"sent": 0, "failed": 0, "last": -1, "first": int(rows[0]) if len(rows) else -1, "error": None,
+             "labels_sent": 0, "labels_failed": 0}
     trouble = _BrokerTrouble(shard_id)
     kafka_log = logging.getLogger("kafka")
     kafka_log.addHandler(trouble)
@@ -246,6 +258,24 @@ def _shard(table, rows, cards, part_of_row, bootstrap, topic, speed, clock0, cou
         def on_error(exc):
             stats["failed"] += 1
             stats["error"] = stats["error"] or repr(exc)
+
+        def on_label_error(exc):
+            stats["labels_failed"] += 1
+            stats["error"] = stats["error"] or repr(exc)
+
+        label_topic, label_due, label_keys, label_values, label_at = labels or (None, [], [], [], [])
+        label_due = [int(d) for d in label_due]
+        li, n_labels = 0, len(label_due)
+        next_due = label_due[0] if n_labels else len(rows) + 1
+
+        def send_labels(upto: int) -> int:
+            nonlocal li
+            while li < n_labels and label_due[li] <= upto:
+                producer.send(label_topic, key=label_keys[li], value=label_values[li],
+                              timestamp_ms=int(label_at[li])).add_errback(on_label_error)
+                stats["labels_sent"] += 1
+                li += 1
+            return label_due[li] if li < n_labels else len(rows) + 1
 
         ts_all = table.column("ts").to_numpy()
         codes, card_keys, last4s, keyer = cards
@@ -268,8 +298,11 @@ def _shard(table, rows, cards, part_of_row, bootstrap, topic, speed, clock0, cou
                               partition=int(part_of_row[row])).add_errback(on_error)
                 stats["last"] = int(row)
                 stats["sent"] += 1
+                if lo + j >= next_due:
+                    next_due = send_labels(lo + j)
             with counter.get_lock():
                 counter.value += len(idx)
+        send_labels(len(rows))  # labels known only after the last row
         producer.flush()
     except KeyboardInterrupt:
         if producer is not None:
@@ -280,14 +313,19 @@ def _shard(table, rows, cards, part_of_row, bootstrap, topic, speed, clock0, cou
         if producer is not None:
             producer.close(timeout=30)
         stats["sent"] -= stats["failed"]
+        stats["labels_sent"] -= stats["labels_failed"]
         stats["broker_errors"] = trouble.count
         results.put((shard_id, stats))
 
 
 def replay_table(table: pa.Table, *, bootstrap: str, topic: str, secret: str, speed: float | None = None,
                  limit: int | None = None, start_at: int = 0, partitions: int = 4, workers: int = 2,
-                 progress=None, max_future_ms: int = DEFAULT_MAX_FUTURE_MS, check: bool = True) -> ReplayStats:
+                 progress=None, max_future_ms: int = DEFAULT_MAX_FUTURE_MS, check: bool = True,
+                 labels=None, labels_topic: str | None = None) -> ReplayStats:
     """Produce rows [start_at, start_at + limit) of `table` to `topic`, in file order. speed None = max.
+
+    `labels` (an `ingest.labels.LabelPlan`) also sends the planned labels of those rows to `labels_topic`,
+    interleaved in event time (see the module docstring).
 
     Refused (ReplayError, before connecting to Kafka) when `limit` or `start_at` is negative or a row in the range
     would be dead-lettered by the stream worker (`check_rows`, against the clock now and `max_future_ms`).
@@ -306,7 +344,7 @@ def replay_table(table: pa.Table, *, bootstrap: str, topic: str, secret: str, sp
         check_rows(table, start_at, end, now_ms=int(time.time() * 1000), max_future_ms=max_future_ms)
     rows_all = np.arange(start_at, end)
 
-    ensure_topics(bootstrap, {topic: partitions})
+    ensure_topics(bootstrap, {topic: partitions, **({labels_topic: partitions} if labels is not None else {})})
     partitions = _partition_count(bootstrap, topic)
     keyer = EntityKeyer(secret)
     dict_pan = pc.dictionary_encode(table.column("cc_num")).combine_chunks()
@@ -327,8 +365,16 @@ def replay_table(table: pa.Table, *, bootstrap: str, topic: str, secret: str, sp
     clock0 = (int(table.column("ts")[int(rows_all[0])].as_py()), time.monotonic())
     for w in range(workers):
         mine = rows_all[shard_of_partition[part_of_row[rows_all]] == w]
+        label_part = None
+        if labels is not None:
+            from ingest.labels import encode_labels, schedule
+
+            pick, due = schedule(mine, table.column("ts").to_numpy(zero_copy_only=False), labels)
+            keys, values = encode_labels(table, labels, pick, keyer)
+            label_part = (labels_topic, due, keys, values, labels.labeled_at[pick])
         p = ctx.Process(target=_shard, args=(table, mine, (codes, card_keys, last4s, keyer), part_of_row,
-                                             bootstrap, topic, speed, clock0, counter, results, w), daemon=True)
+                                             bootstrap, topic, speed, clock0, counter, results, w, label_part),
+                        daemon=True)
         p.start()
         procs.append(p)
     got: dict[int, dict] = {}
@@ -363,6 +409,8 @@ def replay_table(table: pa.Table, *, bootstrap: str, topic: str, secret: str, sp
         stats.failed += st["failed"]
         stats.first_error = stats.first_error or st["error"]
         stats.broker_errors += st.get("broker_errors", 0)
+        stats.labels_sent += st.get("labels_sent", 0)
+        stats.labels_failed += st.get("labels_failed", 0)
     if len(got) < workers:
         stats.failed += int(rows_all.size - stats.sent - stats.failed)
         stats.first_error = stats.first_error or "a producer process died"
@@ -382,7 +430,9 @@ def replay_table(table: pa.Table, *, bootstrap: str, topic: str, secret: str, sp
 def _partition_count(bootstrap: str, topic: str) -> int:
     from kafka import KafkaConsumer
 
-    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    from stores.kafka_security import kafka_python_kwargs
+
+    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, **kafka_python_kwargs())
     try:
         parts = c.partitions_for_topic(topic)
         return len(parts) if parts else 4

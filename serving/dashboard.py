@@ -495,13 +495,15 @@ class Dashboard:
     async def _run(self) -> None:
         from aiokafka import AIOKafkaConsumer
 
+        from stores.kafka_security import aiokafka_kwargs
+
         try:
             while not self._idle():
                 consumer = AIOKafkaConsumer(
                     bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
                     auto_offset_reset="latest", client_id="velocity-dashboard", fetch_max_wait_ms=100,
                     request_timeout_ms=int(self.cfg.connect_timeout_s * 1000) + 1000,
-                    retry_backoff_ms=500, metadata_max_age_ms=30_000)
+                    retry_backoff_ms=500, metadata_max_age_ms=30_000, **aiokafka_kwargs())
                 retry = True
                 try:
                     self._set_state("connecting", f"connecting to Kafka at {self.bootstrap}")
@@ -563,8 +565,10 @@ class Dashboard:
         """Every topic's partitions (a consumer only knows the metadata of topics it already reads)."""
         from aiokafka.admin import AIOKafkaAdminClient
 
+        from stores.kafka_security import aiokafka_kwargs
+
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="velocity-dashboard",
-                                    request_timeout_ms=int(self.cfg.connect_timeout_s * 1000))
+                                    request_timeout_ms=int(self.cfg.connect_timeout_s * 1000), **aiokafka_kwargs())
         try:
             await asyncio.wait_for(admin.start(), self.cfg.connect_timeout_s)
             described = await asyncio.wait_for(admin.describe_topics(), self.cfg.connect_timeout_s)
@@ -705,7 +709,24 @@ class Dashboard:
             "calibration": calibration.get("method") if type(calibration) is dict else None,
             "metrics": table, "plots": [p for p in plots if _PLOT_NAME.match(p)],
             "report": bool(folder and (folder / "report.md").is_file()),
+            "live": live_quality(self.settings.data_dir / "monitor" / "report.json"),
         }
+
+
+def live_quality(path: Path) -> dict | None:
+    """The latest `velocity monitor` report, in brief (None when it never ran): precision and recall of the
+    decisions against the labels known, the last days, and each feature's PSI with the alert."""
+    report = _metadata(path, _mtime(path))
+    if not report.get("days") and not report.get("drift"):
+        return None
+    total = report.get("total") if type(report.get("total")) is dict else {}
+    drift = report.get("drift") if type(report.get("drift")) is dict else {}
+    return {"as_of": report.get("as_of"), "model_version": report.get("model_version"),
+            "precision": _number(total.get("precision")), "recall": _number(total.get("recall")),
+            "days": [{k: d.get(k) for k in ("day", "decisions", "frauds_known", "precision", "recall")}
+                     for d in (report.get("days") or [])[-7:] if type(d) is dict],
+            "psi": {k: _number(v.get("psi")) for k, v in drift.items() if type(v) is dict},
+            "psi_threshold": _number(report.get("psi_threshold")), "drifted": list(report.get("drifted") or [])}
 
 
 def _named(value: object) -> str | None:

@@ -25,7 +25,9 @@ def ensure_topics(bootstrap: str, topics: dict[str, int], timeout_ms: int = 15_0
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
+    from stores.kafka_security import kafka_python_kwargs
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms, **kafka_python_kwargs())
     try:
         existing = set(admin.list_topics())
         if retention_ms is None:
@@ -45,4 +47,5 @@ def ensure_topics(bootstrap: str, topics: dict[str, int], timeout_ms: int = 15_0
 def product_topics(settings: KafkaSettings) -> dict[str, int]:
     """Every topic the product uses; the DLQ and outputs get the same partitioning as the input."""
     n = settings.partitions
-    return {settings.topic_transactions: n, settings.topic_dlq: n, settings.topic_scores: n, settings.topic_alerts: n}
+    return {settings.topic_transactions: n, settings.topic_dlq: n, settings.topic_scores: n, settings.topic_alerts: n,
+            settings.topic_labels: n, settings.topic_labels_dlq: n}

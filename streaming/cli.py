@@ -21,6 +21,9 @@ def register(app: typer.Typer) -> None:
                                          "default scores)."),
         alerts_topic: str = typer.Option(None, help="Topic for FRAUD decisions (env VELOCITY_KAFKA_TOPIC_ALERTS, "
                                          "default alerts)."),
+        labels_topic: str = typer.Option(None, help="Fraud labels to archive to the offline label store (env "
+                                         "VELOCITY_KAFKA_TOPIC_LABELS, default labels; \"\" = off)."),
+        labels_dlq_topic: str = typer.Option(None, help="Dead letters of malformed labels (default labels.dlq)."),
         models_dir: Path = typer.Option(None, help="Model directory whose current model scores (default "
                                         "$VELOCITY_DATA_DIR/models)."),
         batch_size: int = typer.Option(2000, help="Max messages per batch (one Redis round trip per batch)."),
@@ -49,6 +52,7 @@ def register(app: typer.Typer) -> None:
         overrides["score"] = score
         for name, value in (("bootstrap", bootstrap), ("topic", topic), ("dlq_topic", dlq_topic),
                             ("scores_topic", scores_topic), ("alerts_topic", alerts_topic), ("models_dir", models_dir),
+                            ("labels_topic", labels_topic), ("labels_dlq_topic", labels_dlq_topic),
                             ("key_prefix", key_prefix), ("allowed_lateness_ms", allowed_lateness_ms),
                             ("retention_ms", retention_ms), ("offline_dir", offline_dir)):
             if value is not None:
@@ -56,4 +60,10 @@ def register(app: typer.Typer) -> None:
         cfg = default_config(**overrides)
         if not archive:
             cfg.offline_dir = None
-        run(cfg, loglevel=log_level)
+        from stores.kafka_security import KafkaSecurityError
+
+        try:
+            run(cfg, loglevel=log_level)
+        except KafkaSecurityError as exc:  # refused credentials: one clear line, not a traceback
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None

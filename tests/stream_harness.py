@@ -26,6 +26,7 @@ class Worker:
                  redis_port: int, log: Path, retention_ms: int | None = None, score: dict | None = None) -> None:
         self.args = [sys.executable, "-m", "velocity_cli", "stream", "--topic", topic, "--dlq-topic", f"{topic}.dlq",
                      "--group", group, "--key-prefix", prefix, "--offline-dir", str(offline),
+                     "--labels-topic", f"{topic}.labels", "--labels-dlq-topic", f"{topic}.labels.dlq",
                      "--batch-size", "500", "--log-level", "info"]
         if retention_ms is not None:  # reading old transactions back after a replay needs their events online
             self.args += ["--retention-ms", str(retention_ms)]

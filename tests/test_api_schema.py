@@ -40,9 +40,10 @@ def _realistic_item(item) -> None:
     cc = item.get("cc_num")
     if isinstance(cc, str) and cc.isascii() and cc.isdigit() and len(cc) >= 12:
         item["cc_num"] = _luhn_fixed(cc)
-    ts = item.get("ts")
-    if type(ts) in (int, float) and ts > time.time() * 1000 + DAY_MS / 2:
-        item["ts"] = int(time.time() * 1000)
+    for name in ("ts", "labeled_at"):  # at most a day ahead of now
+        ts = item.get(name)
+        if type(ts) in (int, float) and ts > time.time() * 1000 + DAY_MS / 2:
+            item[name] = int(time.time() * 1000)
 
 
 def realistic(case):
@@ -58,7 +59,7 @@ def realistic(case):
 def api(services, kafka_admin, tmp_path_factory):
     """A server process with its own Redis prefix, topics and model directory, and a few cards with history."""
     with isolated_api(services, kafka_admin, tmp_path_factory.mktemp("api-schema"), "schema",
-                      env={"VELOCITY_SERVE_MAX_BATCH": "8"}) as stack:
+                      topics=("transactions", "scores", "labels"), env={"VELOCITY_SERVE_MAX_BATCH": "8"}) as stack:
         for pan in PANS[:3]:  # cards with stored transactions, so generated reads find something
             assert stack["client"].post("/v1/score", json=body(pan)).status_code == 200
         yield stack["server"]
@@ -92,7 +93,7 @@ def test_every_operation_conforms_to_its_openapi_document(api):
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {op.label for op in operations} >= {
         "POST /v1/score", "POST /v1/score/batch", "GET /v1/features/{card}", "POST /v1/features", "GET /healthz",
-        "GET /readyz", "GET /metrics"}
+        "GET /readyz", "GET /metrics", "POST /v1/labels"}
     failures: dict[str, str] = {}
     seen: dict[tuple[str, str, int], int] = {}
     for op in operations:
@@ -105,7 +106,8 @@ def test_every_operation_conforms_to_its_openapi_document(api):
                 failures[f"{op.label} ({mode.value})"] = str(exc)[:6000]
     assert not failures, "\n\n".join(f"{k}:\n{v}" for k, v in failures.items())
     # Valid requests were scored; invalid ones refused (the checks above already hold each answer to the document).
-    for label in ("POST /v1/score", "POST /v1/score/batch", "POST /v1/features", "GET /v1/features/{card}"):
+    for label in ("POST /v1/score", "POST /v1/score/batch", "POST /v1/features", "GET /v1/features/{card}",
+                  "POST /v1/labels"):
         assert seen.get((label, "positive", 2), 0) >= EXAMPLES // 2, (label, seen)
         assert seen.get((label, "negative", 4), 0) >= EXAMPLES // 2, (label, seen)
     for label in ("GET /healthz", "GET /readyz", "GET /metrics"):
