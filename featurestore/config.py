@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -60,11 +61,26 @@ class KafkaSettings(BaseSettings):
     topic_dlq: str = "transactions.dlq"
     topic_scores: str = "scores"
     topic_alerts: str = "alerts"
+    #: Late fraud labels ({"txn_id", "fraud_label", "labeled_at"}, key txn_id) and their dead letters.
+    topic_labels: str = "labels"
+    topic_labels_dlq: str = "labels.dlq"
     partitions: int = 4
     #: Topic `retention.ms`. Messages carry their event time as Kafka timestamp, and a replayed history is
     #: months or years old: any time-based retention would have the broker delete it within minutes of the
     #: replay (its retention check runs every 5 minutes). -1 keeps messages until deleted by size or by hand.
     topic_retention_ms: int = -1
+    #: Security of every Kafka client (replay, stream worker, API, DLQ replay, consistency check, topic admin):
+    #: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL; turned into each library's arguments by stores/kafka_security.py.
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-256"
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    #: TLS (SSL, SASL_SSL): the CA bundle that signed the brokers' certificates (None: the system's), and a client
+    #: certificate and key for mutual TLS.
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_check_hostname: bool = True
 
 
 class Settings(BaseSettings):

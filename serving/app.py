@@ -14,6 +14,8 @@ import gc
 import logging
 import time
 from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path as FsPath
 from typing import Literal
 
 import orjson
@@ -21,20 +23,23 @@ from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from featurestore.config import Settings, get_settings
 from featurestore.entity import EntityKeyer, install_pan_redaction, luhn_valid
 from featurestore.events import is_entity_key
+from serving.auth import BearerAuth, load_tokens
 from serving.fastpath import ScoreFastPath, ScoringAPI
 from serving.metrics import ApiMetrics
 from serving.models import ModelSource, ModelWatcher
-from serving.publisher import Publisher
+from serving.publisher import PUBLISHED, QUEUED, Publisher
 from serving.recorder import ScoreRecorder
 from serving.redis_reader import ScriptReader
 from serving.scorer import ModelUnavailable, RedisUnavailable, Scored, Scorer, now_ms
+from serving.spill import HoldCollector, HoldQueue
 from serving.validation import BadInput, TooMany, transactions_from_json
+from stores.kafka_security import aiokafka_kwargs, explain_kafka_failure
 from stores.redis_online import AsyncOnlineStore
 
 log = logging.getLogger(__name__)
@@ -80,6 +85,20 @@ class ServeSettings(BaseSettings):
     lean_redis: bool = True
     #: Answer POST /v1/score in a plain ASGI handler in front of FastAPI (serving/fastpath.py); same answers.
     fast_path: bool = True
+    #: What Kafka could not take is held (serving/spill.py): this many messages in memory, then spill files in
+    #: `spill_dir` (default $VELOCITY_DATA_DIR/api-spill) up to `spill_max_bytes`, fsynced at most every
+    #: `spill_fsync_s` (0: before every answer). Memory is lost to a SIGKILL; 0 spills every held message.
+    spill_memory_items: int = Field(10_000, ge=0)
+    spill_dir: str | None = None
+    spill_max_bytes: int = Field(1 << 30, ge=0)
+    spill_fsync_s: float = Field(1.0, ge=0)
+    #: Bearer-token auth (serving/auth.py): off unless a token or a token file is set.
+    api_token: str | None = Field(None, validation_alias=AliasChoices("VELOCITY_API_TOKEN",
+                                                                      "VELOCITY_SERVE_API_TOKEN"))
+    api_token_file: str | None = Field(None, validation_alias=AliasChoices("VELOCITY_API_TOKEN_FILE",
+                                                                           "VELOCITY_SERVE_API_TOKEN_FILE"))
+    #: With auth on, also protect /readyz and /metrics (open by default for probes and scrapers).
+    auth_ops: bool = False
 
 
 # ---------------------------------------------------------------------------------------------- documentation
@@ -108,11 +127,17 @@ class ScoreAnswer(BaseModel):
     features: dict[str, float | None] = Field(description="Every feature and ratio by name; null where missing")
     feature_age_ms: dict[str, int | None] = Field(
         description="Per feature group. A stream group (card_agg_10m, ...): now minus the event time of the newest "
-                    "stored transaction its window counts (0 when only this one counts); the batch group "
-                    "(card_agg_1w): now minus the served snapshot's cut-off (null: none visible yet)")
+                    "stored transaction its window counts (0 when only this one counts); a nightly group "
+                    "(card_agg_1w, merchant_agg_7d, ...): now minus the cut-off of the snapshot serving it (null: "
+                    "no visible snapshot holds it yet)")
     published: bool = Field(description="Handed to a Kafka producer whose deliveries succeed (with "
                             "VELOCITY_SERVE_PUBLISH_WAIT=true: acknowledged by the broker); false: not published "
-                            "(Kafka unavailable or failing, or publish=false)")
+                            "yet (see `queued`), or publish=false. A handed-over transaction whose delivery fails "
+                            "later is held and republished, never lost")
+    queued: bool = Field(description="Not published yet, but held by the API (in memory, or in a spill file "
+                         "written before this answer) and published, in order, as soon as Kafka is back. "
+                         "published=false with queued=false: not published and not held (publish=false, the "
+                         "broker refused it for good, or the hold was full)")
 
 
 class CardFeatures(BaseModel):
@@ -136,7 +161,9 @@ class Readiness(BaseModel):
     ready: bool = Field(description="A model is loaded and Redis answers")
     model: dict = Field(description="loaded, version, problem (why none is loaded, or why a switch was refused)")
     redis: dict = Field(description="ok, error")
-    kafka: dict = Field(description="The producer's state, bootstrap, publish failures, last error, score records; "
+    kafka: dict = Field(description="The producer's state, bootstrap, publish failures, last error, `held` (what "
+                                    "waits to be republished: depth, in_memory, in_files, spilled, adopted, dropped, "
+                                    "republished, rejected), score records; "
                                     "not required for readiness")
 
 
@@ -147,6 +174,7 @@ class ApiErrorBody(BaseModel):
     detail: str
 
 
+NOT_SENT = "not_sent"
 _INTERNAL = {"error": "internal", "field": None, "reason": None, "detail": "internal error"}
 _ERRORS = {413: {"model": ApiErrorBody, "description": "Body or batch too large"},
            422: {"model": ApiErrorBody, "description": "Invalid input: the field and the reason"},
@@ -239,12 +267,20 @@ def create_app(settings: Settings | None = None, serve: ServeSettings | None = N
         model_source = current_model_source(settings)
     keyer = EntityKeyer(settings.entity_secret)
     kafka = settings.kafka
+    spill_dir = FsPath(serve.spill_dir) if serve.spill_dir else settings.data_dir / "api-spill"
+    hold = HoldQueue(spill_dir, memory_items=serve.spill_memory_items, max_file_bytes=serve.spill_max_bytes,
+                     fsync_s=serve.spill_fsync_s)
     publisher = Publisher(kafka.bootstrap, send_timeout_s=serve.publish_timeout_s, retry_s=serve.kafka_retry_s,
-                          on_failure=lambda reason: metrics.publish_failures.labels(reason).inc())
+                          on_failure=lambda reason: metrics.publish_failures.labels(reason).inc(), hold=hold,
+                          security=aiokafka_kwargs(kafka), explain_failure=partial(explain_kafka_failure, kafka))
+    metrics.registry.register(HoldCollector(publisher))
     recorder = ScoreRecorder(publisher, kafka.topic_scores, method=serve.reason_method,
                              on_drop=metrics.records_dropped.inc)
     watcher = ModelWatcher(model_source, poll_s=serve.model_poll_s, on_change=metrics.model_changed)
     state: dict = {}
+    from serving.store_watch import StoreLossWatch  # reports an emptied Redis, points to the rebuild
+
+    loss_watch = StoreLossWatch(f"{settings.redis.host}:{settings.redis.port}", metrics.registry)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -259,7 +295,9 @@ def create_app(settings: Settings | None = None, serve: ServeSettings | None = N
         if serve.lean_redis and ScriptReader.usable(settings.redis):
             reader = ScriptReader(settings.redis, store.keys.prefix, store.registry)
         state["store"] = store
-        state["scorer"] = Scorer(store, watcher, timeout_s=serve.redis_timeout_s, reader=reader)
+        state["scorer"] = Scorer(store, watcher, timeout_s=serve.redis_timeout_s, reader=reader,
+                                 registry=store.registry)
+        loss_watch.start(store.redis, store.keys.prefix)
         await asyncio.to_thread(watcher.load_now)
         watcher.start()
         await publisher.start()
@@ -271,6 +309,7 @@ def create_app(settings: Settings | None = None, serve: ServeSettings | None = N
             yield
         finally:
             topics_task.cancel()
+            await loss_watch.stop()
             await watcher.stop()
             await recorder.stop()
             await publisher.stop()
@@ -284,10 +323,18 @@ def create_app(settings: Settings | None = None, serve: ServeSettings | None = N
                                  "only in request bodies, never in a URL; it is tokenized at once.")
     app.state.metrics, app.state.publisher, app.state.watcher, app.state.recorder = metrics, publisher, watcher, recorder
     app.state.runtime = state
+    tokens = load_tokens(serve.api_token, serve.api_token_file)
+    if tokens:
+        app.auth = BearerAuth(tokens, protect_ops=serve.auth_ops,
+                              on_denied=metrics.errors.labels("unauthorized").inc)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     from serving import dashboard  # the live page at / (routes, and its Kafka feed joined to the lifespan)
 
     dashboard.install(app, settings)
+    from serving import labels as label_api  # POST /v1/labels: analysts' verdicts, published to `labels`
+
+    app.include_router(label_api.router(settings, publisher, max_body_bytes=serve.max_body_bytes,
+                                        registry=metrics.registry))
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
@@ -322,7 +369,7 @@ def create_app(settings: Settings | None = None, serve: ServeSettings | None = N
         t1 = time.perf_counter()
         metrics.stage_redis.observe(scored[0].redis_s)
         metrics.stage_predict.observe(t1 - t0 - scored[0].redis_s)
-        published = [False] * len(txns)
+        published = [NOT_SENT] * len(txns)
         if publish:
             topic = kafka.topic_transactions
             wait = serve.publish_wait
@@ -334,8 +381,9 @@ def create_app(settings: Settings | None = None, serve: ServeSettings | None = N
                                                        wait=wait)
             metrics.stage_publish.observe(time.perf_counter() - t1)
         at = now_ms()
-        for s, txn, ok in zip(scored, txns, published, strict=True):
-            s.answer["published"] = ok
+        for s, txn, outcome in zip(scored, txns, published, strict=True):
+            s.answer["published"] = outcome == PUBLISHED
+            s.answer["queued"] = outcome == QUEUED
             decisions[s.answer["decision"]].inc()
             if serve.record_scores:
                 recorder.record(s, {"source": "api", "ts": txn.ts, "scored_at_ms": at})

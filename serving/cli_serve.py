@@ -32,6 +32,17 @@ def serve(
         os.environ["VELOCITY_REDIS_KEY_PREFIX"] = key_prefix  # worker processes read the settings again
         get_settings.cache_clear()
     warn_if_default_secret(get_settings().entity_secret, "serve")
+    from serving.app import ServeSettings
+    from serving.auth import AuthConfigError, load_tokens
+    from stores.kafka_security import KafkaSecurityError, aiokafka_kwargs
+
+    try:  # configuration a user can get wrong: one clear line, before the server starts
+        serve_settings = ServeSettings()
+        load_tokens(serve_settings.api_token, serve_settings.api_token_file)
+        aiokafka_kwargs(get_settings().kafka)
+    except (AuthConfigError, KafkaSecurityError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     uvicorn.run("serving.app:create_app", factory=True, host=host, port=port, workers=workers, loop="uvloop",
                 http="httptools", access_log=access_log, log_level=log_level.lower(), lifespan="on",
                 server_header=False, date_header=False)

@@ -27,11 +27,16 @@ _JSON = [(b"content-type", b"application/json")]
 
 
 class ScoringAPI(FastAPI):
-    """FastAPI, with `fast_path.takes(scope)` requests answered by `fast_path` before FastAPI sees them."""
+    """FastAPI, with `fast_path.takes(scope)` requests answered by `fast_path` before FastAPI sees them, and every
+    HTTP request first checked by `auth` (serving/auth.py) when a token is configured: the fast path included."""
 
     fast_path: ScoreFastPath | None = None
+    auth = None  # a serving.auth.BearerAuth, or None: no auth
 
     async def __call__(self, scope, receive, send) -> None:
+        auth = self.auth
+        if auth is not None and scope["type"] == "http" and not auth.allows(scope):
+            return await auth.deny(scope, send)
         fast = self.fast_path
         if fast is not None and fast.takes(scope):
             return await fast.answer(scope, receive, send)

@@ -1,16 +1,19 @@
 """Kafka from the API: the tokenized transaction to `transactions`, and what was served to `scores`.
 
 Kafka is not required for scoring: the producer connects in the background (retrying), and a request never
-waits longer than `send_timeout_s` for it. Two ways to publish a scored transaction (`publish(wait=...)`):
+waits longer than `send_timeout_s` for it. A scored transaction is (`publish()` says which):
 
-- handed over (the default of `velocity serve`): the message is queued on a producer whose deliveries succeed, and
-  the answer does not wait for the broker (a Kafka round trip, and its tail, stay out of the request's latency).
-  A delivery that fails afterwards is counted (`kafka_delivery`), marks the producer unhealthy and is reported in
-  /readyz; while unhealthy, answers say `published: false` until a delivery succeeds again.
-- acknowledged (`wait=True`): the answer waits, at most `send_timeout_s`, for the broker's acknowledgement.
+- "published": handed to a producer whose deliveries succeed (the default of `velocity serve`: the answer does not
+  wait for the broker), or, with `wait=True`, acknowledged by the broker within `send_timeout_s`;
+- "queued": not published yet, but held by the API (serving/spill.py: a bounded memory queue, then spill files) and
+  published, in hold order, by a background task once Kafka is back. While anything is held, every new message
+  joins the hold behind it, so a card's transactions reach Kafka in the order they were answered. A handed-over
+  message whose delivery fails afterwards (the broker went away) is held too (`kafka_delivery`);
+- "dropped": the broker refused the message for good (e.g. too large: `kafka_rejected`), or the hold is full.
 
-A message reported unpublished may still reach the broker later; that is harmless because the stream counts each
-`txn_id` once.
+Nothing held is lost while the spill folder has room; a message can be published twice (a delivery that timed out
+may still have reached the broker; a batch in flight when a process died is sent again), which is harmless
+because the stream counts each `txn_id` once.
 """
 
 from __future__ import annotations
@@ -23,14 +26,28 @@ from collections.abc import Callable, Sequence
 
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
+from serving.spill import HoldQueue, Message
+
 log = logging.getLogger(__name__)
+
+PUBLISHED, QUEUED, DROPPED = "published", "queued", "dropped"
+#: Refusals that no retry cures: the message is dropped (counted) rather than held at the head of the queue.
+_REJECTED = ("MessageSizeTooLargeError", "RecordTooLargeError", "RecordListTooLargeError", "InvalidTopicError",
+             "CorruptRecordException", "UnsupportedForMessageFormatError")
+
+
+def _rejected(exc: BaseException) -> bool:
+    return type(exc).__name__ in _REJECTED
 
 
 class Publisher:
-    """An aiokafka producer that may be down: its state is reported, never required."""
+    """An aiokafka producer that may be down: its state is reported, never required; what it cannot publish is
+    held and republished in order."""
 
     def __init__(self, bootstrap: str, *, send_timeout_s: float = 0.5, retry_s: float = 5.0,
-                 request_timeout_ms: int = 5_000, on_failure: Callable[[str], None] | None = None) -> None:
+                 request_timeout_ms: int = 5_000, on_failure: Callable[[str], None] | None = None,
+                 hold: HoldQueue | None = None, security: dict | None = None, drain_batch: int = 500,
+                 explain_failure: Callable[[], str | None] | None = None) -> None:
         self.bootstrap = bootstrap
         self.send_timeout_s = send_timeout_s
         self.retry_s = retry_s
@@ -39,13 +56,23 @@ class Publisher:
         self.healthy = False  # the last delivery (or the connection) succeeded
         self.last_error: str | None = None
         self.failures = 0
+        self.republished = 0
+        self.rejected = 0
+        self.hold = hold if hold is not None else HoldQueue(None)
+        self.security = security or {}
+        self.drain_batch = drain_batch
+        self._explain = explain_failure  # a clearer line than aiokafka's "unable to bootstrap" (e.g. bad credentials)
         self._producer = None
         self._task: asyncio.Task | None = None
+        self._drain_task: asyncio.Task | None = None
         self._on_failure = on_failure or (lambda reason: None)
         self._partitioner = KeyHashCache()
 
     async def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._connect_loop(), name="kafka-connect")
+        loop = asyncio.get_running_loop()
+        self.hold.adopt()  # spill files an earlier process left
+        self._task = loop.create_task(self._connect_loop(), name="kafka-connect")
+        self._drain_task = loop.create_task(self._drain_loop(), name="kafka-republish")
 
     async def _connect_loop(self) -> None:
         from aiokafka import AIOKafkaProducer
@@ -53,16 +80,20 @@ class Publisher:
         while self._producer is None:
             producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=0,
                                         request_timeout_ms=self.request_timeout_ms, client_id="velocity-serve",
-                                        partitioner=self._partitioner)
+                                        partitioner=self._partitioner, **self.security)
             try:
                 await asyncio.wait_for(producer.start(), timeout=max(self.request_timeout_ms / 1000, 1.0))
             except Exception as exc:
                 with contextlib.suppress(Exception):
                     await producer.stop()
-                if self.state != "unavailable" or self.last_error != _one_line(exc):
-                    log.warning("Kafka at %s unavailable (%s): scores are answered but not published; retrying "
-                                "every %g s", self.bootstrap, _one_line(exc), self.retry_s)
-                self.state, self.last_error = "unavailable", _one_line(exc)
+                why = _one_line(exc)
+                if self._explain is not None:
+                    with contextlib.suppress(Exception):
+                        why = await asyncio.to_thread(self._explain) or why
+                if self.state != "unavailable" or self.last_error != why:
+                    log.warning("Kafka at %s unavailable (%s): scores are answered, and held for Kafka; retrying "
+                                "every %g s", self.bootstrap, why, self.retry_s)
+                self.state, self.last_error = "unavailable", why
                 await asyncio.sleep(self.retry_s)
                 continue
             self._producer = producer
@@ -75,46 +106,134 @@ class Publisher:
         exc = fut.exception()
         if exc is None:
             self.healthy = True
-        else:
+        elif not _rejected(exc):
             self.healthy, self.last_error = False, _one_line(exc)
 
-    def _delivered_unwatched(self, fut: asyncio.Future) -> None:
-        """A handed-over message's delivery: a failure nobody waits for is still counted."""
-        self._delivered(fut)
-        if not fut.cancelled() and fut.exception() is not None:
-            self._fail("kafka_delivery")
+    def _delivery_of(self, msg: Message) -> Callable[[asyncio.Future], None]:
+        """A handed-over message's delivery: if it fails, the message is held (or, refused for good, counted)."""
+        def done(fut: asyncio.Future) -> None:
+            self._delivered(fut)
+            if fut.cancelled() or fut.exception() is None:
+                return
+            exc = fut.exception()
+            if _rejected(exc):
+                self._reject(exc)
+            else:
+                self._fail("kafka_delivery")
+                self.hold.put(msg)
+        return done
 
-    def _fail(self, reason: str, detail: str | None = None) -> bool:
+    def _fail(self, reason: str, detail: str | None = None) -> None:
         self.failures += 1
         if detail:
             self.last_error = detail
         self._on_failure(reason)
-        return False
+
+    def _reject(self, exc: BaseException) -> str:
+        self.rejected += 1
+        self._fail("kafka_rejected", _one_line(exc))
+        return DROPPED
+
+    def _hold(self, msg: Message, reason: str, detail: str | None = None) -> str:
+        self._fail(reason, detail)
+        return QUEUED if self.hold.put(msg) != "dropped" else DROPPED
 
     async def publish(self, topic: str, key: bytes, value: bytes, timestamp_ms: int | None = None, *,
-                      wait: bool = True) -> bool:
-        """Send; with `wait`, wait (bounded) for the broker's acknowledgement. False when not published: Kafka
-        unavailable, failing a moment ago, or (with `wait`) no acknowledgement in time."""
+                      wait: bool = True) -> str:
+        """PUBLISHED, QUEUED (held; published once Kafka is back) or DROPPED (refused for good, or hold full).
+        With `wait`, PUBLISHED means acknowledged (waited for at most `send_timeout_s`)."""
+        msg = (topic, key, value, timestamp_ms)
         producer = self._producer
         if producer is None:
-            return self._fail("kafka_unavailable")
+            return self._hold(msg, "kafka_unavailable")
+        if not self.healthy or self.hold.depth:
+            # The broker was failing a moment ago, or older messages wait: join the hold behind them.
+            return self._hold(msg, "kafka_degraded")
+        fut = None
         try:
             async with asyncio.timeout(self.send_timeout_s):  # send() itself waits while the buffer is full
                 fut = await producer.send(topic, value, key=key, timestamp_ms=timestamp_ms)
-                fut.add_done_callback(self._delivered if wait else self._delivered_unwatched)
-                if not self.healthy:
-                    # The broker was failing a moment ago: do not hold the answer for it (the message is queued
-                    # and may still get through; a later success marks the producer healthy again).
-                    return self._fail("kafka_degraded")
+                fut.add_done_callback(self._delivery_of(msg))
                 if wait:
                     await asyncio.shield(fut)
-            return True
+            return PUBLISHED
         except TimeoutError:
             self.healthy = False
-            return self._fail("kafka_timeout", f"no acknowledgement within {self.send_timeout_s:g} s")
+            detail = f"no acknowledgement within {self.send_timeout_s:g} s"
+            if fut is None:  # never reached the producer
+                return self._hold(msg, "kafka_timeout", detail)
+            self._fail("kafka_timeout", detail)  # still in the producer; held if its delivery fails
+            return QUEUED
         except Exception as exc:
+            if fut is not None:  # its delivery failed: the callback held or counted it
+                return DROPPED if _rejected(exc) else QUEUED
+            if _rejected(exc):
+                return self._reject(exc)
             self.healthy = False
-            return self._fail("kafka_error", _one_line(exc))
+            return self._hold(msg, "kafka_error", _one_line(exc))
+
+    async def _drain_loop(self) -> None:
+        """Republish what is held, oldest first, once the producer is up; each batch waits for its
+        acknowledgements before it is forgotten."""
+        adopted_at = time.monotonic()
+        while True:
+            hold, producer = self.hold, self._producer
+            with contextlib.suppress(OSError):
+                hold.sync()  # spilled lines reach the disk within VELOCITY_SERVE_SPILL_FSYNC_S
+            if not hold.depth or producer is None:
+                if not hold.depth and time.monotonic() - adopted_at > 5.0:
+                    adopted_at = time.monotonic()
+                    with contextlib.suppress(Exception):
+                        hold.adopt()  # files of an API process that died meanwhile (a directory listing)
+                await asyncio.sleep(0.1)
+                continue
+            try:
+                ok = await self._drain_once(producer)
+            except Exception as exc:  # never let the republisher die
+                log.exception("republishing held transactions")
+                self.last_error, ok = _one_line(exc), False
+            if not ok:
+                await asyncio.sleep(min(self.retry_s, 1.0))
+
+    async def _drain_once(self, producer) -> bool:
+        batch = self.hold.peek(self.drain_batch)
+        futs: list[asyncio.Future | None] = []
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self.request_timeout_ms / 1000):
+                for msg in batch:
+                    if msg is None:  # an unreadable spill line: nothing to send
+                        futs.append(None)
+                        continue
+                    topic, key, value, ts = msg
+                    fut = await producer.send(topic, value, key=key, timestamp_ms=ts)
+                    fut.add_done_callback(_retrieve)  # a late failure is handled below or by the next round
+                    futs.append(fut)
+        pending = [f for f in futs if f is not None]
+        if pending:  # asyncio.wait: a timeout does not cancel them (a message in the producer may still go)
+            await asyncio.wait(pending, timeout=self.request_timeout_ms / 1000 + 1.0)
+        done = 0
+        sent = 0
+        for fut in futs:
+            if fut is not None:
+                if not fut.done() or fut.cancelled():
+                    break
+                exc = fut.exception()
+                if exc is not None and not _rejected(exc):
+                    self.healthy, self.last_error = False, _one_line(exc)
+                    break
+                if exc is not None:
+                    self._reject(exc)
+                else:
+                    sent += 1
+            done += 1
+        self.hold.commit(done)
+        self.republished += sent
+        if done == len(batch) and batch:
+            self.healthy, self.last_error = True, None
+            if not self.hold.depth:
+                log.info("republished everything held for Kafka (%d in all)", self.republished)
+            return True
+        return False
 
     async def send_nowait(self, topic: str, key: bytes, value: bytes) -> bool:
         """Queue a message without waiting for the broker (audit records); False when it cannot be queued."""
@@ -122,7 +241,8 @@ class Publisher:
 
     async def send_many_nowait(self, topic: str, messages: Sequence[tuple[bytes, bytes]]) -> int:
         """Queue (key, value) messages without waiting for the broker; how many were queued (in order), each
-        within `send_timeout_s` (all of them unless the producer is down or its buffer stays full)."""
+        within `send_timeout_s` (all of them unless the producer is down or its buffer stays full). Not held:
+        these are the audit records of `scores`, counted when dropped."""
         producer = self._producer
         if producer is None or not messages:
             return 0
@@ -143,19 +263,29 @@ class Publisher:
 
     def report(self) -> dict:
         return {"state": self.state if self.healthy or self.state != "connected" else "degraded",
-                "bootstrap": self.bootstrap, "publish_failures": self.failures, "last_error": self.last_error}
+                "bootstrap": self.bootstrap, "publish_failures": self.failures, "last_error": self.last_error,
+                "held": {**self.hold.report(), "republished": self.republished, "rejected": self.rejected}}
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+    async def stop(self, drain_s: float = 2.0) -> None:
+        """Stop; what is still held is given `drain_s` to reach Kafka, then stays in spill files for the next
+        process."""
+        for task in (self._task, self._drain_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         if self._producer is not None:
+            with contextlib.suppress(Exception):  # TimeoutError included: the rest stays held, in spill files
+                async with asyncio.timeout(drain_s):
+                    while self.hold.depth and await self._drain_once(self._producer):
+                        pass
             t0 = time.monotonic()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._producer.stop(), timeout=5)
+                # Long enough for the producer's own expiry: a handed-over message that fails meanwhile is held.
+                await asyncio.wait_for(self._producer.stop(), timeout=self.request_timeout_ms / 1000 + 3)
             log.debug("producer stopped in %.2f s", time.monotonic() - t0)
             self._producer = None
+        self.hold.close()
         self.state = "stopped"
 
 
@@ -176,6 +306,12 @@ class KeyHashCache:
                 self._hashes.clear()
             h = self._hashes[key] = murmur2(key) & 0x7FFFFFFF
         return all_partitions[h % len(all_partitions)]
+
+
+def _retrieve(fut: asyncio.Future) -> None:
+    """Mark a republished message's outcome as seen (asyncio would log every unretrieved failure at exit)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _one_line(exc: BaseException) -> str:

@@ -596,14 +596,15 @@ def test_fast_path_answers_exactly_as_the_fastapi_route(stack):
 
 
 @pytest.mark.integration
-def test_publisher_hands_over_or_waits_and_counts_every_failure(services, kafka_admin):
-    """Handed over (the API's default): True at once while deliveries succeed; a delivery that fails afterwards is
-    counted and turns the next answers to False until one succeeds. Waiting: True only once acknowledged."""
+def test_publisher_hands_over_or_waits_holds_while_degraded_and_counts_every_failure(services, kafka_admin):
+    """Handed over (the API's default): PUBLISHED at once while deliveries succeed. A message the broker refuses
+    for good is DROPPED and counted, not held (it would block the queue). While the producer is degraded, messages
+    are QUEUED (held) and republished in order by the background task. A dead broker: QUEUED, held."""
     import asyncio
 
     from kafka.admin import NewTopic
 
-    from serving.publisher import Publisher
+    from serving.publisher import DROPPED, PUBLISHED, QUEUED, Publisher
     from stores.kafka_topics import topic_configs
 
     # The broker refuses record batches over 2,000 bytes on this topic (the client's own limit is 1 MB).
@@ -616,33 +617,34 @@ def test_publisher_hands_over_or_waits_and_counts_every_failure(services, kafka_
         await pub.start()
         try:
             await asyncio.wait_for(_until(lambda: pub.state == "connected"), 30)
-            assert await pub.publish(topic, b"k", b"acknowledged", wait=True)
-            assert await pub.publish(topic, b"k", b"handed over", wait=False)
-            assert await pub.publish(topic, b"k", b"acknowledged after", wait=True)  # so the next goes alone
+            assert await pub.publish(topic, b"k", b"acknowledged", wait=True) == PUBLISHED
+            assert await pub.publish(topic, b"k", b"handed over", wait=False) == PUBLISHED
+            assert await pub.publish(topic, b"k", b"acknowledged after", wait=True) == PUBLISHED
             # Waited for: the broker refuses the record batch (over the topic's limit) and the answer says so.
-            assert not await pub.publish(topic, b"k", b"x" * 5_000, wait=True)
-            assert not pub.healthy and pub.report()["state"] == "degraded"
-            assert not await pub.publish(topic, b"k", b"while degraded", wait=False)  # queued, not vouched for
-            await asyncio.wait_for(_until(lambda: pub.healthy), 30)  # ... and its delivery heals the producer
-            # Handed over: True at once; the refusal comes later, is counted and degrades the producer.
-            assert await pub.publish(topic, b"k", b"y" * 5_000, wait=False)
-            await asyncio.wait_for(_until(lambda: "kafka_delivery" in reasons), 30)
-            assert not pub.healthy
-            assert not await pub.publish(topic, b"k", b"while degraded again", wait=False)
-            await asyncio.wait_for(_until(lambda: pub.healthy), 30)
-            assert await pub.publish(topic, b"k", b"acknowledged again", wait=True)
-            assert await pub.publish(topic, b"k", b"handed over again", wait=False)
-            assert reasons == ["kafka_error", "kafka_degraded", "kafka_delivery", "kafka_degraded"], reasons
+            assert await pub.publish(topic, b"k", b"x" * 5_000, wait=True) == DROPPED
+            # Handed over: PUBLISHED at once; the refusal comes later and is counted.
+            assert await pub.publish(topic, b"k", b"y" * 5_000, wait=False) == PUBLISHED
+            await asyncio.wait_for(_until(lambda: reasons.count("kafka_rejected") == 2), 30)
+            assert pub.healthy, "a refused message is not an outage"
+            pub.healthy = False  # as after a failed delivery: later messages are held, then republished in order
+            assert await pub.publish(topic, b"k", b"held 1", wait=False) == QUEUED
+            assert await pub.publish(topic, b"k", b"held 2", wait=True) == QUEUED
+            await asyncio.wait_for(_until(lambda: pub.hold.depth == 0 and pub.healthy), 30)
+            assert pub.republished == 2 and pub.report()["held"]["republished"] == 2
+            assert await pub.publish(topic, b"k", b"acknowledged again", wait=True) == PUBLISHED
+            assert await pub.publish(topic, b"k", b"handed over again", wait=False) == PUBLISHED
+            assert reasons == ["kafka_rejected", "kafka_rejected", "kafka_degraded", "kafka_degraded"], reasons
             assert pub.report()["publish_failures"] == 4
         finally:
             await pub.stop()
         dead = Publisher(f"127.0.0.1:{free_port()}", send_timeout_s=0.2, retry_s=5)
         await dead.start()
         try:
-            assert not await dead.publish(topic, b"k", b"nobody there", wait=False)
-            assert not await dead.publish(topic, b"k", b"nobody there", wait=True)
+            assert await dead.publish(topic, b"k", b"nobody there", wait=False) == QUEUED
+            assert await dead.publish(topic, b"k", b"nobody there", wait=True) == QUEUED
+            assert dead.report()["held"]["depth"] == 2
         finally:
-            await dead.stop()
+            await dead.stop(drain_s=0)
 
     try:
         asyncio.run(scenario())
@@ -650,8 +652,8 @@ def test_publisher_hands_over_or_waits_and_counts_every_failure(services, kafka_
     finally:
         with contextlib.suppress(Exception):
             kafka_admin.delete_topics([topic])
-    assert values == [b"acknowledged", b"handed over", b"acknowledged after", b"while degraded",
-                      b"while degraded again", b"acknowledged again", b"handed over again"]
+    assert values == [b"acknowledged", b"handed over", b"acknowledged after", b"held 1", b"held 2",
+                      b"acknowledged again", b"handed over again"]
 
 
 async def _until(condition, interval: float = 0.05) -> None:
