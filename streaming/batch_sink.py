@@ -143,8 +143,9 @@ class RedisWatch:
         first, self.marker = self.marker is None, current
         if first:
             if created:
-                log.info("online store marker %s created: the first worker on this Redis, or one that was emptied "
-                         "while no worker ran (then re-run `velocity batch` for the latest date)", self.key)
+                log.info("online store marker %s created: this is the first worker on this Redis, or Redis was "
+                         "emptied while no worker ran; if it was emptied, run `velocity features rebuild` to restore "
+                         "the windows, arrival sequences and snapshots from the archive", self.key)
             return True
         self.losses += 1
         metrics.REDIS_DATA_LOST.inc()
@@ -152,10 +153,11 @@ class RedisWatch:
         how = (f"the marker {self.key} is gone" if created
                else f"another worker found the marker {self.key} gone and re-created it")
         log.error("Redis at %s:%s LOST ITS DATA (%s): it restarted without persistence or was flushed. The "
-                  "10-minute windows and the 1-week snapshots it held are gone. Windows refill as events arrive "
-                  "(until then cards are scored on partial windows); restore the latest snapshot now with "
-                  "`velocity batch --date %s`. To avoid this, run Redis with persistence (appendonly yes).",
-                  self.store.settings.host, self.store.settings.port, how, time.strftime("%Y-%m-%d", time.gmtime()))
+                  "10-minute windows, arrival sequences, txn_id records and snapshots it held are gone: until "
+                  "they are restored, cards are scored on partial windows and redelivered transactions may count "
+                  "twice. Run `velocity features rebuild` now (it restores them from the archive and the offline "
+                  "store, merging with what this worker writes meanwhile). To avoid this, run Redis with "
+                  "persistence (appendonly yes).", self.store.settings.host, self.store.settings.port, how)
         return False
 
 

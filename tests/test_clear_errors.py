@@ -572,7 +572,7 @@ def test_redis_outage_log_is_truthful_and_an_empty_restart_is_reported(private_r
     lost = [r for r in records if r.levelno == logging.ERROR]
     assert len(lost) == 1, [r.getMessage() for r in records]
     text = lost[0].getMessage()
-    assert "LOST ITS DATA" in text and "velocity batch --date" in text and "windows" in text
+    assert "LOST ITS DATA" in text and "velocity features rebuild" in text and "windows" in text
     assert _sample("velocity_stream_redis_data_lost_total") - lost0 == 1
     assert _sample("velocity_stream_redis_data_lost_timestamp_seconds") >= wall_call
     assert client.get(marker) is not None
