@@ -1,8 +1,10 @@
 """Entity keys and PAN masking: clear card numbers never leave the edge of the system.
 
 A "PAN-like digit run" (SPEC sections 2 and 3) is a run of 13-19 ASCII digits, not part of a longer run, whose
-last digit is a valid Luhn check digit. Such runs are masked (`************1248`: all but the last 4 digits
-replaced by `*`, same length) wherever free text is stored or logged: validated events, dead letters, log records.
+last digit is a valid Luhn check digit; or such a number printed in groups, its digits separated by single spaces
+or dashes (`4539 5787 6362 1486`, `4539-5787-6362-1486`), where any whole groups holding 13-19 digits with a
+valid Luhn digit count. Such runs are masked (`************1248`: all but the last 4 digits replaced by `*`,
+separators kept, same length) wherever free text is stored or logged: validated events, dead letters, log records.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ ENTITY_KEY_LEN = 32
 #: The entity-key secret configured by default (featurestore.config.Settings.entity_secret): public, local use only.
 DEFAULT_ENTITY_SECRET = "velocity-local-dev-secret"
 
-_PAN_RUN = re.compile(r"(?<![0-9])[0-9]{13,19}(?![0-9])")
-_PAN_RUN_BYTES = re.compile(rb"(?<![0-9])[0-9]{13,19}(?![0-9])")
-#: The cheap pre-check: no run of 13 digits, nothing to mask (most text never gets to the Luhn check).
-_RUN13 = re.compile(r"[0-9]{13}").search
-_RUN13_BYTES = re.compile(rb"[0-9]{13}").search
+#: Digits, possibly grouped by single spaces or dashes, 13 or more in all: candidates, checked by `_pan_spans`.
+_DIGITS = re.compile(r"(?<![0-9])[0-9](?:[ -]?[0-9]){12,}(?![0-9])")
+#: The cheap pre-check: no 13 digits in a row (separators allowed), nothing to mask (most text never gets further).
+_RUN13 = re.compile(r"[0-9](?:[ -]?[0-9]){12}").search
+_GROUP = re.compile(r"[0-9]+")
 
 log = logging.getLogger(__name__)
 
@@ -81,27 +83,55 @@ def redact_pans(text: str, tag: Callable[[str], str] | None = None) -> str:
     """
     if len(text) < 13 or _RUN13(text) is None:
         return text
+    out, at = [], 0
+    for m in _DIGITS.finditer(text):
+        for a, b in _pan_spans(m.group(), m.start()):
+            span = text[a:b]
+            digits = span.replace(" ", "").replace("-", "")
+            keep = len(span)  # where the last 4 digits start (separators may sit among them)
+            for _ in range(4):
+                keep -= 1
+                while not span[keep].isdigit():
+                    keep -= 1
+            masked = "".join("*" if c.isdigit() else c for c in span[:keep]) + span[keep:]
+            out += (text[at:a], masked if tag is None else f"{masked}~{tag(digits)[:12]}")
+            at = b
+    return "".join(out) + text[at:] if out else text
 
-    def mask(m: re.Match) -> str:
-        run = m.group()
-        if not luhn_valid(run):
-            return run
-        masked = "*" * (len(run) - 4) + run[-4:]
-        return masked if tag is None else f"{masked}~{tag(run)[:12]}"
 
-    return _PAN_RUN.sub(mask, text)
+def _pan_spans(run: str, offset: int) -> list[tuple[int, int]]:
+    """The PAN-like spans of one candidate run (digits, maybe grouped): the whole run when it is 13-19 plain
+    digits with a valid Luhn digit (a longer plain run is an id, not a PAN); for a grouped one, the longest
+    Luhn-valid sequences of whole groups holding 13-19 digits, left to right, not overlapping."""
+    if run.isdigit():
+        return [(offset, offset + len(run))] if len(run) <= 19 and luhn_valid(run) else []
+    groups = [(g.start(), g.end()) for g in _GROUP.finditer(run)]
+    spans, i = [], 0
+    while i < len(groups):
+        best, n = None, 0
+        for j in range(i, len(groups)):
+            n += groups[j][1] - groups[j][0]
+            if n > 19:
+                break
+            if n >= 13:
+                digits = "".join(run[a:b] for a, b in groups[i:j + 1])
+                if luhn_valid(digits):
+                    best = j
+        if best is None:
+            i += 1
+            continue
+        spans.append((offset + groups[i][0], offset + groups[best][1]))
+        i = best + 1
+    return spans
 
 
 def redact_pans_bytes(data: bytes) -> bytes:
     """`redact_pans` on raw bytes (any encoding, or none): PAN-like ASCII digit runs masked, length unchanged."""
-    if len(data) < 13 or _RUN13_BYTES(data) is None:
+    if len(data) < 13:
         return data
-
-    def mask(m: re.Match) -> bytes:
-        run = m.group()
-        return b"*" * (len(run) - 4) + run[-4:] if luhn_valid(run) else run
-
-    return _PAN_RUN_BYTES.sub(mask, data)
+    text = data.decode("latin-1")  # one character per byte: positions and lengths carry over
+    masked = redact_pans(text)
+    return data if masked is text else masked.encode("latin-1")
 
 
 def _redact_record(record: logging.LogRecord) -> None:
