@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 #: Position given to a transaction the store has not seen yet: it sorts after everything at its ts.
 SEQ_LAST = math.inf
@@ -30,8 +31,9 @@ def mean_amount(count: int, sum_cents: int) -> float:
     return sum_cents / (100.0 * count)
 
 
-@dataclass(frozen=True, slots=True)
-class WindowEvent:
+class WindowEvent(NamedTuple):
+    """One stored window event (a tuple: a read makes one per member, on every score)."""
+
     txn_id: str
     ts: int
     seq: float  # arrival position: per-card sequence online, row index of a history file offline
@@ -47,15 +49,24 @@ class WindowAggregate:
     sum_cents: int
     min_cents: int | None = None  # None for an empty window
     max_cents: int | None = None
+    fraud_count: int = 0  # transactions known as fraud at the cut-off (batch groups reading known_fraud)
 
     @property
     def average(self) -> float:
         return mean_amount(self.count, self.sum_cents)
 
-    def value(self, function: str) -> float:
-        """One aggregation's value: counts as int, amounts in currency units, NaN where the window is empty."""
+    def value(self, function: str, column: str = "amount") -> float:
+        """One aggregation's value: counts as int, amounts in currency units, NaN where the window is empty.
+
+        Over `known_fraud` (0/1 per transaction): the sum is the known fraud count, the mean the fraud rate."""
         if function == "count":
             return self.count
+        if column == "known_fraud":
+            if function == "sum":
+                return float(self.fraud_count)
+            if function == "mean":
+                return self.fraud_count / self.count if self.count > 0 else math.nan
+            raise ValueError(f"known_fraud is counted, summed or averaged, not {function!r}")
         if function == "mean":
             return mean_amount(self.count, self.sum_cents)
         if function == "sum":
@@ -67,7 +78,7 @@ class WindowAggregate:
 
     def values(self, group) -> dict[str, float]:
         """Every feature of a `definitions.FeatureGroup` from these statistics."""
-        return {f.name: self.value(f.function) for f in group.features}
+        return {f.name: self.value(f.function, f.column) for f in group.features}
 
 
 def arrived_before(a: WindowEvent, b: WindowEvent) -> bool:
