@@ -34,7 +34,7 @@ def _register() -> None:
     register_ingest(app)
     register_streaming(app)
     register_batch(app, features_app)
-    from stores.rebuild_cli import register as register_rebuild
+    from batch.rebuild_cli import register as register_rebuild
 
     register_rebuild(features_app)
     register_serving(app)

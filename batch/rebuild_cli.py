@@ -30,9 +30,9 @@ def register(features_app: typer.Typer) -> None:
         import redis
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+        from batch.rebuild import rebuild
         from featurestore.config import get_settings
         from stores.archive import ArchiveError
-        from stores.rebuild import rebuild
         from stores.redis_online import OnlineStore
 
         settings = get_settings()
