@@ -8,8 +8,12 @@ rows), backfills every night's `card_agg_1w` snapshot with DuckDB into `data/ben
 batch's job, timed apart), then times the default `velocity train` as a user runs it (a subprocess, DuckDB
 training set included) on the CPU, and on CUDA when XGBoost sees a GPU. Each run's wall time is printed with its
 CPU time and the load average around it (on a shared machine the wall time moves with what else runs). The models,
-their reports and the MLflow store stay under `data/bench_model/` (VELOCITY_DATA_DIR). Records `model_test_aucpr`
-and `model_baseline_aucpr` (the original-four-features baseline) in bench/results.json.
+their reports and the MLflow store stay under `data/bench_model/` (VELOCITY_DATA_DIR). Records `model_test_aucpr`,
+`model_baseline_aucpr` (the original-four-features baseline) and `model_test_aucpr_by_kind` (each fraud kind's test
+rows against every legitimate test row, from the generator's side file `<stem>.fraud_kinds.parquet`; a history
+without one, i.e. from before compromised merchants, is generated again) in bench/results.json.
+
+    --cards N --days N  generate a smaller history instead (a smoke run; its figures are not the seed's)
 """
 
 from __future__ import annotations
@@ -69,7 +73,8 @@ def backfill(history: Path, offline: Path) -> tuple[float, dt.date, dt.date]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--history", type=Path, default=REPO / "data" / "history_seed.parquet")
+    ap.add_argument("--history", type=Path, default=None,
+                    help="default data/history_seed.parquet (a smoke run: <work>/history_smoke.parquet)")
     ap.add_argument("--work", type=Path, default=REPO / "data" / "bench_model", help="VELOCITY_DATA_DIR of the runs")
     ap.add_argument("--compare-imbalance", action="store_true",
                     help="first run `velocity train --compare-imbalance` (4 more fits; remembers the choice)")
@@ -77,11 +82,18 @@ def main() -> None:
                     help="also run `velocity train --compare-features --no-use` (drop-one comparison of the chosen "
                          "features; one more fit per feature beyond the original four)")
     ap.add_argument("--tune", type=int, default=0, help="also time a `--tune N` run (not part of the 3-minute target)")
+    ap.add_argument("--cards", type=int, default=None, help="generate this many cards (smoke run; default: seed scale)")
+    ap.add_argument("--days", type=int, default=None, help="generate this many days (smoke run; default: seed scale)")
     args = ap.parse_args()
+    smoke = bool(args.cards or args.days)
+    if args.history is None:
+        args.history = args.work / "history_smoke.parquet" if smoke else REPO / "data" / "history_seed.parquet"
     env = {**os.environ, "VELOCITY_DATA_DIR": str(args.work), "VELOCITY_ENTITY_SECRET": SECRET}
-    if not args.history.exists():
-        print(f"generating the seed-scale history -> {args.history}")
-        velocity("generate", "--out", str(args.history), env=env)
+    kinds = args.history.with_name(args.history.stem + ".fraud_kinds.parquet")
+    if smoke or not args.history.exists() or not kinds.exists():
+        print(f"generating the history -> {args.history} (+ {kinds.name})")
+        size = [*(["--cards", str(args.cards)] if args.cards else []), *(["--days", str(args.days)] if args.days else [])]
+        velocity("generate", "--out", str(args.history), *size, env=env)
     offline = args.work / "offline"
     snap_s, first, last = backfill(args.history, offline)
     print(f"snapshots: every night {first + dt.timedelta(days=1)} .. {last} (DuckDB) in {snap_s:.1f} s")
@@ -126,8 +138,14 @@ def main() -> None:
                "durations": {k: round(v, 1) for k, v in model.metadata["durations"].items()},
                "report": str(model.path / "report.md")}
     print(json.dumps(figures, indent=2))
+    by_kind = {k: round(v["aucpr"], 4) for k, v in
+               ((model.metadata.get("by_kind") or {}).get("models") or {}).get("model", {}).items()}
+    print("test AUC-PR by fraud kind (each kind vs all legitimate test rows):", by_kind or "no side file")
+    if smoke:
+        print("smoke run (--cards/--days): bench/results.json is not updated")
+        return
     update(model_test_aucpr=round(m["model"]["test"]["aucpr"], 4),
-           model_baseline_aucpr=round(m["original_four"]["test"]["aucpr"], 4))
+           model_baseline_aucpr=round(m["original_four"]["test"]["aucpr"], 4), model_test_aucpr_by_kind=by_kind)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,14 @@
 """`velocity generate`: a reproducible, vectorized card-transaction history (SPEC section 2).
 
 Legitimate traffic: each card has its own rate (heavy-tailed across cards), its own lognormal amount
-distribution and a set of home merchants; times follow a daily rhythm. Fraud: chains of extra transactions
-on victim cards, 30-120 s apart by default with some faster bursts, mixing small card-testing charges and
-larger cash-out charges; every chain row is labeled 1 and no legitimate row is touched.
+distribution and a set of home merchants; times follow a daily rhythm. Fraud of two kinds, every row labeled 1,
+no legitimate row touched:
+- card chains: extra transactions on victim cards, 30-120 s apart by default with some faster bursts, mixing small
+  card-testing charges and larger cash-out charges (a card's velocity shows them);
+- compromised merchants (`ingest.episodes`): while a merchant is compromised, a share of its customers get
+  fraudulent transactions there, with that merchant's usual amounts (only the merchant's fraud rate shows them).
+Each fraud row's label becomes known late: `labeled_at` = ts + a drawn delay (null on legitimate rows, which are
+never labeled). `write_fraud_kinds` writes the side file naming each fraud row's kind.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from featurestore.events import MAX_TS_MS, MIN_TS_MS
+from ingest.episodes import label_delays_ms, make_episodes
 from ingest.profiles import make_profiles
 
 DAY_MS = 86_400_000
@@ -28,8 +34,11 @@ HOURLY = np.array([1.0, 0.6, 0.4, 0.3, 0.3, 0.5, 1.2, 2.5, 3.5, 4.0, 4.2, 4.6, 5
                    4.5, 5.2, 5.8, 5.5, 4.6, 3.5, 2.4, 1.6])
 SCHEMA = pa.schema([
     ("txn_id", pa.string()), ("cc_num", pa.string()), ("amount", pa.float64()), ("ts", pa.int64()),
-    ("merchant", pa.string()), ("category", pa.string()), ("fraud_label", pa.int8()),
+    ("merchant", pa.string()), ("category", pa.string()), ("fraud_label", pa.int8()), ("labeled_at", pa.int64()),
 ])
+#: The fraud kinds the side file names (`write_fraud_kinds`); index = History.kind_of_row's code.
+KINDS = ("legitimate", "card_chain", "compromised_merchant")
+KINDS_SCHEMA = pa.schema([("txn_id", pa.string()), ("kind", pa.string())])
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,17 @@ class GenerateConfig:
     gap_max_s: float = 120.0
     fast_share: float = 0.15  # share of chains that are fast bursts (1-10 s apart)
     mean_rate_per_day: float = 3.55  # 10,000 cards x 152 days x 3.55 = 5.4M rows
+    #: Compromised merchants: about this share of all rows is their fraud (0 turns episodes off).
+    compromise_rate: float = 0.0  # opt in (e.g. 0.0008) until the served registry has the merchant groups
+    compromise_card_share: float = 0.25  # share of the merchant's customers that get fraud there
+    compromise_days_min: int = 2
+    compromise_days_max: int = 7
+    compromise_per_card_max: int = 3  # fraudulent transactions per victim card: 1..this
+    #: Label delays: most within min..typical days, a tail_share spread over typical..max days.
+    label_delay_min_days: float = 1.0
+    label_delay_typical_days: float = 14.0
+    label_delay_max_days: float = 60.0
+    label_delay_tail_share: float = 0.1
 
     def validate(self, *, now_ms: int | None = None, max_future_ms: int | None = None) -> None:
         """Raise ValueError (naming the flag, saying what to use instead) for a configuration to refuse.
@@ -77,6 +97,18 @@ class GenerateConfig:
             raise ValueError("need 1 <= --chain-min <= --chain-max")
         if not 0 < self.gap_min_s <= self.gap_max_s:
             raise ValueError("need 0 < --chain-gap-min-s <= --chain-gap-max-s")
+        if not 0 <= self.compromise_rate < 0.5 or self.fraud_rate + self.compromise_rate >= 0.5:
+            raise ValueError("--compromise-rate must be in [0, 0.5), and with --fraud-rate below 0.5")
+        if not 0 < self.compromise_card_share <= 1:
+            raise ValueError("--compromise-card-share must be in (0, 1]")
+        if not 1 <= self.compromise_days_min <= self.compromise_days_max:
+            raise ValueError("need 1 <= --compromise-days-min <= --compromise-days-max")
+        if self.compromise_per_card_max < 1:
+            raise ValueError("compromise_per_card_max must be at least 1")
+        if not 0 <= self.label_delay_min_days <= self.label_delay_typical_days <= self.label_delay_max_days:
+            raise ValueError("need 0 <= label delay min <= typical <= max days")
+        if not 0 <= self.label_delay_tail_share <= 1:
+            raise ValueError("label_delay_tail_share must be in [0, 1]")
 
 
 def _midnight_ms(day: dt.date) -> int:
@@ -119,8 +151,39 @@ def output_format(path: Path, fmt: str | None = None) -> str:
 class History:
     table: pa.Table  # SCHEMA, sorted by ts
     chains: pa.Table  # one row per fraud chain: chain_id, card (index), start_ts, length, fast
-    chain_of_row: np.ndarray  # per row of `table`: chain id, or -1 for legitimate rows
+    chain_of_row: np.ndarray  # per row of `table`: chain id, or -1 for rows not in a chain
     summary: dict
+    #: one row per compromised-merchant episode: episode_id, merchant, start_day, end_day, customers, victims
+    episodes: pa.Table | None = None
+    episode_of_row: np.ndarray | None = None  # per row: episode id, or -1
+    kind_of_row: np.ndarray | None = None  # per row: index into KINDS (0 legitimate)
+
+    def fraud_kinds(self) -> pa.Table:
+        """The side file's rows: each fraud row's txn_id and kind, in the table's order."""
+        fraud = np.flatnonzero(self.kind_of_row > 0)
+        kinds = pa.array(list(KINDS), pa.string()).take(pa.array(self.kind_of_row[fraud]))
+        return pa.table({"txn_id": self.table.column("txn_id").take(pa.array(fraud)), "kind": kinds},
+                        schema=KINDS_SCHEMA)
+
+
+def fraud_kinds_path(out: Path) -> Path:
+    """Where the side file of a history goes: next to it, `<stem>.fraud_kinds.parquet`."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.fraud_kinds.parquet")
+
+
+def write_fraud_kinds(hist: History, out: Path) -> Path:
+    """Write the side file of the history written to `out` (txn_id, kind); returns its path."""
+    path = fraud_kinds_path(out)
+    write_history(hist.fraud_kinds(), path, "parquet")
+    return path
+
+
+def summary_line(s: dict) -> str:
+    """The fraud part of `velocity generate`'s summary: rows, rate, and rows by kind."""
+    return (f"fraud {s['fraud_rows']:,} rows ({s['fraud_rate']:.3%}): card chains {s['chain_rows']:,} rows in "
+            f"{s['chains']:,} chains, compromised merchants {s['compromised_rows']:,} rows in {s['episodes']:,} "
+            f"episodes")
 
 
 def generate_history(cfg: GenerateConfig, progress: Callable[[str, float], None] | None = None) -> History:
@@ -169,13 +232,30 @@ def generate_history(cfg: GenerateConfig, progress: Callable[[str, float], None]
     f_card = victims[f_chain]
     f_merchant = rng.integers(0, len(prof.merchant_names), f_chain.size)
 
+    step("compromised merchants", 0.5)
+    merchants = len(prof.merchant_names)
+    total_rate = cfg.fraud_rate + cfg.compromise_rate
+    ep = make_episodes(rng, card=card, merchant=merchant, amount=amount, cards=cfg.cards, merchants=merchants,
+                       start_ms=start_ms, days=cfg.days,
+                       target_rows=int(round(cfg.compromise_rate / (1 - total_rate) * n)),
+                       card_share=cfg.compromise_card_share, days_min=cfg.compromise_days_min,
+                       days_max=cfg.compromise_days_max, per_card_max=cfg.compromise_per_card_max, hourly=HOURLY)
+
     step("sorting by event time", 0.6)
-    all_card = np.concatenate([card, f_card])
-    all_ts = np.concatenate([ts, f_ts])
-    all_amount = np.concatenate([amount, f_amount])
-    all_merchant = np.concatenate([merchant, f_merchant])
-    chain_of_row = np.concatenate([np.full(n, -1, dtype=np.int64), f_chain])
+    all_card = np.concatenate([card, f_card, ep.row_card])
+    all_ts = np.concatenate([ts, f_ts, ep.row_ts])
+    all_amount = np.concatenate([amount, f_amount, ep.row_amount])
+    all_merchant = np.concatenate([merchant, f_merchant, ep.merchant[ep.row_episode]])
+    none = np.full(ep.rows, -1, dtype=np.int64)
+    chain_of_row = np.concatenate([np.full(n, -1, dtype=np.int64), f_chain, none])
+    episode_of_row = np.concatenate([np.full(n + f_chain.size, -1, dtype=np.int64), ep.row_episode])
+    kind = np.concatenate([np.zeros(n, np.int8), np.ones(f_chain.size, np.int8), np.full(ep.rows, 2, np.int8)])
     order = np.argsort(all_ts, kind="stable")
+    # Drawn last, so legitimate rows and chains do not depend on them: when each fraud's label becomes known.
+    delays = label_delays_ms(rng, int(kind.size), min_days=cfg.label_delay_min_days,
+                             typical_days=cfg.label_delay_typical_days, max_days=cfg.label_delay_max_days,
+                             tail_share=cfg.label_delay_tail_share)
+    labeled_at = pa.array(all_ts + delays, pa.int64(), mask=kind == 0)
 
     step("building the table", 0.75)
     n_all = order.size
@@ -191,17 +271,23 @@ def generate_history(cfg: GenerateConfig, progress: Callable[[str, float], None]
         "ts": pa.array(all_ts[order].astype(np.int64)),
         "merchant": names.take(m_sorted),
         "category": cats.take(m_sorted),
-        "fraud_label": pa.array((chain_of_row[order] >= 0).astype(np.int8)),
+        "fraud_label": pa.array((kind[order] > 0).astype(np.int8)),
+        "labeled_at": labeled_at.take(pa.array(order)),
     }, schema=SCHEMA)
     chains = pa.table({"chain_id": np.arange(n_chains), "card": victims, "start_ts": chain_start,
                        "length": lengths, "fast": fast})
+    episodes = pa.table({"episode_id": np.arange(ep.merchant.size), "merchant": names.take(pa.array(ep.merchant)),
+                         "start_day": ep.start_day, "end_day": ep.end_day, "customers": ep.customers,
+                         "victims": ep.victims})
+    fraud_rows = int(f_chain.size + ep.rows)
     summary = {
-        "rows": n_all, "cards": int(cfg.cards), "fraud_rows": int(f_chain.size), "chains": int(n_chains),
-        "fraud_rate": float(f_chain.size / n_all) if n_all else 0.0,
+        "rows": n_all, "cards": int(cfg.cards), "fraud_rows": fraud_rows, "chains": int(n_chains),
+        "chain_rows": int(f_chain.size), "episodes": int(ep.merchant.size), "compromised_rows": ep.rows,
+        "fraud_rate": float(fraud_rows / n_all) if n_all else 0.0,
         "first_ts": int(all_ts.min()) if n_all else None, "last_ts": int(all_ts.max()) if n_all else None,
     }
     step("done", 1.0)
-    return History(table, chains, chain_of_row[order], summary)
+    return History(table, chains, chain_of_row[order], summary, episodes, episode_of_row[order], kind[order])
 
 
 def write_history(table: pa.Table, path: Path, fmt: str | None = None) -> str:

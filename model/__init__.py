@@ -6,6 +6,8 @@ what is served. This package imports from `featurestore` (and `batch` for buildi
 
 - `model.features`  — the model's candidate inputs, in the declarations' order, and their declaration signatures
 - `model.data`      — the training frame as float32 arrays, and the split by day
+- `model.targets`   — the target: each row's latest label known at training time (label store, inline labeled_at)
+- `model.kinds`     — recall and AUC by fraud kind, from the generator's side file
 - `model.device`    — CUDA when XGBoost can see a GPU, CPU otherwise
 - `model.metrics`   — AUC-PR, ROC AUC, recall at a fixed false-positive rate, the threshold rule, Brier
 - `model.calibration` — Platt / isotonic calibration fitted on validation, applied with NumPy alone

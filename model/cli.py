@@ -52,7 +52,11 @@ def _summary(r) -> None:
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
     for col in ("", "AUC-PR", "ROC AUC", "R@0.1%", "R@1%", "P@thr", "R@thr", "Brier"):
         table.add_column(col, justify="left" if not col else "right", no_wrap=True)
-    for name, key in (("model", "model"), ("original four", "original_four"), ("amount only", "amount_only")):
+    rows = (("model", "model"), ("no merchant feat.", "no_merchant"), ("original four", "original_four"),
+            ("amount only", "amount_only"))
+    for name, key in rows:
+        if key not in r.metrics:
+            continue
         m = r.metrics[key]["test"]
         table.add_row(name, f"{m['aucpr']:.4f}", f"{m['roc_auc']:.4f}", _pct(m["recall_at_fpr_0_1pct"]),
                       _pct(m["recall_at_fpr_1pct"]), _pct(m["precision_at_threshold"]),
@@ -64,6 +68,7 @@ def _summary(r) -> None:
         f"split      {r.split.describe()}",
         f"features   {', '.join(r.features)}",
         f"imbalance  {r.imbalance.name}",
+        f"target     {r.target.get('description', 'the inline fraud_label')}",
         f"rounds     {r.best_rounds} (early stopping on validation AUC-PR)"
         + (f"; --tune: {'best trial used' if r.tuning.improved else 'defaults kept'}" if r.tuning else ""),
         f"threshold  {r.threshold:.6f} (validation FPR <= {r.rule.max_fpr:.2%}); calibration: {r.calibration.method}",
@@ -77,6 +82,11 @@ def _summary(r) -> None:
     ]
     if r.made_current and r.previous_current and r.previous_current != r.version:
         lines.append(f"previous   {r.previous_current} (back to it: `velocity models use {r.previous_current}`)")
+    for kind, m in sorted(((r.by_kind or {}).get("models") or {}).get("model", {}).items()):
+        base = r.by_kind["models"].get("no_merchant", {}).get(kind)
+        lines.append(f"by kind    {kind}: {m['frauds']:,} test frauds, recall {_pct(m['recall_at_threshold'])}, "
+                     f"AUC {m['roc_auc']:.4f}, AUC-PR {m['aucpr']:.4f}"
+                     + (f" (without merchant features: AUC {base['roc_auc']:.4f})" if base else ""))
     for line in lines:
         out.print(escape(line), soft_wrap=True, highlight=False)
 
@@ -113,9 +123,15 @@ def register(app: typer.Typer) -> None:
         compare_features: bool = typer.Option(False, "--compare-features", help="Also refit the chosen feature set "
                                               "without each feature beyond the original four, one at a time, and "
                                               "report what each one adds (one more fit per feature)."),
-        max_fpr: float = typer.Option(0.001, help="Threshold rule: the lowest threshold whose validation "
-                                      "false-positive rate is at most this (0.001 = 0.1% of legitimate "
+        max_fpr: float = typer.Option(0.005, help="Threshold rule: the lowest threshold whose validation "
+                                      "false-positive rate is at most this (0.005 = 0.5% of legitimate "
                                       "transactions flagged)."),
+        fraud_kinds: Path = typer.Option(None, "--fraud-kinds", help="Side file naming each fraud row's kind "
+                                         "(txn_id, kind) for the report's breakdown by kind (default: "
+                                         "<history stem>.fraud_kinds.parquet next to --history, when it exists)."),
+        labels_as_of: str = typer.Option(None, "--labels-as-of", help="Train on the labels known at this time "
+                                         "(ISO date or time, UTC; default: now): the latest label version with "
+                                         "labeled_at <= it, else the inline fraud_label."),
         seed: int = typer.Option(0, help="Seed for subsampling, row sampling in trees and the search."),
         use: bool = typer.Option(True, "--use/--no-use", help="Make the new model current (served) when done."),
     ) -> None:
@@ -150,6 +166,14 @@ def register(app: typer.Typer) -> None:
         if training_set is not None and (history is not None or engine != "duckdb"):
             raise typer.BadParameter("--training-set is already built: leave out --history/--engine")
         root = offline_dir or settings.offline_dir
+        as_of_ms = None
+        if labels_as_of is not None:
+            try:
+                when = dt.datetime.fromisoformat(labels_as_of)
+            except ValueError:
+                raise typer.BadParameter(f"expected an ISO date or time, got {labels_as_of!r}",
+                                         param_hint="--labels-as-of") from None
+            as_of_ms = int((when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp() * 1000)
         opts = TrainOptions(
             source=Source(training_set=training_set, history=history, offline_dir=root, engine=engine, master=master),
             data_dir=settings.data_dir, models_dir=models_dir or default_models_dir(settings.data_dir),
@@ -157,7 +181,7 @@ def register(app: typer.Typer) -> None:
             start=parse_date(start, "--start"), end=parse_date(end, "--end"), val_days=val_days, test_days=test_days,
             device=device, tune_trials=tune, compare_imbalance=compare_imbalance,
             compare_features=compare_features, rule=ThresholdRule(max_fpr),
-            seed=seed, make_current=use)
+            seed=seed, make_current=use, fraud_kinds=fraud_kinds, labels_as_of_ms=as_of_ms)
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         columns = (TextColumn("{task.description:<26}"), BarColumn(bar_width=12), MofNCompleteColumn(),

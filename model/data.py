@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,8 @@ class TrainingData:
     end: dt.date  # exclusive
     source: str
     unlabeled_dropped: int = 0
+    txn_id: object = None  # pyarrow string array, rows as above (fraud kinds are matched on it)
+    target: object = None  # model.targets.Target: what decided the labels in `y`
 
     def cols(self, names: tuple[str, ...] | list[str]) -> list[int]:
         missing = [n for n in names if n not in self.columns]
@@ -134,11 +137,17 @@ def split_by_day(ts: np.ndarray, *, val_days: int | None = None, test_days: int 
 
 
 def load(source: Source, *, start: dt.date | None, end: dt.date | None, secret: str,
-         allowed_lateness_ms: int) -> TrainingData:
-    """Build (or read) the point-in-time training set for [start, end) and turn it into a TrainingData."""
+         allowed_lateness_ms: int, labels_as_of_ms: int | None = None) -> TrainingData:
+    """Build (or read) the point-in-time training set for [start, end) and turn it into a TrainingData whose
+    target is each row's label as known at `labels_as_of_ms` (default: now; see model.targets)."""
+    from model import targets
+
+    as_of = int(time.time() * 1000) if labels_as_of_ms is None else int(labels_as_of_ms)
+    versions, sources = targets.label_versions(source.offline_dir, source.history)
+    labels = (versions, as_of, sources)
     if source.training_set is not None:
         table = _read_parquet(source.training_set, start, end)
-        return _to_data(table, start, end, source.describe())
+        return _to_data(table, start, end, source.describe(), labels)
     from batch.engines import build_training_set, open_engine
 
     eng = open_engine(source.engine, offline_dir=source.offline_dir, history=source.history, secret=secret,
@@ -162,7 +171,7 @@ def load(source: Source, *, start: dt.date | None, end: dt.date | None, secret: 
             table = build_training_set(eng, start, end, None)
     finally:
         eng.close()
-    return _to_data(table, start, end, source.describe())
+    return _to_data(table, start, end, source.describe(), labels)
 
 
 def _read_parquet(path: Path, start: dt.date | None, end: dt.date | None):
@@ -171,7 +180,7 @@ def _read_parquet(path: Path, start: dt.date | None, end: dt.date | None):
     if not Path(path).exists():
         raise TrainingDataError(f"--training-set {path} does not exist (build one with `velocity features "
                                 "training-set --out PATH`, or leave --training-set out to build it now)")
-    wanted = ["ts", "fraud_label", "card", "snapshot_cutoff_ms", *feats.all_features()]
+    wanted = ["txn_id", "ts", "fraud_label", "card", "snapshot_cutoff_ms", *feats.all_features()]
     try:
         data = ds.dataset(str(path), format="parquet")
     except Exception as exc:
@@ -210,12 +219,26 @@ def _card_codes(table) -> np.ndarray:
     return pc.dictionary_encode(col).combine_chunks().indices.to_numpy(zero_copy_only=False).astype(np.int32)
 
 
-def _to_data(table, start: dt.date | None, end: dt.date | None, source: str) -> TrainingData:
+def _txn_ids(table):
+    import pyarrow as pa
+
+    col = table["txn_id"]
+    if hasattr(col, "dtype"):  # pandas
+        return pa.array(col.to_numpy(dtype=object), pa.string())
+    return pa.chunked_array(col.chunks).combine_chunks() if hasattr(col, "chunks") else col
+
+
+def _to_data(table, start: dt.date | None, end: dt.date | None, source: str, labels=None) -> TrainingData:
+    from model import targets
+
     n = len(table)
     if n == 0:
         raise TrainingDataError(f"no training rows in [{start}, {end})" if start else "the training set is empty")
     ts = _column(table, "ts").astype(np.int64)
-    label = _column(table, "fraud_label")
+    txn = _txn_ids(table)
+    versions, as_of, sources = labels if labels is not None else (targets.LABELS_SCHEMA.empty_table(),
+                                                                  int(time.time() * 1000), [])
+    label, target = targets.apply(txn, _column(table, "fraud_label"), versions, as_of, sources)
     order = None if np.all(ts[1:] >= ts[:-1]) else np.argsort(ts, kind="stable")
     labeled = ~np.isnan(label)
     keep = labeled if order is None else labeled[order]
@@ -225,6 +248,10 @@ def _to_data(table, start: dt.date | None, end: dt.date | None, source: str) -> 
         a = a if idx is None else a[idx]
         return a if keep.all() else a[keep]
 
+    import pyarrow as pa
+
+    rows = np.arange(n) if idx is None else idx
+    txn = txn.take(pa.array(rows if keep.all() else rows[keep]))
     columns = feats.all_features()
     X = np.empty((int(keep.sum()), len(columns)), dtype=np.float32)
     for j, name in enumerate(columns):
@@ -233,7 +260,7 @@ def _to_data(table, start: dt.date | None, end: dt.date | None, source: str) -> 
         X=X, columns=columns, y=take(label).astype(np.int8), ts=take(ts), card=take(_card_codes(table)),
         has_snapshot=~np.isnan(take(_column(table, "snapshot_cutoff_ms"))),
         start=start or _day(int(ts.min())), end=end or _day(int(ts.max())) + dt.timedelta(days=1),
-        source=source, unlabeled_dropped=int(n - keep.sum()))
+        source=source, unlabeled_dropped=int(n - keep.sum()), txn_id=txn, target=target)
     if data.rows == 0:
         raise TrainingDataError("no labeled rows to train on (fraud_label is missing on every row)")
     return data

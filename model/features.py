@@ -23,7 +23,7 @@ class IncompatibleFeaturesError(ValueError):
 
 @dataclass(frozen=True)
 class CandidateGroup:
-    """Declared features the model may add to its base inputs, one feature group at a time."""
+    """Declared features the model may add to its base inputs, one block of feature groups at a time."""
 
     name: str
     features: tuple[str, ...]
@@ -39,17 +39,42 @@ def all_features() -> tuple[str, ...]:
 
 
 def candidate_groups() -> tuple[CandidateGroup, ...]:
-    """Each feature group's features that are not already base inputs, in declaration order."""
+    """The features beyond the base inputs, one candidate per block of declared groups that share an entity and a
+    source (the card's stream windows, the card's nightly windows, the merchant's nightly windows...), in
+    declaration order. Blocks, not single groups: windows of one entity work together (a merchant's last day
+    against its month shows a compromise that neither shows alone, which a group-by-group greedy pass misses), and
+    one fit per block keeps `velocity train` within its time however many windows are declared."""
     base = set(base_features())
-    out = []
+    blocks: dict[tuple[str, str], list] = {}
     for group in defs.FEATURE_GROUPS:
-        extra = tuple(f for f in group.feature_names if f not in base)
+        blocks.setdefault((group.entity, group.source), []).append(group)
+    out = []
+    for groups in blocks.values():
+        extra = tuple(f for g in groups for f in g.feature_names if f not in base)
         if extra:
-            out.append(CandidateGroup(group.name, extra))
+            out.append(CandidateGroup(" + ".join(g.name for g in groups), extra))
     ratios = tuple(r.name for r in defs.RATIO_FEATURES if r.name not in base)
     if ratios:
         out.append(CandidateGroup("ratios", ratios))
     return tuple(out)
+
+
+def entity_of(name: str) -> str | None:
+    """The entity a declared feature is keyed by (a ratio: its operands' entity, the first non-card one); None for
+    a per-transaction input such as the amount."""
+    group = defs.REGISTRY.group_of(name)
+    if group is not None:
+        return group.entity
+    for ratio in defs.RATIO_FEATURES:
+        if ratio.name == name:
+            ents = [e for e in (entity_of(ratio.numerator), entity_of(ratio.denominator)) if e]
+            return next((e for e in ents if e != "card"), ents[0] if ents else None)
+    return None
+
+
+def merchant_features(features: Iterable[str]) -> tuple[str, ...]:
+    """Those of `features` keyed by the merchant (any entity named for it), for the report's no-merchant baseline."""
+    return tuple(f for f in features if "merchant" in (entity_of(f) or ""))
 
 
 def ordered(extra: Iterable[str]) -> tuple[str, ...]:

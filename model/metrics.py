@@ -20,7 +20,7 @@ class ThresholdRule:
     """The decision threshold is the lowest score whose validation false-positive rate is at most `max_fpr`: the
     highest recall that alert budget allows (flag when score >= threshold)."""
 
-    max_fpr: float = 0.001
+    max_fpr: float = 0.005
 
     def describe(self) -> str:
         return (f"the lowest threshold whose validation false-positive rate is <= {self.max_fpr:.2%} "

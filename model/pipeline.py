@@ -16,6 +16,7 @@ from pathlib import Path
 from model import calibration as cal
 from model import data as data_mod
 from model import features as feats
+from model import kinds as kinds_mod
 from model import registry, tracking
 from model.device import resolve as resolve_device
 from model.metrics import ThresholdRule, average_precision, evaluate, first_of_chain
@@ -32,6 +33,7 @@ from model.trainer import (
     ablate_features,
     amount_baseline,
     compare_imbalance,
+    no_merchant_baseline,
     original_baseline,
     select_features,
 )
@@ -62,6 +64,8 @@ class TrainOptions:
     early_stopping_rounds: int = EARLY_STOPPING_ROUNDS
     make_current: bool = True
     experiment: str | None = None
+    fraud_kinds: Path | None = None  # side file for the by-kind breakdown (default: next to the history, if there)
+    labels_as_of_ms: int | None = None  # the target is the label known at this time (default: now)
 
 
 @dataclass
@@ -107,6 +111,8 @@ class TrainResult:
     previous_current: str | None = None
     made_current: bool = False
     metadata: dict = field(default_factory=dict)
+    target: dict = field(default_factory=dict)  # model.targets.Target.to_dict() + "description"
+    by_kind: dict | None = None  # {"source": path, "models": {name: {kind: figures}}}
 
     @property
     def report_path(self) -> Path:
@@ -125,7 +131,7 @@ def _batch_count_feature() -> str | None:
     """The batch group's count feature (num_trans_last_1w), from the declarations."""
     from featurestore import definitions as defs
 
-    for group in defs.FEATURE_GROUPS:
+    for group in sorted(defs.FEATURE_GROUPS, key=lambda g: g.entity != "card"):  # the card's snapshot first
         if group.source == "batch":
             for f in group.features:
                 if getattr(f, "function", getattr(f, "aggregation", None)) == "count":
@@ -165,8 +171,10 @@ def train(opts: TrainOptions, progress: Progress | None = None, status=None) -> 
     t = time.perf_counter()
 
     status("loading the training set", opts.source.describe())
+    kinds_path = opts.fraud_kinds or kinds_mod.default_path(opts.source.history)
+    kinds_table = kinds_mod.read(kinds_path) if kinds_path is not None else None  # refused before the slow part
     data = data_mod.load(opts.source, start=opts.start, end=opts.end, secret=opts.secret,
-                         allowed_lateness_ms=opts.allowed_lateness_ms)
+                         allowed_lateness_ms=opts.allowed_lateness_ms, labels_as_of_ms=opts.labels_as_of_ms)
     split = data_mod.split_by_day(data.ts, val_days=opts.val_days, test_days=opts.test_days)
     slices = split.slices(data.ts)
     without = data_mod.check_snapshots(data, split, slices, count_feature=_batch_count_feature())
@@ -210,6 +218,7 @@ def train(opts: TrainOptions, progress: Progress | None = None, status=None) -> 
 
     amount = amount_baseline(trainer, params, imbalance)
     original = original_baseline(trainer)
+    no_merchant = no_merchant_baseline(trainer, final, params, imbalance, selection.fits)
     t = lap("baselines", t)
 
     status("calibration, threshold, metrics")
@@ -227,7 +236,10 @@ def train(opts: TrainOptions, progress: Progress | None = None, status=None) -> 
     }
     scores = {"y_test": y_test, "model": test_cal, "model_raw": test_raw}
     thresholds = {"model": threshold}
-    for name, fit in (("original_four", original), ("amount_only", amount)):
+    baselines = (("original_four", original), ("amount_only", amount))
+    if no_merchant is not None:
+        baselines = (("no_merchant", no_merchant), *baselines)
+    for name, fit in baselines:
         thr = opts.rule.choose(y_val, fit.val_scores)
         s = trainer.scores(fit, "test")
         scores[name] = s
@@ -235,6 +247,11 @@ def train(opts: TrainOptions, progress: Progress | None = None, status=None) -> 
         metrics[name] = {"test": evaluate(y_test, s, thr).to_dict(),
                          "validation": evaluate(y_val, fit.val_scores, thr).to_dict()}
     te = slices["test"]
+    by_kind = None
+    if kinds_table is not None:
+        kind = kinds_mod.kinds_of(data.txn_id.slice(te.start, te.stop - te.start), y_test, kinds_table)
+        by_kind = {"source": str(kinds_path), "models": {
+            name: kinds_mod.breakdown(y_test, scores[name], thresholds[name], kind) for name in thresholds}}
     first = first_of_chain(data.ts[te], data.card[te], y_test, gap_ms=10 * 60_000)
     later = (y_test == 1) & ~first
     chains = {}
@@ -258,7 +275,8 @@ def train(opts: TrainOptions, progress: Progress | None = None, status=None) -> 
         best_rounds=final.rounds, max_rounds=opts.max_rounds, early_stopping_rounds=opts.early_stopping_rounds,
         declarations_version=feats.declarations_version(), calibration_choice=choice, calibration=calib,
         rule=opts.rule, threshold=threshold, metrics=metrics, chains=chains, importance=importance, scores=scores,
-        durations=durations, libraries=library_versions(), tracking_uri=trk.uri, experiment=trk.experiment)
+        durations=durations, libraries=library_versions(), tracking_uri=trk.uri, experiment=trk.experiment,
+        target={**data.target.to_dict(), "description": data.target.describe()}, by_kind=by_kind)
     durations["fits_s"] = trainer.fit_seconds
     durations["final_fit_s"] = final.seconds
     del data, trainer  # the frame is no longer needed while the report is drawn
@@ -318,6 +336,8 @@ def build_metadata(r: TrainResult, final: Fit) -> dict:
         "imbalance": {**r.imbalance.to_dict(), "source": r.imbalance_source,
                       "scale_pos_weight_value": r.scale_pos_weight if r.imbalance.scale_pos_weight else None},
         "feature_selection": r.selection.rows,
+        "target": r.target,
+        "by_kind": r.by_kind,
         "feature_ablation": r.ablation,
         "tuning": r.tuning.to_dict() if r.tuning else None,
         "device": r.device,
@@ -350,6 +370,9 @@ def flat_metrics(r: TrainResult) -> dict[str, float]:
                 out[f"{model}.{split}.{k}"] = v
     out.update({f"duration.{k}": v for k, v in r.durations.items()})
     out["test_aucpr"] = r.metrics["model"]["test"]["aucpr"]
+    for model, figures in ((r.by_kind or {}).get("models") or {}).items():
+        for kind, m in figures.items():
+            out.update({f"by_kind.{model}.{kind}.{k}": v for k, v in m.items()})
     for row in (r.ablation or {}).get("rows", []):
         out[f"ablation.{row['feature']}.val_aucpr_without"] = row["val_aucpr_without"]
     return out

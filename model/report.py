@@ -121,8 +121,11 @@ def write_plots(result: TrainResult, out: Path) -> dict[str, Path]:
     s = result.scores
     paths = {k: out / v for k, v in PLOTS.items()}
     m = result.metrics["model"]["test"]
-    plot_pr(paths["pr"], s["y_test"], {"model": s["model"], "original four (baseline)": s["original_four"],
-                                       "amount only (baseline)": s["amount_only"]},
+    curves = {"model": s["model"], "original four (baseline)": s["original_four"],
+              "amount only (baseline)": s["amount_only"]}
+    if "no_merchant" in s:
+        curves["no merchant features (baseline)"] = s["no_merchant"]
+    plot_pr(paths["pr"], s["y_test"], curves,
             (m["recall_at_threshold"], m["precision_at_threshold"]))
     plot_calibration(paths["calibration"], s["y_test"], s["model_raw"],
                      s["model"] if result.calibration.method != "none" else None)
@@ -158,13 +161,19 @@ def markdown(result: TrainResult) -> str:
           f"({mt['aucpr'] - amt['aucpr']:+.4f}). At its threshold the model flags "
           f"{_pct(mt['recall_at_threshold'])} of the test fraud with precision {_pct(mt['precision_at_threshold'])} "
           f"({_pct(mt['fpr_at_threshold'])} of legitimate transactions flagged).", ""]
-    rows = [("**model**", mt), ("model, uncalibrated", r.metrics["model_raw"]["test"]),
-            ("original four (baseline)", orig), ("amount only (baseline)", amt)]
+    rows = [("**model**", mt), ("model, uncalibrated", r.metrics["model_raw"]["test"])]
+    if "no_merchant" in r.metrics:
+        rows.append(("no merchant features (baseline)", r.metrics["no_merchant"]["test"]))
+    rows += [("original four (baseline)", orig), ("amount only (baseline)", amt)]
     L += _metrics_table(rows)
     L += ["", "Each row's threshold comes from its own validation scores by the same rule (below). Baselines: "
           "*original four* is the original system's model (amount, amt_ratio1, amt_ratio2, count_ratio; depth 5, "
           "eta 0.2, gamma 4, min_child_weight 6, subsample 0.7, 100 rounds, no reweighting, every training row); "
-          "*amount only* is this model's own recipe with the amount as its only feature.", ""]
+          "*amount only* is this model's own recipe with the amount as its only feature; *no merchant features* is "
+          "this model's recipe and features less those keyed by the merchant"
+          + ("." if "no_merchant" in r.metrics else " (the model uses none, so it is its own baseline: no row).")]
+    L += ["", f"Training target: {r.target.get('description', 'the inline fraud_label')}.", ""]
+    L += _by_kind(r)
     L += ["Validation days (where every choice below was made):", ""]
     L += _metrics_table([("model", r.metrics["model"]["validation"]),
                          ("original four", r.metrics["original_four"]["validation"]),
@@ -204,7 +213,7 @@ def markdown(result: TrainResult) -> str:
         L.append(f"| {row['features']} | {row['val_aucpr']:.4f} | {gain} | {'yes' if row['kept'] else 'no'} | "
                  f"{row['rounds']} | {row['seconds']:.1f} s |")
     if r.ablation:
-        L += ["", f"Drop-one comparison (`--compare-features`): {r.ablation['rule']}. Groups are chosen whole "
+        L += ["", f"Drop-one comparison (`--compare-features`): {r.ablation['rule']}. Blocks of groups are chosen whole "
               "(above); this shows what each member adds given all the others.", "",
               "| feature | group | val AUC-PR without it | what it adds | adds >= the rule's gain alone | rounds | "
               "fit time |",
@@ -268,6 +277,30 @@ def markdown(result: TrainResult) -> str:
           "- durations: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in r.durations.items()),
           "- libraries: " + ", ".join(f"{k} {v}" for k, v in r.libraries.items()), ""]
     return "\n".join(L)
+
+
+MODEL_NAMES = {"model": "model", "no_merchant": "no merchant features", "original_four": "original four",
+               "amount_only": "amount only"}
+
+
+def _by_kind(r: TrainResult) -> list[str]:
+    """The by-fraud-kind table: each kind's fraud rows against every legitimate row of the test days."""
+    if not r.by_kind:
+        return ["No fraud-kind side file (`--fraud-kinds PATH`; `velocity generate` writes `<stem>.fraud_kinds.parquet`"
+                " next to the history): no breakdown by kind.", ""]
+    L = ["### By fraud kind", "", f"From `{r.by_kind['source']}`. Each kind's fraud rows of the test days against "
+         "every legitimate row of the test days; recall at each model's own threshold.", "",
+         "| kind | model | frauds | recall @ thr | ROC AUC | AUC-PR |", "|---|---|---:|---:|---:|---:|"]
+    models = r.by_kind["models"]
+    kinds = sorted({k for figures in models.values() for k in figures})
+    for kind in kinds:
+        for name, figures in models.items():
+            m = figures.get(kind)
+            if m:
+                label = f"**{MODEL_NAMES.get(name, name)}**" if name == "model" else MODEL_NAMES.get(name, name)
+                L.append(f"| {kind} | {label} | {m['frauds']:,} | {_pct(m['recall_at_threshold'])} | "
+                         f"{_f(m['roc_auc'])} | {_f(m['aucpr'])} |")
+    return [*L, ""]
 
 
 def write(result: TrainResult, out: Path) -> Path:

@@ -267,8 +267,9 @@ class FeatureSelection:
 
 
 def select_features(trainer: Trainer, params: dict, imbalance: Imbalance) -> FeatureSelection:
-    """Start from the declared model features (the original four); add each other feature group, in declaration
-    order, only if it raises validation AUC-PR by at least MIN_GAIN over the set kept so far."""
+    """Start from the declared model features (the original four); add each block of other feature groups (the
+    groups of one entity and source: `features.candidate_groups`), in declaration order, only if it raises
+    validation AUC-PR by at least MIN_GAIN over the set kept so far."""
     kept = trainer.fit("features: declared four" if len(feats.base_features()) == 4 else "features: declared",
                        feats.base_features(), params, imbalance)
     rows = [{"features": "declared model features (" + ", ".join(kept.features) + ")", "added": "",
@@ -286,8 +287,8 @@ def select_features(trainer: Trainer, params: dict, imbalance: Imbalance) -> Fea
                      "seconds": fit.seconds})
         if ok:
             kept = fit
-    rule = (f"a feature group is added (in declaration order) only if it raises validation AUC-PR by >= {MIN_GAIN} "
-            "over the features kept so far")
+    rule = (f"a block of feature groups (those of one entity and source) is added, in declaration order, only if it "
+            f"raises validation AUC-PR by >= {MIN_GAIN} over the features kept so far")
     return FeatureSelection(kept, rows, fits, rule)
 
 
@@ -333,6 +334,21 @@ def original_baseline(trainer: Trainer) -> Fit:
     100 rounds, every training row, no reweighting."""
     return trainer.fit("baseline: original four", feats.base_features(), ORIGINAL_PARAMS, Imbalance(),
                        rounds=ORIGINAL_ROUNDS, early_stopping=False)
+
+
+def no_merchant_baseline(trainer: Trainer, final: Fit, params: dict, imbalance: Imbalance,
+                         done: Sequence[Fit] = ()) -> Fit | None:
+    """The model's own recipe without its merchant-keyed features: what the merchant entity adds. None when the
+    model uses no merchant feature (then the model is its own baseline). A fit in `done` (the feature selection's)
+    of exactly that feature set with the same recipe is reused rather than fitted again."""
+    merchant = set(feats.merchant_features(final.features))
+    if not merchant:
+        return None
+    features = tuple(f for f in final.features if f not in merchant)
+    for fit in done:
+        if fit.features == features and fit.params == final.params and fit.imbalance == final.imbalance:
+            return fit
+    return trainer.fit("baseline: no merchant features", features, params, imbalance)
 
 
 def amount_baseline(trainer: Trainer, params: dict, imbalance: Imbalance) -> Fit:

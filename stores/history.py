@@ -9,6 +9,8 @@ import pyarrow.compute as pc
 
 REQUIRED = {"txn_id": "string", "cc_num": "string", "amount": "number", "ts": "integer",
             "merchant": "string", "category": "string"}
+#: Columns a history may have, checked only when present: the inline label's time (epoch ms, null = never labeled).
+OPTIONAL = {"labeled_at": "integer"}
 
 
 class HistoryError(ValueError):
@@ -57,6 +59,10 @@ def check_schema(path: Path, schema: pa.Schema) -> None:
         got = _kind(schema.field(col).type)
         if got != want and not (want == "number" and got == "integer"):
             raise HistoryError(f"{path}: column {col} should be {want}, found {schema.field(col).type}")
+    for col, want in OPTIONAL.items():
+        if col in schema.names and _kind(schema.field(col).type) != want and not pa.types.is_null(schema.field(col).type):
+            raise HistoryError(f"{path}: column {col} should be {want} (epoch ms, empty = never labeled), found "
+                               f"{schema.field(col).type}")
 
 
 def check_counts(path: Path, *, rows: int, nulls: dict[str, int], bad_amounts: int, distinct_ids: int) -> None:

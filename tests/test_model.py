@@ -145,8 +145,10 @@ def test_feature_order_follows_the_declarations() -> None:
     assert list(ordered[len(defs.MODEL_FEATURES):]) == extras  # declaration order, whatever order they came in
     with pytest.raises(feats.IncompatibleFeaturesError, match="not declared"):
         feats.ordered(["no_such_feature"])
-    groups = feats.candidate_groups()
-    assert [g.name for g in groups][:2] == [g.name for g in defs.FEATURE_GROUPS][:2]
+    groups = feats.candidate_groups()  # blocks of the groups of one entity and source, in declaration order
+    named = [n for g in groups for n in g.name.split(" + ")]
+    assert sorted(named) == sorted(g.name for g in defs.FEATURE_GROUPS)
+    assert groups[0].name.split(" + ")[0] == defs.FEATURE_GROUPS[0].name
 
 
 @pytest.mark.unit
@@ -247,12 +249,14 @@ def test_training_on_cuda_uses_the_gpu_and_scores_like_the_cpu() -> None:
 def store(tmp_path_factory) -> dict:
     """A generated history and every night's 1-week snapshot, keyed with SECRET."""
     from batch.engines import dates_between, open_engine, run_snapshots
-    from ingest.generate import GenerateConfig, generate_history, write_history
+    from ingest.generate import GenerateConfig, generate_history, write_fraud_kinds, write_history
 
     root = tmp_path_factory.mktemp("model")
     history = root / "history.parquet"
     cfg = GenerateConfig(cards=2000, days=35, start=dt.date(2020, 1, 1), seed=3)
-    write_history(generate_history(cfg).table, history)
+    hist = generate_history(cfg)
+    write_history(hist.table, history)
+    write_fraud_kinds(hist, history)  # history.fraud_kinds.parquet, as `velocity generate` writes it
     offline = root / "offline"
     eng = open_engine("duckdb", offline_dir=offline, history=history, secret=SECRET)
     run_snapshots(eng, dates_between(dt.date(2020, 1, 2), dt.date(2020, 2, 4)), offline_dir=offline)
@@ -334,7 +338,7 @@ def test_metadata_records_what_a_scorer_needs(full_run) -> None:
     assert meta["training_window"] == {"start": "2020-01-01", "end": "2020-02-05", "end_exclusive": True}
     assert meta["device"] in ("cpu", "cuda") and meta["device_reason"]
     assert meta["calibration"]["method"] in ("none", "platt", "isotonic")
-    assert meta["threshold_rule"]["max_fpr"] == 0.001
+    assert meta["threshold_rule"]["max_fpr"] == ThresholdRule().max_fpr
     assert {"xgboost", "numpy", "scikit-learn", "mlflow-skinny"} <= set(meta["libraries"])
     assert meta["durations"]["total_s"] > meta["durations"]["fits_s"] > 0
     model = registry.load_current(full_run["path"].parent)
@@ -492,3 +496,64 @@ def test_train_errors_are_one_clear_line(store, tmp_path) -> None:
     assert proc.returncode == 2 and "no card_agg_1w snapshot" in proc.stderr and "velocity batch" in proc.stderr
     proc = _velocity(store, "train", "--training-set", str(tmp_path / "missing.parquet"), check=False)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+# ------------------------------------------------------------------ issue 16: target as known, by fraud kind
+
+
+def _ms(day: dt.date) -> int:
+    return int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp() * 1000)
+
+
+@pytest.mark.e2e
+def test_report_breaks_recall_and_auc_down_by_fraud_kind(full_run, store) -> None:
+    import pyarrow.parquet as pq
+
+    meta = full_run["meta"]
+    side = store["history"].with_name("history.fraud_kinds.parquet")
+    by_kind = meta["by_kind"]
+    assert by_kind["source"] == str(side)  # found next to the history without --fraud-kinds
+    split = data_mod.TimeSplit.from_dict(meta["split"])
+    h = pq.read_table(store["history"], columns=["txn_id", "ts", "fraud_label"]).to_pandas()
+    test = h[(h.ts >= _ms(split.test_start)) & (h.ts < _ms(split.end)) & (h.fraud_label == 1)]
+    expected = test.merge(pq.read_table(side).to_pandas(), on="txn_id").kind.value_counts().to_dict()
+    assert set(expected) == {"card_chain", "compromised_merchant"}
+    assert set(by_kind["models"]) >= {"model", "original_four", "amount_only"}
+    for figures in by_kind["models"].values():
+        assert {k: m["frauds"] for k, m in figures.items()} == expected
+        for m in figures.values():
+            assert 0 <= m["recall_at_threshold"] <= 1 and 0 <= m["roc_auc"] <= 1 and 0 < m["aucpr"] <= 1
+    text = (full_run["path"] / "report.md").read_text()
+    assert "### By fraud kind" in text and "| compromised_merchant | **model** |" in text
+    assert "Training target: latest label known at" in text
+    assert meta["target"]["from_labels"] == meta["split"]["counts"]["train"]["frauds"] + sum(
+        meta["split"]["counts"][k]["frauds"] for k in ("validation", "test"))  # every inline label is known by now
+    # the no-merchant baseline exists exactly when the model uses a merchant feature
+    assert ("no_merchant" in meta["metrics"]) == bool(feats.merchant_features(meta["features"]))
+
+
+@pytest.mark.e2e
+def test_training_target_is_the_latest_label_known_at_training_time(store, tmp_path) -> None:
+    import time
+
+    import pyarrow.parquet as pq
+
+    from stores.labels import write_labels
+
+    offline = tmp_path / "offline"
+    shutil.copytree(store["offline"], offline)
+    h = pq.read_table(store["history"], columns=["txn_id", "ts", "fraud_label", "labeled_at"]).to_pandas()
+    fraud, legit, legit2 = h[h.fraud_label == 1].iloc[0], h[h.fraud_label == 0].iloc[0], h[h.fraud_label == 0].iloc[1]
+    now = int(time.time() * 1000)
+    day = 86_400_000
+    write_labels(offline, [
+        {"txn_id": fraud.txn_id, "fraud_label": 0, "labeled_at": int(fraud.labeled_at) + day},  # reversed later
+        {"txn_id": legit.txn_id, "fraud_label": 1, "labeled_at": int(legit.ts) + 3 * day},  # a late chargeback
+        {"txn_id": legit2.txn_id, "fraud_label": 1, "labeled_at": now + 10 * day},  # known only after training
+    ])
+    data = data_mod.load(data_mod.Source(history=store["history"], offline_dir=offline), start=None, end=None,
+                         secret=SECRET, allowed_lateness_ms=defs.DEFAULT_ALLOWED_LATENESS_MS, labels_as_of_ms=now)
+    y = dict(zip(data.txn_id.to_pylist(), data.y.tolist(), strict=True))
+    assert y[fraud.txn_id] == 0 and y[legit.txn_id] == 1 and y[legit2.txn_id] == 0
+    assert int(data.y.sum()) == int(h.fraud_label.sum())  # one fraud un-labeled, one legitimate labeled fraud
+    assert data.target.versions_after == 1 and data.target.changed == 2
