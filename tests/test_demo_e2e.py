@@ -166,9 +166,6 @@ def test_no_card_number_in_any_output_or_log(demo_run):
 @pytest.mark.integration
 @pytest.mark.e2e
 @pytest.mark.slow
-@pytest.mark.xfail(reason="known gap, issue 15 open: the model trained by `velocity train`'s own rule scores the "
-                          "attack's 2nd transaction (2 small purchases within seconds) below its threshold; "
-                          "nothing in training may know the story, so the decisions are not forced", strict=False)
 def test_decisions_follow_the_story(demo_run):
     """SPEC section 9: the normal cards and the attack's first NOT FRAUD, the other nine FRAUD."""
     want = ["NOT_FRAUD"] * (NORMAL + 1) + ["FRAUD"] * (ATTACK - 1)
