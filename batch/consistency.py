@@ -86,6 +86,7 @@ def read_scores(bootstrap: str, topic: str, *, sample: int, since_ms: int | None
 
     try:
         from stores.kafka_security import KafkaSecurityError, check_credentials, kafka_python_kwargs
+        from stores.kafka_topics import read_range
 
         try:
             check_credentials(bootstrap)
@@ -110,29 +111,18 @@ def read_scores(bootstrap: str, topic: str, *, sample: int, since_ms: int | None
             for tp in tps:
                 at = found.get(tp)
                 starts[tp] = max(starts[tp], at.offset if at is not None else ends[tp])
-        todo = [tp for tp in tps if starts[tp] < ends[tp]]
+        try:
+            values = read_range(consumer, starts, ends, timeout_s)
+        except TimeoutError as exc:
+            raise ConsistencyError(f"reading {topic} timed out after {timeout_s:.0f}s ({exc})") from None
         records: list[ScoreRecord] = []
         skipped = 0
-        if not todo:
-            return records, skipped
-        consumer.assign(todo)
-        for tp in todo:
-            consumer.seek(tp, starts[tp])
-        deadline = time.monotonic() + timeout_s
-        while todo and time.monotonic() < deadline:
-            for tp, msgs in consumer.poll(timeout_ms=500).items():
-                for m in msgs:
-                    if m.offset >= ends[tp]:
-                        continue
-                    rec = ScoreRecord.parse(m.value) if m.value is not None else None
-                    if rec is None:
-                        skipped += 1
-                    else:
-                        records.append(rec)
-            todo = [tp for tp in todo if consumer.position(tp) < ends[tp]]
-        if todo:
-            raise ConsistencyError(f"reading {topic} timed out after {timeout_s:.0f}s "
-                                   f"({len(todo)} partition(s) not read to their end)")
+        for value in values:
+            rec = ScoreRecord.parse(value) if value is not None else None
+            if rec is None:
+                skipped += 1
+            else:
+                records.append(rec)
     finally:
         consumer.close()
     by_source: dict[str, list[ScoreRecord]] = {s: [] for s in SOURCES}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +44,7 @@ def read_decisions(bootstrap: str, topic: str, *, since_ms: int | None = None,
 
     try:
         from stores.kafka_security import kafka_python_kwargs  # SASL / TLS from VELOCITY_KAFKA_*
+        from stores.kafka_topics import read_range
 
         consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
                                  allow_auto_create_topics=False, request_timeout_ms=15_000, **kafka_python_kwargs())
@@ -61,28 +61,18 @@ def read_decisions(bootstrap: str, topic: str, *, since_ms: int | None = None,
         if since_ms is not None:
             found = consumer.offsets_for_times({tp: since_ms for tp in tps})
             starts = {tp: (found[tp].offset if found.get(tp) is not None else ends[tp]) for tp in tps}
-        todo = [tp for tp in tps if starts[tp] < ends[tp]]
+        try:
+            values = read_range(consumer, starts, ends, timeout_s)
+        except TimeoutError as exc:
+            raise MonitorError(f"reading {topic} timed out after {timeout_s:.0f}s ({exc})") from None
         out: list[Decision] = []
         skipped = 0
-        if not todo:
-            return out, skipped
-        consumer.assign(todo)
-        for tp in todo:
-            consumer.seek(tp, starts[tp])
-        deadline = time.monotonic() + timeout_s
-        while todo and time.monotonic() < deadline:
-            for tp, msgs in consumer.poll(timeout_ms=500, max_records=10_000).items():
-                for m in msgs:
-                    if m.offset >= ends[tp]:
-                        continue
-                    d = parse_decision(m.value)
-                    if d is None:
-                        skipped += 1
-                    else:
-                        out.append(d)
-            todo = [tp for tp in todo if consumer.position(tp) < ends[tp]]
-        if todo:
-            raise MonitorError(f"reading {topic} timed out after {timeout_s:.0f}s")
+        for value in values:
+            d = parse_decision(value)
+            if d is None:
+                skipped += 1
+            else:
+                out.append(d)
         return out, skipped
     finally:
         consumer.close()

@@ -53,23 +53,8 @@ def ssl_context(settings: KafkaSettings | None = None) -> ssl.SSLContext | None:
     return ctx
 
 
-def kafka_python_kwargs(settings: KafkaSettings | None = None) -> dict:
-    """Arguments for kafka-python's KafkaProducer / KafkaConsumer / KafkaAdminClient (empty for PLAINTEXT)."""
-    s = _settings(settings)
-    if s.security_protocol == "PLAINTEXT":
-        return {}
-    kwargs: dict = {"security_protocol": s.security_protocol}
-    if _uses_sasl(s):
-        kwargs.update(sasl_mechanism=s.sasl_mechanism, sasl_plain_username=s.sasl_username,
-                      sasl_plain_password=s.sasl_password)
-    if _uses_tls(s):
-        kwargs.update(ssl_context=ssl_context(s), ssl_check_hostname=s.ssl_check_hostname)
-    return kwargs
-
-
-def aiokafka_kwargs(settings: KafkaSettings | None = None) -> dict:
-    """Arguments for aiokafka's producer, consumer and admin client (empty for PLAINTEXT)."""
-    s = _settings(settings)
+def _python_client_kwargs(s: KafkaSettings) -> dict:
+    """What kafka-python and aiokafka share: the protocol, SASL credentials and the TLS context."""
     if s.security_protocol == "PLAINTEXT":
         return {}
     kwargs: dict = {"security_protocol": s.security_protocol}
@@ -79,6 +64,20 @@ def aiokafka_kwargs(settings: KafkaSettings | None = None) -> dict:
     if _uses_tls(s):
         kwargs["ssl_context"] = ssl_context(s)
     return kwargs
+
+
+def kafka_python_kwargs(settings: KafkaSettings | None = None) -> dict:
+    """Arguments for kafka-python's KafkaProducer / KafkaConsumer / KafkaAdminClient (empty for PLAINTEXT)."""
+    s = _settings(settings)
+    kwargs = _python_client_kwargs(s)
+    if "ssl_context" in kwargs:
+        kwargs["ssl_check_hostname"] = s.ssl_check_hostname  # kafka-python checks it apart from the context
+    return kwargs
+
+
+def aiokafka_kwargs(settings: KafkaSettings | None = None) -> dict:
+    """Arguments for aiokafka's producer, consumer and admin client (empty for PLAINTEXT)."""
+    return _python_client_kwargs(_settings(settings))
 
 
 def faust_app_kwargs(settings: KafkaSettings | None = None) -> dict:

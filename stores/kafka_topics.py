@@ -49,3 +49,29 @@ def product_topics(settings: KafkaSettings) -> dict[str, int]:
     n = settings.partitions
     return {settings.topic_transactions: n, settings.topic_dlq: n, settings.topic_scores: n, settings.topic_alerts: n,
             settings.topic_labels: n, settings.topic_labels_dlq: n}
+
+
+def read_range(consumer, starts: dict, ends: dict, timeout_s: float) -> list[bytes | None]:
+    """The values of a kafka-python consumer's messages in [starts[tp], ends[tp]) of each partition, as polled.
+
+    For readers of a topic up to its end as of a moment (`velocity consistency`, `velocity monitor`): messages
+    produced after `ends` was taken are left out. Raises TimeoutError saying how many partitions were not read to
+    their end within `timeout_s`.
+    """
+    import time
+
+    todo = [tp for tp in starts if starts[tp] < ends[tp]]
+    values: list[bytes | None] = []
+    if not todo:
+        return values
+    consumer.assign(todo)
+    for tp in todo:
+        consumer.seek(tp, starts[tp])
+    deadline = time.monotonic() + timeout_s
+    while todo and time.monotonic() < deadline:
+        for tp, msgs in consumer.poll(timeout_ms=500, max_records=10_000).items():
+            values.extend(m.value for m in msgs if m.offset < ends[tp])
+        todo = [tp for tp in todo if consumer.position(tp) < ends[tp]]
+    if todo:
+        raise TimeoutError(f"{len(todo)} partition(s) not read to their end")
+    return values
