@@ -253,7 +253,7 @@ def store(tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("model")
     history = root / "history.parquet"
-    cfg = GenerateConfig(cards=2000, days=35, start=dt.date(2020, 1, 1), seed=3)
+    cfg = GenerateConfig(cards=2000, days=35, start=dt.date(2020, 1, 1), seed=3, compromise_rate=0.0008)  # both kinds
     hist = generate_history(cfg)
     write_history(hist.table, history)
     write_fraud_kinds(hist, history)  # history.fraud_kinds.parquet, as `velocity generate` writes it
