@@ -24,9 +24,8 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from aiokafka.partitioner import DefaultPartitioner, murmur2
-
 from serving.spill import HoldQueue, Message
+from stores.kafka_topics import KeyHashCache
 
 log = logging.getLogger(__name__)
 
@@ -287,25 +286,6 @@ class Publisher:
             self._producer = None
         self.hold.close()
         self.state = "stopped"
-
-
-class KeyHashCache:
-    """aiokafka's default partitioner (the Java client's murmur2 of the key) with each key's hash remembered: the
-    pure-Python murmur2 costs ~20-60 us a message, and the API sees the same cards again and again."""
-
-    def __init__(self, max_size: int = 200_000) -> None:
-        self._hashes: dict[bytes, int] = {}
-        self._max = max_size
-
-    def __call__(self, key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
-        if key is None:
-            return DefaultPartitioner()(key, all_partitions, available)
-        h = self._hashes.get(key)
-        if h is None:
-            if len(self._hashes) >= self._max:
-                self._hashes.clear()
-            h = self._hashes[key] = murmur2(key) & 0x7FFFFFFF
-        return all_partitions[h % len(all_partitions)]
 
 
 def _retrieve(fut: asyncio.Future) -> None:

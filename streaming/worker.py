@@ -22,10 +22,9 @@ from featurestore.entity import (
     warn_if_default_secret,
 )
 from featurestore.events import dead_letter
-from serving.publisher import KeyHashCache
 from stores.archive import ArchiveWriter, archive_dir, recover_spools
 from stores.kafka_security import check_credentials, faust_app_kwargs
-from stores.kafka_topics import ensure_topics
+from stores.kafka_topics import KeyHashCache, ensure_topics
 from stores.redis_online import DEFAULT_RETENTION_MS, AsyncOnlineStore
 from streaming import metrics
 from streaming.batch_prep import RawMessage
