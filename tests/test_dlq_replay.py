@@ -13,25 +13,17 @@ import uuid
 import numpy as np
 import orjson
 import pytest
-from kafka import KafkaConsumer, TopicPartition
 
 from featurestore.entity import EntityKeyer
 from stores.redis_online import OnlineStore
 from tests.conftest import REPO
+from tests.helpers import topic_messages
 from tests.stream_harness import SECRET, Worker, wait_committed
 from tests.synthetic import luhn_pan
 
 pytestmark = pytest.mark.integration
 
 
-def topic_messages(bootstrap: str, topic: str) -> list:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=3000)
-    parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-    consumer.assign(parts)
-    consumer.seek_to_beginning(*parts)
-    out = list(consumer)
-    consumer.close()
-    return out
 
 
 def dlq_replay(bootstrap: str, topic: str, *flags: str, future_ms: int) -> subprocess.CompletedProcess:

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import REPO
-from tests.helpers import wait_until
+from tests.helpers import topic_messages, wait_until
 from tests.stream_harness import SECRET, Worker, committed_all, wait_committed
 from tests.synthetic import luhn_pan
 
@@ -150,16 +150,7 @@ def test_label_plan_uses_the_labeled_at_column_else_fraud_rows_only():
 # ------------------------------------------------------------------------------------------------ integration
 
 
-def _consume_all(bootstrap: str, topic: str) -> list:
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=3000)
-    parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-    consumer.assign(parts)
-    consumer.seek_to_beginning(*parts)
-    out = list(consumer)
-    consumer.close()
-    return out
+_consume_all = topic_messages
 
 
 def _worker(services, topic: str, tmp_path, group: str) -> Worker:

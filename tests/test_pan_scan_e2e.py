@@ -21,12 +21,12 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 import redis
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer
 
 from featurestore.entity import EntityKeyer
 from tests.api_harness import isolated_api
 from tests.conftest import REPO
-from tests.helpers import wait_until
+from tests.helpers import topic_messages, wait_until
 from tests.pan_scan import PanScanner
 from tests.stream_harness import SECRET, Worker, wait_committed
 
@@ -39,13 +39,7 @@ def _cli(args: list[str], env: dict, timeout: float = 300) -> subprocess.Complet
 
 
 def _messages(bootstrap: str, topic: str) -> list:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=4000)
-    parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-    consumer.assign(parts)
-    consumer.seek_to_beginning(*parts)
-    out = list(consumer)
-    consumer.close()
-    return out
+    return topic_messages(bootstrap, topic, idle_ms=4000)
 
 
 def _redis_items(client: redis.Redis, prefix: str):
