@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -74,6 +75,8 @@ def main() -> None:
     ap.add_argument("--rps", type=int, default=200)
     ap.add_argument("--no-record", action="store_true", help="Print only; leave bench/results.json alone.")
     args = ap.parse_args()
+    # A stopped soak (kill, Ctrl-C) still stops its worker and API: the `finally` below must run.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     from featurestore.entity import EntityKeyer
     from stores.kafka_topics import ensure_topics

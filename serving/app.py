@@ -27,7 +27,7 @@ from pydantic import AliasChoices, BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from featurestore.config import Settings, get_settings
-from featurestore.entity import EntityKeyer, install_pan_redaction, luhn_valid
+from featurestore.entity import EntityKeyer, install_pan_redaction, key_version_problem, luhn_valid
 from featurestore.events import is_entity_key
 from serving.auth import BearerAuth, load_tokens
 from serving.fastpath import ScoreFastPath, ScoringAPI
@@ -40,7 +40,8 @@ from serving.scorer import ModelUnavailable, RedisUnavailable, Scored, Scorer, n
 from serving.spill import HoldCollector, HoldQueue
 from serving.validation import BadInput, TooMany, transactions_from_json
 from stores.kafka_security import aiokafka_kwargs, explain_kafka_failure
-from stores.redis_online import AsyncOnlineStore
+from stores.redis_online import AsyncOnlineStore, _Keys
+from stores.rekey_online import RotationResolver
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,10 @@ class ServeSettings(BaseSettings):
     #: transaction is handed to a producer whose deliveries succeed and the answer does not wait for Kafka; a
     #: delivery failing afterwards is counted (velocity_api_publish_failures{reason="kafka_delivery"}, /readyz).
     publish_wait: bool = False
+    #: How long the producer gathers messages into one produce request: one request per few messages instead of
+    #: one per message costs the broker less CPU per score, and no answer waits for it. With publish_wait the
+    #: linger is 0: it would be added to every answer.
+    kafka_linger_ms: int = 5
     kafka_retry_s: float = 5.0
     model_poll_s: float = 0.5
     #: Record every answer (with reason codes) to the scores topic, marked source: api.
@@ -266,13 +271,15 @@ def create_app(settings: Settings | None = None, serve: ServeSettings | None = N
 
         model_source = current_model_source(settings)
     keyer = EntityKeyer(settings.entity_secret)
+    rotation = RotationResolver(_Keys(settings.redis.key_prefix), keyer) if keyer.rotating else None
     kafka = settings.kafka
     spill_dir = FsPath(serve.spill_dir) if serve.spill_dir else settings.data_dir / "api-spill"
     hold = HoldQueue(spill_dir, memory_items=serve.spill_memory_items, max_file_bytes=serve.spill_max_bytes,
                      fsync_s=serve.spill_fsync_s)
     publisher = Publisher(kafka.bootstrap, send_timeout_s=serve.publish_timeout_s, retry_s=serve.kafka_retry_s,
                           on_failure=lambda reason: metrics.publish_failures.labels(reason).inc(), hold=hold,
-                          security=aiokafka_kwargs(kafka), explain_failure=partial(explain_kafka_failure, kafka))
+                          security=aiokafka_kwargs(kafka), explain_failure=partial(explain_kafka_failure, kafka),
+                          linger_ms=0 if serve.publish_wait else serve.kafka_linger_ms)
     metrics.registry.register(HoldCollector(publisher))
     recorder = ScoreRecorder(publisher, kafka.topic_scores, method=serve.reason_method,
                              on_drop=metrics.records_dropped.inc)
@@ -361,6 +368,9 @@ def create_app(settings: Settings | None = None, serve: ServeSettings | None = N
         scorer: Scorer = state["scorer"]
         t0 = time.perf_counter()
         try:
+            if rotation is not None:  # a key rotation: a card not yet under the new key is read and written as before
+                for t, key in zip(txns, await rotation.resolve(state["store"], [t.card for t in txns]), strict=True):
+                    t.card = key
             scored = await scorer.score_many(txns) if batch else [await scorer.score(txns[0])]
         except RedisUnavailable as exc:
             raise ApiError(503, "redis_unavailable", str(exc)) from None
@@ -440,6 +450,8 @@ def create_app(settings: Settings | None = None, serve: ServeSettings | None = N
 
     async def _card_features(card: str) -> ORJSONResponse:
         try:
+            if rotation is not None:
+                card = (await rotation.resolve(state["store"], [card]))[0]
             return ORJSONResponse(await state["scorer"].card_features(card))
         except RedisUnavailable as exc:
             raise ApiError(503, "redis_unavailable", str(exc)) from None
@@ -447,12 +459,16 @@ def create_app(settings: Settings | None = None, serve: ServeSettings | None = N
     @app.get("/v1/features/{card}", response_model=CardFeatures, responses=_ERRORS,
              summary="A card's current online features, by entity key")
     async def features_by_key(card: str = Path(description="The card's entity key", json_schema_extra={
-            "pattern": "^[0-9a-f]{32}$"})):
-        """`card` is the entity key (32 hex characters). A card number never goes in a URL: POST /v1/features."""
+            "pattern": "^([0-9a-f]{32}|k[1-9][0-9]{0,2}[.][0-9a-f]{32})$"})):
+        """`card` is the entity key (32 hex characters; `kN.` before them for a key of version N, during and after a
+        key rotation). A card number never goes in a URL: POST /v1/features."""
         if not is_entity_key(card):
             detail = ("a card number never goes in a URL: POST /v1/features with {\"cc_num\": ...}" if card.isdigit()
                       else "card must be the entity key: 32 lowercase hex characters")
             raise ApiError(422, "invalid_request", detail, "card", "bad_field")
+        if not keyer.knows(card):
+            raise ApiError(422, "invalid_request", key_version_problem(card, settings.entity_secret), "card",
+                           "unknown_key_version")
         return await _card_features(card)
 
     @app.post("/v1/features", response_model=CardFeatures, responses=_ERRORS,

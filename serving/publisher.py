@@ -46,8 +46,9 @@ class Publisher:
     def __init__(self, bootstrap: str, *, send_timeout_s: float = 0.5, retry_s: float = 5.0,
                  request_timeout_ms: int = 5_000, on_failure: Callable[[str], None] | None = None,
                  hold: HoldQueue | None = None, security: dict | None = None, drain_batch: int = 500,
-                 explain_failure: Callable[[], str | None] | None = None) -> None:
+                 explain_failure: Callable[[], str | None] | None = None, linger_ms: int = 0) -> None:
         self.bootstrap = bootstrap
+        self.linger_ms = linger_ms
         self.send_timeout_s = send_timeout_s
         self.retry_s = retry_s
         self.request_timeout_ms = request_timeout_ms
@@ -77,7 +78,7 @@ class Publisher:
         from aiokafka import AIOKafkaProducer
 
         while self._producer is None:
-            producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=0,
+            producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=self.linger_ms,
                                         request_timeout_ms=self.request_timeout_ms, client_id="velocity-serve",
                                         partitioner=self._partitioner, **self.security)
             try:
