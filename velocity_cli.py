@@ -67,10 +67,15 @@ _register()
 
 def main() -> None:
     _configure_logging()
+    from featurestore.entity import SecretsConfigError
+
     try:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+    except SecretsConfigError as exc:  # a bad VELOCITY_ENTITY_SECRETS: one line, no secret in it
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

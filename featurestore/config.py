@@ -6,10 +6,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from featurestore.definitions import DEFAULT_ALLOWED_LATENESS_MS, DEFAULT_EVENT_RETENTION_MS, DEFAULT_MAX_FUTURE_MS
+from featurestore.entity import EntitySecrets, SecretsConfigError
 
 
 class RedisSettings(BaseSettings):
@@ -31,6 +32,19 @@ class RedisSettings(BaseSettings):
     connect_timeout_s: float = 1.0
     #: Versioned prefix: a change of key layout bumps it, so old and new layouts never mix.
     key_prefix: str = "vel:v1"
+    #: Redis Cluster mode (VELOCITY_REDIS_CLUSTER=true): host:port is a seed node, the clients discover the rest;
+    #: `cluster_nodes` ("host:port,host:port") adds further seeds. Every component follows it (stores.redis_online).
+    cluster: bool = False
+    cluster_nodes: str = ""
+
+    def seeds(self) -> list[tuple[str, int]]:
+        """The cluster's seed nodes: host:port first, then `cluster_nodes`."""
+        out = [(self.host, self.port)]
+        for item in self.cluster_nodes.replace(" ", "").split(","):
+            if item:
+                host, _, port = item.rpartition(":")
+                out.append((host or "127.0.0.1", int(port)))
+        return out
 
     def client_kwargs(self) -> dict:
         kwargs: dict = {
@@ -86,8 +100,13 @@ class KafkaSettings(BaseSettings):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VELOCITY_")
 
-    #: Secret for the PAN -> entity-key HMAC. Set it in production; the default only suits local runs.
+    #: Secret for the PAN -> entity-key HMAC. Set it in production; the default only suits local runs. It is the
+    #: version-1 secret; with `entity_secrets` set it becomes an `EntitySecrets` (a str: the current secret).
     entity_secret: str = "velocity-local-dev-secret"
+    #: Versioned secrets for a key rotation, "2:<new>,1:<old>" (the highest version signs new keys; version 1 is
+    #: VELOCITY_ENTITY_SECRET unless listed), or a file of `N:secret` lines (featurestore/entity.py).
+    entity_secrets: str | None = None
+    entity_secrets_file: Path | None = None
     data_dir: Path = Path("data")
     run_dir: Path = Path(".velocity")
     allowed_lateness_ms: int = DEFAULT_ALLOWED_LATENESS_MS
@@ -98,6 +117,25 @@ class Settings(BaseSettings):
     snapshot_publish_delay_ms: int = 0
     redis: RedisSettings = Field(default_factory=RedisSettings)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+
+    @model_validator(mode="after")
+    def _entity_secret_versions(self) -> Settings:
+        """Turn VELOCITY_ENTITY_SECRETS / _FILE into the versioned secrets (the old single secret is version 1)."""
+        # Not a ValueError: pydantic would wrap it and print the input, secrets included.
+        spec = self.entity_secrets
+        if self.entity_secrets_file is not None:
+            try:
+                spec = ",".join(x for x in [spec, self.entity_secrets_file.read_text()] if x)
+            except OSError as exc:
+                raise SecretsConfigError(f"VELOCITY_ENTITY_SECRETS_FILE {self.entity_secrets_file}: "
+                                         f"{exc.strerror or exc}") from None
+        if spec:
+            v1 = self.entity_secret if "entity_secret" in self.model_fields_set else None
+            try:
+                self.entity_secret = EntitySecrets.parse(spec, v1)
+            except ValueError as exc:
+                raise SecretsConfigError(str(exc)) from None
+        return self
 
     @property
     def offline_dir(self) -> Path:

@@ -5,6 +5,16 @@ last digit is a valid Luhn check digit; or such a number printed in groups, its 
 or dashes (`4539 5787 6362 1486`, `4539-5787-6362-1486`), where any whole groups holding 13-19 digits with a
 valid Luhn digit count. Such runs are masked (`************1248`: all but the last 4 digits replaced by `*`,
 separators kept, same length) wherever free text is stored or logged: validated events, dead letters, log records.
+
+Entity keys carry a version, so the secret can be rotated (`velocity features rotate-key`). Version 1 is today's
+key, 32 lowercase hex characters (the HMAC-SHA256 of the PAN, truncated), so stores written before versions existed
+stay valid unchanged; version N >= 2 is `kN.` followed by the 32 hex characters of the HMAC under secret N
+(`k2.3f...`). `EntitySecrets` holds the configured secrets by version (`VELOCITY_ENTITY_SECRETS="2:new,1:old"` or
+a file; `VELOCITY_ENTITY_SECRET` alone is the single version-1 secret); the highest version signs new keys. During
+a rotation (two versions configured) a reader given a PAN uses the current version's key unless the card has no
+state under it yet and has some under the previous version's (`EntityKeyer.previous_key` gives that key without
+keeping the PAN anywhere but in the keyer's in-memory cache); once `rotate-key` has moved every card, the old
+version can be dropped from the configuration. A key of a version not configured is refused (`UnknownKeyVersion`).
 """
 
 from __future__ import annotations
@@ -14,9 +24,13 @@ import hmac
 import logging
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 ENTITY_KEY_LEN = 32
+#: Highest key version accepted: `kN.` keeps a short, fixed-form prefix (N in 2..999, no leading zero).
+MAX_KEY_VERSION = 999
+_VERSIONED_KEY = re.compile(r"k([2-9]|[1-9][0-9]{1,2})\.[0-9a-f]{32}")
+_HEX_KEY = re.compile(r"[0-9a-f]{32}")
 #: The entity-key secret configured by default (featurestore.config.Settings.entity_secret): public, local use only.
 DEFAULT_ENTITY_SECRET = "velocity-local-dev-secret"
 
@@ -29,27 +43,174 @@ _GROUP = re.compile(r"[0-9]+")
 log = logging.getLogger(__name__)
 
 
-def entity_key(pan: str, secret: str) -> str:
-    """HMAC-SHA256 of the PAN under `secret`, hex, truncated: stable, not reversible without the secret."""
-    digest = hmac.new(secret.encode(), pan.encode(), hashlib.sha256).hexdigest()
-    return digest[:ENTITY_KEY_LEN]
+class SecretsConfigError(RuntimeError):
+    """The configured entity-key secrets are malformed; the message names the entry, never a secret."""
+
+
+class UnknownKeyVersion(ValueError):
+    """An entity key of a version the configuration does not hold (or not an entity key at all): one clear line."""
+
+
+def key_version(key: str) -> int:
+    """The version of an entity key: 1 for 32 lowercase hex characters, N for `kN.<32 hex>`; else ValueError."""
+    if len(key) == ENTITY_KEY_LEN and _HEX_KEY.fullmatch(key):
+        return 1
+    m = _VERSIONED_KEY.fullmatch(key)
+    if m is None:
+        raise UnknownKeyVersion("not an entity key: 32 lowercase hex characters (version 1) or kN. followed by "
+                                "32 lowercase hex characters (version N)")
+    return int(m.group(1))
+
+
+def _hmac_hex(pan: str, secret: str) -> str:
+    return hmac.new(secret.encode(), pan.encode(), hashlib.sha256).hexdigest()[:ENTITY_KEY_LEN]
+
+
+def format_key(version: int, digest: str) -> str:
+    """The spelling of a key of `version` (one spelling per key: version 1 is bare hex, never `k1.`)."""
+    return digest if version == 1 else f"k{version}.{digest}"
+
+
+class EntitySecrets(str):
+    """The configured entity-key secrets by version. As a string it is the current (highest) version's secret, so
+    code that takes `Settings.entity_secret` as a plain secret signs with the current version unchanged."""
+
+    versions: dict[int, str]
+    current: int
+
+    def __new__(cls, versions: Mapping[int, str]) -> EntitySecrets:
+        if not versions:
+            raise ValueError("no entity-key secret configured")
+        for v, secret in versions.items():
+            if not (type(v) is int and 1 <= v <= MAX_KEY_VERSION):
+                raise ValueError(f"entity-key version {v!r} must be a whole number in 1..{MAX_KEY_VERSION}")
+            if not secret:
+                raise ValueError(f"entity-key version {v} has an empty secret")
+        current = max(versions)
+        obj = super().__new__(cls, versions[current])
+        obj.versions = dict(sorted(versions.items(), reverse=True))
+        obj.current = current
+        return obj
+
+    def __reduce__(self):  # pickled into replay's producer processes: keep the versions
+        return (EntitySecrets, (self.versions,))
+
+    def __repr__(self) -> str:  # never print a secret
+        return f"EntitySecrets(versions={sorted(self.versions)}, current={self.current})"
+
+    @classmethod
+    def parse(cls, spec: str, v1: str | None = None) -> EntitySecrets:
+        """`"2:new,1:old"` (or one `N:secret` per line) -> the ring; `v1` is version 1 unless `spec` names it.
+
+        Raises ValueError naming the bad entry by position (never echoing a secret)."""
+        versions: dict[int, str] = {}
+        entries = [e.strip() for e in spec.replace("\n", ",").split(",")]
+        for i, entry in enumerate((e for e in entries if e and not e.startswith("#")), 1):
+            head, sep, secret = entry.partition(":")
+            if not sep or not head.strip().isdigit():
+                raise ValueError(f"entity secrets: entry {i} is not VERSION:SECRET (e.g. 2:<secret>,1:<old secret>)")
+            v = int(head)
+            if v in versions:
+                raise ValueError(f"entity secrets: version {v} is listed twice")
+            versions[v] = secret.strip()
+        if v1 is not None and 1 not in versions:
+            versions[1] = v1
+        return cls(versions)
+
+    @property
+    def previous(self) -> int | None:
+        """The version just below the current one (readable during a rotation), None when only one is set."""
+        older = [v for v in self.versions if v < self.current]
+        return max(older) if older else None
+
+    def key(self, pan: str, version: int | None = None) -> str:
+        """The entity key of `pan` under `version` (default: the current one)."""
+        v = self.current if version is None else version
+        if v not in self.versions:
+            raise UnknownKeyVersion(self.unknown(v))
+        return format_key(v, _hmac_hex(pan, self.versions[v]))
+
+    def version_of(self, key: str) -> int:
+        """The version of `key`, which must be configured (else UnknownKeyVersion, one line)."""
+        v = key_version(key)
+        if v not in self.versions:
+            raise UnknownKeyVersion(self.unknown(v))
+        return v
+
+    def unknown(self, v: int) -> str:
+        known = ", ".join(str(k) for k in sorted(self.versions))
+        return (f"entity-key version {v} is not configured (known: {known}); set VELOCITY_ENTITY_SECRETS "
+                f"(e.g. \"{self.current}:<secret>,...\") to read it")
+
+
+def key_version_problem(key: str, secret: str) -> str:
+    """Why `key` is not readable under the configured `secret` (a plain secret or `EntitySecrets`), one line."""
+    ring = secret if isinstance(secret, EntitySecrets) else EntitySecrets({1: secret})
+    try:
+        ring.version_of(key)
+    except UnknownKeyVersion as exc:
+        return str(exc)
+    return "ok"
+
+
+def key_pattern(secret: str) -> str:
+    """A regular expression matching exactly the keys of the configured versions (for API schemas)."""
+    versions = sorted(secret.versions) if isinstance(secret, EntitySecrets) else [1]
+    spellings = (["[0-9a-f]{32}"] if 1 in versions else []) + [f"k{v}[.][0-9a-f]{{32}}" for v in versions if v > 1]
+    return f"^({'|'.join(spellings)})$"
+
+
+def entity_key(pan: str, secret: str, version: int | None = None) -> str:
+    """HMAC-SHA256 of the PAN under `secret`, hex, truncated: stable, not reversible without the secret.
+
+    `secret` is a plain version-1 secret or an `EntitySecrets` (the current version unless `version` is given)."""
+    if isinstance(secret, EntitySecrets):
+        return secret.key(pan, version)
+    return format_key(version or 1, _hmac_hex(pan, secret))
 
 
 class EntityKeyer:
-    """Caches PAN -> key for hot paths; a card reappears often, the HMAC need not be recomputed."""
+    """Caches PAN -> key for hot paths; a card reappears often, the HMAC need not be recomputed.
+
+    During a rotation (an `EntitySecrets` with a previous version) it also remembers, per key it made, the same
+    card's previous-version key (`previous_key`), so code holding only the key can still look up the old state."""
 
     def __init__(self, secret: str, max_size: int = 200_000) -> None:
         self._secret = secret
         self._cache: dict[str, str] = {}
         self._max = max_size
+        ring = secret if isinstance(secret, EntitySecrets) else None
+        self.secrets = ring
+        self._prev_version = ring.previous if ring is not None else None
+        self._previous: dict[str, str] = {}
+
+    @property
+    def rotating(self) -> bool:
+        """True while two versions are configured: readers may have to fall back to the previous one."""
+        return self._prev_version is not None
 
     def __call__(self, pan: str) -> str:
         key = self._cache.get(pan)
         if key is None:
             if len(self._cache) >= self._max:
                 self._cache.clear()
+                self._previous.clear()
             key = self._cache[pan] = entity_key(pan, self._secret)
+            if self._prev_version is not None:
+                self._previous[key] = self.secrets.key(pan, self._prev_version)
         return key
+
+    def previous_key(self, key: str) -> str | None:
+        """The previous version's key of the card whose current key is `key` (None: no rotation, or unknown)."""
+        return self._previous.get(key)
+
+    def knows(self, key: str) -> bool:
+        """Whether `key` is an entity key of a configured version (a plain secret knows version 1 only)."""
+        try:
+            v = key_version(key)
+        except ValueError:
+            return False
+        return v in self.secrets.versions if self.secrets is not None else v == 1
 
 
 def luhn_valid(digits: str | bytes) -> bool:

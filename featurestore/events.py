@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import orjson
 
 from featurestore.definitions import DEFAULT_MAX_FUTURE_MS
-from featurestore.entity import ENTITY_KEY_LEN, has_digit_run, redact_pans, redact_pans_bytes
+from featurestore.entity import ENTITY_KEY_LEN, has_digit_run, key_version, redact_pans, redact_pans_bytes
 from featurestore.windows import to_cents
 
 MIN_TS_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
@@ -83,8 +83,24 @@ class Transaction:
 
 
 def is_entity_key(value: object) -> bool:
-    """Exactly 32 lowercase hex characters (an HMAC's hex prefix): no PAN, nor anything else, can hide in it."""
-    return type(value) is str and len(value) == ENTITY_KEY_LEN and not value.strip(_HEX)
+    """Exactly 32 lowercase hex characters (an HMAC's hex prefix), or `kN.` and those for a key of version N >= 2
+    (featurestore/entity.py): no PAN, nor anything else, can hide in it."""
+    if type(value) is not str:
+        return False
+    if len(value) == ENTITY_KEY_LEN:
+        return not value.strip(_HEX)
+    try:
+        return key_version(value) > 1
+    except ValueError:
+        return False
+
+
+def _known_versioned(card: str, keyer: Keyer) -> bool:
+    """A versioned key (`kN.<hex>`) of a version the keyer's secrets hold (any version for a plain callable)."""
+    if not is_entity_key(card) or len(card) == ENTITY_KEY_LEN:
+        return False
+    knows = getattr(keyer, "knows", None)
+    return knows is None or knows(card)
 
 
 def mask_text_fields(txn_id: str, merchant: str, category: str, keyer: Keyer) -> tuple[str, str, str]:
@@ -118,7 +134,8 @@ def validate_transaction(obj: object, keyer: Keyer, now_ms: int | None = None,
             card = obj.get("card")
             if card is not None:
                 last4 = obj.get("pan_last4")
-                card_ok = (type(card) is str and len(card) == ENTITY_KEY_LEN and not card.strip(_HEX)
+                card_ok = (type(card) is str and (len(card) == ENTITY_KEY_LEN and not card.strip(_HEX)
+                                                  or _known_versioned(card, keyer))
                            and type(last4) is str and len(last4) == 4 and last4.isdigit() and last4.isascii())
             else:
                 cc = obj.get("cc_num")
@@ -156,6 +173,8 @@ def _card(obj: dict, keyer: Keyer) -> tuple[str, str]:
         if not is_entity_key(card):
             raise InvalidEvent("bad_field", f"card must be the entity key: {ENTITY_KEY_LEN} lowercase hex "
                                             "characters (send an outside PAN as cc_num instead)")
+        if len(card) != ENTITY_KEY_LEN and not _known_versioned(card, keyer):
+            raise InvalidEvent("bad_field", f"card: entity-key version {key_version(card)} is not configured here")
         last4 = obj.get("pan_last4")
         if last4 is None:
             raise InvalidEvent("missing_field", "missing pan_last4 (required with card)")

@@ -27,7 +27,7 @@ from pydantic import AliasChoices, BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from featurestore.config import Settings, get_settings
-from featurestore.entity import EntityKeyer, install_pan_redaction, key_version_problem, luhn_valid
+from featurestore.entity import EntityKeyer, install_pan_redaction, key_pattern, key_version_problem, luhn_valid
 from featurestore.events import is_entity_key
 from serving.auth import BearerAuth, load_tokens
 from serving.fastpath import ScoreFastPath, ScoringAPI
@@ -459,7 +459,7 @@ def create_app(settings: Settings | None = None, serve: ServeSettings | None = N
     @app.get("/v1/features/{card}", response_model=CardFeatures, responses=_ERRORS,
              summary="A card's current online features, by entity key")
     async def features_by_key(card: str = Path(description="The card's entity key", json_schema_extra={
-            "pattern": "^([0-9a-f]{32}|k[1-9][0-9]{0,2}[.][0-9a-f]{32})$"})):
+            "pattern": key_pattern(settings.entity_secret)})):
         """`card` is the entity key (32 hex characters; `kN.` before them for a key of version N, during and after a
         key rotation). A card number never goes in a URL: POST /v1/features."""
         if not is_entity_key(card):

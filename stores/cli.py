@@ -18,7 +18,11 @@ def key(pan: str = typer.Argument(..., help="A card number (PAN).")) -> None:
     from featurestore.config import get_settings
     from featurestore.entity import entity_key, mask_pan
 
-    console.print(f"{mask_pan(pan)} -> {entity_key(pan, get_settings().entity_secret)}")
+    secret = get_settings().entity_secret
+    console.print(f"{mask_pan(pan)} -> {entity_key(pan, secret)}")
+    previous = getattr(secret, "previous", None)  # during a key rotation: the key it had before
+    if previous is not None:
+        console.print(f"{mask_pan(pan)} -> {entity_key(pan, secret, previous)} (version {previous}, before rotation)")
 
 
 @app.command("get")
@@ -53,6 +57,7 @@ def get(
     store = OnlineStore(settings.redis, registry=definitions.REGISTRY)
     ts = at if at is not None else now_ms()
     try:
+        key = _resolve_key(store, settings, card, key, is_pan)
         state = store.card_state(key)  # last_seq, newest, oldest, trimmed (what the apply script keeps)
         stored = bool(txn) and bool(store.redis.hexists(store.keys.card(key), txn))
         feats = store.read_features(key, txn or "__inspect__", ts, None, merchant=merchant)  # no amount of its own
@@ -88,3 +93,27 @@ def get(
     for k, v in state.items():
         table.add_row("card state", k, str(v))
     console.print(table)
+
+
+def _resolve_key(store, settings, card: str, key: str, is_pan: bool) -> str:
+    """A PAN's key during a rotation (the previous version's while the card has no state under the current one);
+    a given key must be of a configured version (exit 2, one line, otherwise)."""
+    from featurestore.entity import EntityKeyer, EntitySecrets, UnknownKeyVersion
+    from stores.rekey_online import RotationResolver
+
+    keyer = EntityKeyer(settings.entity_secret)
+    if is_pan:
+        return RotationResolver(store.keys, keyer).resolve_sync(store, [keyer(card)])[0]
+    ring = settings.entity_secret
+    try:
+        (ring if isinstance(ring, EntitySecrets) else EntitySecrets({1: ring})).version_of(key)
+    except UnknownKeyVersion as exc:
+        Console(stderr=True).print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from None
+    return key
+
+
+from stores.rotate_cli import HELP as _ROTATE_HELP  # noqa: E402
+from stores.rotate_cli import rotate_key as _rotate_key  # noqa: E402
+
+app.command("rotate-key", help=_ROTATE_HELP)(_rotate_key)
