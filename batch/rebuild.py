@@ -21,12 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stores.archive import ARCHIVE_SCHEMA, archive_dir, archive_files, read_spool
-from stores.redis_online import OnlineStore, _script, now_ms
+from stores.redis_online import OnlineStore, now_ms
 
 #: Events per restore script call: bounds how long Redis is blocked by one call (and Lua's unpack limit).
 RESTORE_CHUNK = 1_000
@@ -116,7 +115,6 @@ def restore_events(store: OnlineStore, events: pa.Table, cuts: dict[str, int],
                    on_progress: Callable[[int], None] = lambda _: None) -> int:
     """Write `events` (card, txn_id, ts, amount_cents, late, seq; grouped by card) with the restore script, in
     calls of at most RESTORE_CHUNK events. Returns how many were not already online."""
-    script = store.redis.register_script(_script("restore_events.lua"))
     cols = {c: events.column(c).to_pylist() for c in ("card", "txn_id", "ts", "amount_cents", "late", "seq")}
     n, written = events.num_rows, 0
     for i in range(0, n, RESTORE_CHUNK):
@@ -129,8 +127,7 @@ def restore_events(store: OnlineStore, events: pa.Table, cuts: dict[str, int],
                      "L" if cols["late"][k] else "A", str(cols["seq"][k])]
             if card in cuts:
                 chunk_cuts[card] = str(cuts[card])
-        written += int(script(keys=[], args=[store.keys.prefix, store.ttl_s, orjson.dumps(flat),
-                                             orjson.dumps(chunk_cuts)]))
+        written += store.restore_events(flat, chunk_cuts)  # one call per Redis Cluster master
         on_progress(j - i)
     return written
 

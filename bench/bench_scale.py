@@ -1,6 +1,8 @@
-"""Stream scale-out: 1, 2 and 4 stream worker processes on one topic with 8 partitions, against one Redis.
+"""Stream scale-out: 1, 2 and 4 stream worker processes on one topic with 8 partitions, against one Redis or a
+three-master Redis Cluster.
 
     .venv/bin/python -m bench.bench_scale [--events 1000000] [--seconds 20] [--workers 1,2,4] [--partitions 8]
+    .venv/bin/python -m bench.bench_scale --redis-cluster 7000 ...   # after `velocity services up --redis-cluster`
 
 The events are produced once (keyed by entity key, as Velocity's producers send them) to a fresh topic; each
 trial starts K `velocity stream` processes in a fresh consumer group and Redis prefix (scoring off: aggregation
@@ -10,8 +12,11 @@ used meanwhile by each worker process, by Redis (`INFO cpu`) and by the Kafka br
 `.velocity/kafka/kafka.pid`, or `--broker-pid`), each as a percentage of one core. On a machine with fewer
 cores than processes the sum of those percentages shows where the ceiling is: the cores, not the design.
 
+With `--redis-cluster PORT` the workers run with VELOCITY_REDIS_CLUSTER=true against the cluster seeded at PORT
+(one apply call per master per batch) and the Redis CPU is summed over its masters; the figures go to
+`stream_scaleout_cluster`.
+
 Writes `stream_scaleout` to bench/results.json and appends the table to bench/RESULTS.md (unless --no-record).
-Redis Cluster is not measured (not supported yet).
 """
 
 from __future__ import annotations
@@ -26,8 +31,6 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-
-import redis
 
 from bench.bench_stream import SECRET, messages, metric, process_cpu_s, producer, redis_cpu_s
 from featurestore.config import RedisSettings
@@ -48,8 +51,23 @@ def produce(topic: str, n: int, cards: int) -> float:
     return time.perf_counter() - start
 
 
+#: The Redis the trials use: `--redis-cluster PORT` switches it (and the workers' environment) to a cluster.
+REDIS = RedisSettings()
+
+
+def redis_env() -> dict[str, str]:
+    return {"VELOCITY_REDIS_CLUSTER": "true", "VELOCITY_REDIS_PORT": str(REDIS.port)} if REDIS.cluster else {}
+
+
+def redis_cpu_total(probe) -> float:
+    """Redis CPU seconds so far: the one server's, or the sum over a cluster's masters."""
+    if not REDIS.cluster:
+        return redis_cpu_s(probe)
+    return sum(redis_cpu_s(node.redis_connection) for node in probe.get_primaries())
+
+
 def start_worker(topic: str, group: str, prefix: str, port: int, offline: Path, batch: int) -> subprocess.Popen:
-    env = {**os.environ, "VELOCITY_ENTITY_SECRET": SECRET}
+    env = {**os.environ, "VELOCITY_ENTITY_SECRET": SECRET, **redis_env()}
     cmd = [str(REPO / ".venv/bin/velocity"), "stream", "--topic", topic, "--dlq-topic", f"{topic}.dlq",
            "--group", group, "--key-prefix", prefix, "--metrics-port", str(port), "--offline-dir", str(offline),
            "--batch-size", str(batch), "--log-level", "warning", "--no-score"]
@@ -82,7 +100,9 @@ def trial(k: int, topic: str, n: int, seconds: float, batch: int, port0: int, br
     offline = Path(tempfile.mkdtemp(prefix=f"scale{k}-"))
     ports = [port0 + i for i in range(k)]
     procs = [start_worker(topic, group, prefix, p, offline, batch) for p in ports]
-    probe = redis.Redis(**RedisSettings().client_kwargs())
+    from stores.redis_cluster_store import sync_client
+
+    probe = sync_client(REDIS)
     try:
         deadline = time.monotonic() + 180
         while True:  # every worker has partitions and is past its start-up
@@ -99,7 +119,7 @@ def trial(k: int, topic: str, n: int, seconds: float, batch: int, port0: int, br
             time.sleep(0.2)
         e0, t0 = sum(counts), time.perf_counter()
         cpu0 = [process_cpu_s(p.pid) for p in procs]
-        r0 = redis_cpu_s(probe)
+        r0 = redis_cpu_total(probe)
         b0 = process_cpu_s(broker) if broker else None
         while time.perf_counter() - t0 < seconds:
             time.sleep(0.5)
@@ -109,7 +129,7 @@ def trial(k: int, topic: str, n: int, seconds: float, batch: int, port0: int, br
         elapsed = time.perf_counter() - t0
         e1 = sum(events_of(p) or 0 for p in ports)
         cpu = [(process_cpu_s(p.pid) - c) / elapsed * 100 for p, c in zip(procs, cpu0, strict=True)]
-        redis_pct = (redis_cpu_s(probe) - r0) / elapsed * 100
+        redis_pct = (redis_cpu_total(probe) - r0) / elapsed * 100
         broker_pct = (process_cpu_s(broker) - b0) / elapsed * 100 if broker else None
     finally:
         for proc in procs:
@@ -161,7 +181,13 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=9520, help="first worker's metrics port")
     ap.add_argument("--broker-pid", type=int, default=None, help="the Kafka broker's pid (default: velocity's)")
     ap.add_argument("--no-record", action="store_true", help="print only; leave results.json and RESULTS.md")
+    ap.add_argument("--redis-cluster", type=int, default=None, metavar="PORT",
+                    help="measure against the Redis Cluster with a master on PORT (velocity services up "
+                    "--redis-cluster: 7000)")
     args = ap.parse_args()
+    global REDIS
+    if args.redis_cluster:
+        REDIS = RedisSettings(port=args.redis_cluster, cluster=True)
     from kafka import KafkaAdminClient
 
     from stores.kafka_topics import ensure_topics
@@ -191,12 +217,15 @@ def main() -> None:
         return
     from bench.results import update
 
-    update(stream_scaleout={"partitions": args.partitions, "events": args.events, "seconds": args.seconds,
-                            "cores": os.cpu_count(), "runs": runs})
+    key = "stream_scaleout_cluster" if REDIS.cluster else "stream_scaleout"
+    update(**{key: {"partitions": args.partitions, "events": args.events, "seconds": args.seconds,
+                    "cores": os.cpu_count(), "runs": runs, "redis": "cluster of 3" if REDIS.cluster else "one"}})
+    flag = f" --redis-cluster {args.redis_cluster}" if REDIS.cluster else ""
     command = (f"`.venv/bin/python -m bench.bench_scale --events {args.events} --seconds {args.seconds:g} "
-               f"--workers {args.workers} --partitions {args.partitions}`")
-    section = (f"## {dt.date.today()}: stream scale-out (bench_scale), {os.cpu_count()} cores, load {load0} -> "
-               f"{load1}\nCommand: {command}\n\n{out}\n\n")
+               f"--workers {args.workers} --partitions {args.partitions}{flag}`")
+    against = "a three-master Redis Cluster" if REDIS.cluster else "one Redis"
+    section = (f"## {dt.date.today()}: stream scale-out (bench_scale) against {against}, {os.cpu_count()} cores, "
+               f"load {load0} -> {load1}\nCommand: {command}\n\n{out}\n\n")
     results = REPO / "bench" / "RESULTS.md"
     text = results.read_text()
     at = text.find("\n## ") + 1 or len(text)  # newest first, under the file's introduction

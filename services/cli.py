@@ -29,18 +29,26 @@ def _config(run_dir: Path | None, kafka_port: int | None, redis_port: int | None
 RunDir = typer.Option(None, help="Run folder for config, data, logs and pids (env VELOCITY_RUN_DIR, default .velocity).")
 KafkaPort = typer.Option(None, help="Kafka broker port (env VELOCITY_KAFKA_PORT, default 9092; controller = port+1).")
 RedisPort = typer.Option(None, help="Redis port (env VELOCITY_REDIS_PORT, default 6379).")
+RedisCluster = typer.Option(False, "--redis-cluster", help="Also a local three-master Redis Cluster (ports "
+                            "--cluster-port to +2); point the components at it with VELOCITY_REDIS_CLUSTER=true "
+                            "VELOCITY_REDIS_PORT=<cluster port>.")
+ClusterPort = typer.Option(7000, envvar="VELOCITY_REDIS_CLUSTER_PORT", help="First port of the cluster's masters.")
 
 
 @app.command()
-def up(run_dir: Path = RunDir, kafka_port: int = KafkaPort, redis_port: int = RedisPort) -> None:
+def up(run_dir: Path = RunDir, kafka_port: int = KafkaPort, redis_port: int = RedisPort,
+       redis_cluster: bool = RedisCluster, cluster_port: int = ClusterPort) -> None:
     """Start Redis and Kafka if they are not already running (idempotent); fetch Kafka jars on first use."""
     from services.manager import ServiceError
     from services.manager import up as services_up
+    from services.redis_cluster import cluster_up
 
     cfg = _config(run_dir, kafka_port, redis_port)
     try:
         for line in services_up(cfg, echo=console.print):
             console.print(line)
+        if redis_cluster:
+            console.print(cluster_up(cfg, cluster_port))
     except ServiceError as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from None
@@ -48,23 +56,32 @@ def up(run_dir: Path = RunDir, kafka_port: int = KafkaPort, redis_port: int = Re
 
 
 @app.command()
-def down(run_dir: Path = RunDir, kafka_port: int = KafkaPort, redis_port: int = RedisPort) -> None:
+def down(run_dir: Path = RunDir, kafka_port: int = KafkaPort, redis_port: int = RedisPort,
+         redis_cluster: bool = RedisCluster, cluster_port: int = ClusterPort) -> None:
     """Stop the services that `velocity services up` started (and only those)."""
     from services.manager import down as services_down
+    from services.redis_cluster import cluster_down
 
-    for line in services_down(_config(run_dir, kafka_port, redis_port)):
+    cfg = _config(run_dir, kafka_port, redis_port)
+    for line in services_down(cfg):
         console.print(line)
+    if redis_cluster:
+        for line in cluster_down(cfg, cluster_port):
+            console.print(line)
 
 
 @app.command()
-def status(run_dir: Path = RunDir, kafka_port: int = KafkaPort, redis_port: int = RedisPort) -> None:
+def status(run_dir: Path = RunDir, kafka_port: int = KafkaPort, redis_port: int = RedisPort,
+           redis_cluster: bool = RedisCluster, cluster_port: int = ClusterPort) -> None:
     """Show what runs where. Exit code 1 if a service is not answering."""
     from services.manager import status as services_status
+    from services.redis_cluster import cluster_status
 
     table = Table()
     for col in ("service", "address", "state", "started by velocity", "log"):
         table.add_column(col)
-    rows = services_status(_config(run_dir, kafka_port, redis_port))
+    cfg = _config(run_dir, kafka_port, redis_port)
+    rows = services_status(cfg) + (cluster_status(cfg, cluster_port) if redis_cluster else [])
     for s in rows:
         table.add_row(s.name, s.address, "[green]running[/]" if s.running else "[red]down[/]",
                       f"yes (pid {s.owned_pid})" if s.owned_pid else "no", str(s.log))

@@ -10,7 +10,9 @@ them). A request that times out leaves its future in the FIFO, cancelled, so lat
 connection fails everything pending and the next read reconnects (bounded by the caller's timeout). A script
 cache flushed by a Redis restart (NOSCRIPT) is answered by sending the script itself once.
 
-Plain TCP with optional AUTH and SELECT; with TLS configured the scorer keeps redis-py (`usable`).
+Plain TCP with optional AUTH and SELECT; with TLS configured the scorer keeps redis-py (`usable`). Under Redis
+Cluster (`usable` is False too) a reader built anyway hands its reads to the store's cluster read (one call per
+master involved, in one pipeline), so it answers the same everywhere.
 """
 
 from __future__ import annotations
@@ -147,11 +149,17 @@ class ScriptReader:
         self._connecting: asyncio.Task | None = None
         self._deadlines: collections.deque[tuple[float, asyncio.Future]] = collections.deque()
         self._sweeper: asyncio.TimerHandle | None = None
+        self._cluster = None
+        if settings.cluster:
+            from stores.redis_online import AsyncOnlineStore
+
+            self._cluster = AsyncOnlineStore(settings, prefix=prefix, registry=registry)
 
     @staticmethod
     def usable(settings: RedisSettings) -> bool:
-        """This transport speaks plain TCP (TLS stays with redis-py)."""
-        return not settings.ssl
+        """This transport speaks plain TCP to one node (TLS and Redis Cluster stay with redis-py: under a cluster a
+        read is one call per master involved, `stores.redis_cluster_ops`)."""
+        return not settings.ssl and not settings.cluster
 
     async def _connect(self) -> _Protocol:
         s = self.settings
@@ -194,6 +202,9 @@ class ScriptReader:
 
         `timeout_s` bounds the wait for the replies (TimeoutError); a new connection is bounded by the settings'
         connect timeout."""
+        if self._cluster is not None:
+            async with asyncio.timeout(timeout_s):
+                return await self._cluster.read_replies(requests, arrival_ms)
         proto = await self._connection()
         sha, prefix, registry = self.sha, self.prefix, self.registry
         if len(requests) == 1:
@@ -244,11 +255,15 @@ class ScriptReader:
         self._sweeper = loop.call_later(self.sweep_s, self._sweep) if waiting else None
 
     async def ping(self) -> bool:
+        if self._cluster is not None:
+            return await self._cluster.ping()
         proto = await self._connection()
         (fut,) = proto.request(_command(b"PING"))
         return _check(await fut) == b"PONG"
 
     async def close(self) -> None:
+        if self._cluster is not None:
+            await self._cluster.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None

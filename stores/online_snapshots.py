@@ -4,22 +4,26 @@ Layout (prefix `p`): one HASH per entity and night, `p:snap:<snap_id>:<kind>:{<e
 `<group>:<stat>` (`STAT_ORDER` names, integers). A card's groups of one night (card_agg_1w, _1d, _30d) share its
 hash and a merchant's groups share the merchant's, so a score reads two hashes (two HGETALLs) whatever the number of
 groups, rather than one key per group. The entity key sits in a hash tag (`{...}`), so in a Redis Cluster each
-entity's snapshot keys stay in one slot; a key that could break the tag (a brace, or over `MAX_TAGGED_BYTES`) is
+entity's snapshot keys stay in one slot (a card's also holds its window keys); a key that could break the tag (a brace, or over `MAX_TAGGED_BYTES`) is
 replaced by its SHA-256 under a distinct kind (`merchant#`), so distinct ids never share a key.
 
 The index (`p:w1:index`, cut-off -> `snap_id|published_ms|expires_ms|group,group,...`) is published in one
-MULTI/EXEC once every row is written: readers see a night completely or not at all. The index lists the groups a
+MULTI/EXEC once every row is written: readers see a night completely or not at all. Under Redis Cluster every
+master holds a copy of the index (`OnlineStore.index_copies`), each published in its own MULTI/EXEC with the same
+entry, dated `PUBLISH_MARGIN_MS` ahead (stores.redis_cluster_store): every copy is written before the night
+becomes visible, so a reader on any master sees the same nights at any arrival time. The index lists the groups a
 night holds, so the read (stores/lua/read_features.lua) serves each group from the latest visible night that holds
 it, as the training set's per-group as-of join does; a night that lacks a group never reads as "every entity
 absent" (defaults) for it. The read script resolves the night and reads the entity hashes in one atomic call, so
-their names are computed inside it, not declared: under Redis Cluster the index would have to be readable from each
-entity's slot (e.g. replicated per slot) first.
+their names are computed inside it, not declared (under Redis Cluster the script reads its own master's copy of
+the index).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -91,6 +95,7 @@ class SnapshotFold:
         self.defaults = {g.name: {a.name: a.default for a in g.features} for g in self.groups}
         self.fields = {g.name: {s: f"{g.name}:{s}" for s in STAT_ORDER} for g in self.groups}
         self.reads_merchant = any(g.entity == "merchant" for g in self.groups)
+        self.stats_of = {g.name: g.stats for g in self.groups}  # a property that builds a set: once, not per read
 
     def fold(self, nights, values: dict, stats: dict, cutoffs: dict) -> None:
         """`nights`: the script's list of [cut-off, "g1,g2", card stats or None, merchant stats or None]."""
@@ -120,7 +125,7 @@ class SnapshotFold:
             if got is None:
                 got = parsed[g.entity] = _flat(flat)
             f = self.fields[name]
-            if not any(f[s] in got for s in g.stats):
+            if not any(f[s] in got for s in self.stats_of[name]):
                 values.update(self.defaults[name])  # absent from an existing snapshot: nothing in its window
                 stats[name] = WindowAggregate(0, 0)
                 continue
@@ -137,9 +142,10 @@ class SnapshotFold:
                 values[a.name] = v
 
 
-def write_night(store, cutoff_ms: int, rows_by_group: Mapping[str, Rows] | Iterable, *, published_ms: int,
+def write_night(store, cutoff_ms: int, rows_by_group: Mapping[str, Rows] | Iterable, *, published_ms: int | None,
                 now: int, chunk: int = SNAPSHOT_CHUNK, on_progress: Callable[[int], None] | None = None) -> str:
-    """`OnlineStore.write_snapshot`'s work (see there); `store` is a synchronous OnlineStore."""
+    """`OnlineStore.write_snapshot`'s work (see there); `store` is a synchronous OnlineStore. `published_ms`
+    None (Redis Cluster only): dated just ahead of the index copies' writes, and returns once it is visible."""
     registry = store.registry
     by_name = {g.name: g for g in registry.batch_groups}
     if not isinstance(rows_by_group, Mapping):  # the single-group form: the first batch group's rows
@@ -180,13 +186,17 @@ def write_night(store, cutoff_ms: int, rows_by_group: Mapping[str, Rows] | Itera
     if pending and on_progress:
         on_progress(pending)
     previous = entries.get(cutoff_ms)
+    visible_at = None
+    if published_ms is None:
+        from stores.redis_cluster_store import PUBLISH_MARGIN_MS
+
+        published_ms = visible_at = int(time.time() * 1000) + PUBLISH_MARGIN_MS
     if previous is not None:
         published_ms = min(published_ms, previous.published_ms)
     entry = SnapshotEntry(snap_id, published_ms, now + ttl_s * 1000, tuple(g.name for g in groups))
-    tx = store.redis.pipeline(transaction=True)
-    tx.hset(keys.snapshot_index, str(cutoff_ms), entry.dump())
-    tx.zadd(keys.snapshot_cutoffs, {str(cutoff_ms): cutoff_ms})
-    tx.execute()
+    publish_entries(store, {str(cutoff_ms): entry.dump()}, cutoff_ms)
+    if visible_at is not None:
+        time.sleep(max(0.0, visible_at - time.time() * 1000 + 1) / 1000)
     written = list(tags)
     if previous is not None:
         # Readers outside the read script (which reads the index and the keys atomically) get a minute.
@@ -198,9 +208,20 @@ def write_night(store, cutoff_ms: int, rows_by_group: Mapping[str, Rows] | Itera
                 # Superseded: its keys (those of the entities the new night lists; any other keeps its longer
                 # TTL, which the index's expiry time overrides for readers) expire with the batch groups' TTL.
                 expire_keys(store, old.snap_id, written, superseded_ttl_s)
-                store.redis.hset(keys.snapshot_index, str(c),
-                                 SnapshotEntry(old.snap_id, old.published_ms, retire_until, old.groups).dump())
+                publish_entries(store, {str(c): SnapshotEntry(old.snap_id, old.published_ms, retire_until,
+                                                       old.groups).dump()})
     return snap_id
+
+
+def publish_entries(store, entries: Mapping[str, str], cutoff_ms: int | None = None) -> None:
+    """Index entries (and a new cut-off) on every copy of the index (one on a single node, one per master of a
+    cluster), one MULTI/EXEC per copy."""
+    for index, cutoffs in store.index_copies():
+        tx = store.redis.pipeline(transaction=True)
+        tx.hset(index, mapping=entries)
+        if cutoff_ms is not None:
+            tx.zadd(cutoffs, {str(cutoff_ms): cutoff_ms})
+        tx.execute()
 
 
 def expire_keys(store, snap_id: str, tags: Sequence[str], ttl_s: int) -> None:

@@ -3,6 +3,11 @@
 
 Both Lua scripts live in `stores/lua/`; the sync client (batch, CLI, tests) and the asyncio client
 (stream worker, HTTP server) run the very same scripts, so there is one implementation of the online state.
+
+A card's keys carry its key in a hash tag (`p:win:{<card>}`, `p:card:{<card>}`, like its snapshot hashes) so
+they share one slot. With `VELOCITY_REDIS_CLUSTER=true` both stores talk to a Redis Cluster: writes go out as one
+apply call per master, reads as one call per master involved, in one pipeline; the design is in
+`stores.redis_cluster_store`. The single-node path is the one it always was.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from typing import Protocol
 import orjson
 import redis
 import redis.asyncio as aioredis
+from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 
 from featurestore.config import RedisSettings
 from featurestore.definitions import (
@@ -30,6 +37,8 @@ from featurestore.definitions import (
 )
 from featurestore.state import Applied, ApplyStatus
 from featurestore.windows import SEQ_LAST, WindowAggregate, WindowEvent, window_aggregate
+from stores import redis_cluster_ops as ops
+from stores import redis_cluster_store as rc
 from stores.online_snapshots import (  # noqa: F401  (SnapshotEntry, KEEP_LATEST_S: re-exported)
     KEEP_LATEST_S,
     SNAPSHOT_CHUNK,
@@ -37,6 +46,7 @@ from stores.online_snapshots import (  # noqa: F401  (SnapshotEntry, KEEP_LATEST
     SnapshotFold,
     entity_tag,
     expire_keys,
+    publish_entries,
     write_night,
 )
 
@@ -180,12 +190,13 @@ def parse_card_state(raw: bytes | str | None) -> dict[str, str]:
 
 def _read_args(prefix: str, card: str, txn_id: str, ts: int, arrival_ms: int | None, registry: Registry,
                merchant: str | None = None) -> list:
-    """The read script's ARGV. The merchant's snapshot is read only where the registry has merchant groups."""
+    """The read script's ARGV. The merchant's snapshot is read only where the registry has merchant groups.
+    The last one, the index copy's suffix, is '' on a single node (a cluster read sets it per node)."""
     now = now_ms()
     fold = _snapshot_fold(registry)
     m = entity_tag("merchant", merchant) if merchant is not None and fold.reads_merchant else ""
     return [prefix, card, txn_id, ts, registry.longest_stream_window_ms, now if arrival_ms is None else arrival_ms,
-            now, entity_tag("card", card), m, fold.names]
+            now, entity_tag("card", card), m, fold.names, ""]
 
 
 def read_request_args(prefix: str, request: Sequence, arrival_ms: int | None, registry: Registry) -> list:
@@ -209,18 +220,19 @@ class _Keys:
         self.prefix = prefix
 
     def window(self, card: str) -> str:
-        """ZSET of the card's window events (score ts, member "seq|cents|flag|txn_id")."""
-        return f"{self.prefix}:win:{card}"
+        """ZSET of the card's window events (score ts, member "seq|cents|flag|txn_id"); the card in a hash tag."""
+        return f"{self.prefix}:win:{{{card}}}"
 
     def card(self, card: str) -> str:
         """HASH of the card's state (field "") and its idempotency records (txn_id -> "seq|cents|flag|ts")."""
-        return f"{self.prefix}:card:{card}"
+        return f"{self.prefix}:card:{{{card}}}"
 
     #: The idempotency records live in the card's hash.
     events = card
 
     @property
     def snapshot_index(self) -> str:
+        """The index of a single node; under Redis Cluster each master has a copy (`index_copies`)."""
         return f"{self.prefix}:w1:index"
 
     @property
@@ -257,16 +269,42 @@ class OnlineStore:
         self.keys = _Keys(prefix or self.settings.key_prefix)
         self.lateness = allowed_lateness_ms
         self.retention = retention_ms
-        self.redis = client or redis.Redis(**self.settings.client_kwargs())
+        #: Redis Cluster: writes and reads are routed per master (`stores.redis_cluster_store`).
+        self.cluster = isinstance(client, RedisCluster) if client is not None else self.settings.cluster
+        # A cluster client connects when built: it is built on first use, so that an unreachable cluster fails
+        # where callers catch Redis errors (as a plain client, which connects lazily, does).
+        self._client = client if client is not None or self.cluster else redis.Redis(**self.settings.client_kwargs())
         self.ttl_s = stream_ttl_s(registry)
-        self._apply = self.redis.register_script(_script("apply_events.lua"))
-        self._read = self.redis.register_script(_script("read_features.lua"))
+        if not self.cluster:
+            self._apply = self._client.register_script(_script("apply_events.lua"))
+            self._read = self._client.register_script(_script("read_features.lua"))
+        self._restore = None
+
+    @property
+    def redis(self) -> redis.Redis | RedisCluster:
+        if self._client is None:
+            self._client = rc.cluster_client(self.settings)
+        return self._client
+
+    @redis.setter
+    def redis(self, client) -> None:
+        self._client = client
 
     def ping(self) -> bool:
         return bool(self.redis.ping())
 
+    def index_copies(self) -> list[tuple[str, str]]:
+        """(index, cut-offs) keys of every copy of the snapshot index: one on a single node, one per master of a
+        cluster (each in a slot of that master)."""
+        return _index_copies(self)
+
+    def run_calls(self, calls: list) -> list:
+        """Cluster script calls (`stores.redis_cluster_ops`) in one pipeline: one round trip per master."""
+        return ops.run_calls(self.redis, calls)
+
     def close(self) -> None:
-        self.redis.close()
+        if self._client is not None:
+            self._client.close()
 
     def apply_events(self, events: Sequence[WindowWrite]) -> list[Applied]:
         """Apply window events in arrival order; replaying a txn_id changes nothing."""
@@ -274,12 +312,27 @@ class OnlineStore:
 
     def apply_packed(self, packed: list[str]) -> list[Applied]:
         """`apply_events` for writes already packed (`pack_writes`), in calls of at most APPLY_CHUNK events."""
+        if self.cluster:
+            calls, where = ops.plan_apply(self, rc.node_map(self.redis), packed, APPLY_CHUNK)
+            return ops.finish_apply(self.run_calls(calls), where, len(packed) // 4)
         out: list[Applied] = []
         step = 4 * APPLY_CHUNK
         for i in range(0, len(packed), step):
             args = _apply_args(self.keys.prefix, packed[i:i + step], self.lateness, self.retention, self.ttl_s)
             out.extend(_applied(self._apply(keys=[], args=args)))
         return out
+
+    def restore_events(self, flat: list[str], cuts: Mapping[str, str]) -> int:
+        """Archived events (card, txn_id, ts, cents, flag, seq per event, strings) merged into the store with
+        stores/lua/restore_events.lua (`velocity features rebuild`); one call, or one per master of a cluster.
+        Returns how many were not already online."""
+        if self.cluster:
+            calls = ops.plan_restore(self, rc.node_map(self.redis), flat, dict(cuts))
+            return sum(int(r) for r in self.run_calls(calls))
+        if self._restore is None:
+            self._restore = self.redis.register_script(_script("restore_events.lua"))
+        return int(self._restore(keys=[], args=[self.keys.prefix, self.ttl_s, orjson.dumps(flat),
+                                                orjson.dumps(dict(cuts))]))
 
     def read_features(self, card: str, txn_id: str, ts: int, amount_cents: int | None,
                       arrival_ms: int | None = None, merchant: str | None = None) -> OnlineFeatures:
@@ -289,20 +342,41 @@ class OnlineStore:
         `arrival_ms` (default now), after everything stored. Merchant groups need the transaction's `merchant`
         (NaN without one).
         """
-        reply = self._read(keys=[], args=_read_args(self.keys.prefix, card, txn_id, ts, arrival_ms,
-                                                    self.registry, merchant))
+        if self.cluster:
+            reply = self.read_replies([(card, txn_id, ts, merchant)], arrival_ms)[0]
+        else:
+            reply = self._read(keys=[], args=_read_args(self.keys.prefix, card, txn_id, ts, arrival_ms,
+                                                        self.registry, merchant))
         return fold_read(reply, txn_id, ts, amount_cents, self.registry)
+
+    def read_replies(self, requests: Sequence[tuple], arrival_ms: int | None = None) -> list:
+        """The read script's raw replies for (card, txn_id, ts[, merchant]) requests: one pipelined round trip (per
+        master involved, under Redis Cluster, where the merchant's statistics are merged into the card's reply)."""
+        if not self.cluster:
+            pipe = self.redis.pipeline(transaction=False)
+            for request in requests:
+                self._read(keys=[], args=read_request_args(self.keys.prefix, request, arrival_ms, self.registry),
+                           client=pipe)
+            return list(pipe.execute())
+        nodes = rc.node_map(self.redis)
+        plan = ops.plan_reads(self, nodes, requests, arrival_ms)
+        out, again, owners = ops.finish_reads(self, nodes, plan, self.run_calls(plan.calls))
+        return ops.settle(out, owners, self.run_calls(again), plan.merchant_groups) if again else out
 
     def card_state(self, card: str) -> dict[str, str]:
         """The card's window state (`CARD_STATE_FIELDS`); empty when the store holds nothing for the card."""
         return parse_card_state(self.redis.hget(self.keys.card(card), ""))
 
     def snapshot_cutoffs(self) -> list[int]:
-        return [int(c) for c in self.redis.zrange(self.keys.snapshot_cutoffs, 0, -1)]
+        return [int(c) for c in self.redis.zrange(self.index_copies()[0][1], 0, -1)]
 
     def snapshot_entries(self) -> dict[int, SnapshotEntry]:
         """Every published snapshot the index lists: cut-off -> (id, published_ms, expires_ms)."""
-        return {int(k): SnapshotEntry.parse(v) for k, v in self.redis.hgetall(self.keys.snapshot_index).items()}
+        return {int(k): SnapshotEntry.parse(v) for k, v in self.redis.hgetall(self.index_copies()[0][0]).items()}
+
+    def put_snapshot_entry(self, cutoff_ms: int, entry: SnapshotEntry) -> None:
+        """Replace one night's index entry on every copy of the index (operations and tests: e.g. retire a night)."""
+        publish_entries(self, {str(cutoff_ms): entry.dump()})
 
     def write_snapshot(
         self,
@@ -328,7 +402,8 @@ class OnlineStore:
         that cut-off since then.
         """
         now = now_ms()
-        published = now if published_ms is None else int(published_ms)
+        # Under Redis Cluster the default publication time is set when the index copies are written (write_night).
+        published = (None if self.cluster else now) if published_ms is None else int(published_ms)
         return write_night(self, cutoff_ms, rows_by_group, published_ms=published, now=now, chunk=chunk,
                            on_progress=on_progress)
 
@@ -350,7 +425,9 @@ class AsyncOnlineStore:
         self.keys = _Keys(prefix or self.settings.key_prefix)
         self.lateness = allowed_lateness_ms
         self.retention = retention_ms
-        self.redis = aioredis.Redis(**self.settings.client_kwargs())
+        self.cluster = self.settings.cluster
+        self.redis = (rc.async_cluster_client(self.settings) if self.cluster
+                      else aioredis.Redis(**self.settings.client_kwargs()))
         self.ttl_s = stream_ttl_s(registry)
         self._apply = self.redis.register_script(_script("apply_events.lua"))
         self._read = self.redis.register_script(_script("read_features.lua"))
@@ -364,8 +441,18 @@ class AsyncOnlineStore:
     async def apply_events(self, events: Sequence[WindowWrite]) -> list[Applied]:
         return await self.apply_packed(pack_writes(events))
 
+    async def _nodes(self) -> rc.NodeMap:
+        try:
+            await self.redis.initialize()
+        except RedisClusterException as exc:  # no RedisError: callers handle outages as ConnectionError
+            raise redis.ConnectionError(f"Redis Cluster at {self.settings.host}:{self.settings.port}: {exc}") from None
+        return rc.node_map(self.redis)
+
     async def apply_packed(self, packed: list[str]) -> list[Applied]:
         """`apply_events` for writes already packed (`pack_writes`; the stream worker packs while validating)."""
+        if self.cluster:
+            calls, where = ops.plan_apply(self, await self._nodes(), packed, APPLY_CHUNK)
+            return ops.finish_apply(await ops.run_calls_async(self.redis, calls), where, len(packed) // 4)
         out: list[Applied] = []
         step = 4 * APPLY_CHUNK
         for i in range(0, len(packed), step):
@@ -375,12 +462,18 @@ class AsyncOnlineStore:
 
     async def read_features(self, card: str, txn_id: str, ts: int, amount_cents: int,
                             arrival_ms: int | None = None, merchant: str | None = None) -> OnlineFeatures:
-        reply = await self._read(keys=[], args=_read_args(self.keys.prefix, card, txn_id, ts, arrival_ms,
-                                                          self.registry, merchant))
+        if self.cluster:
+            reply = (await self.read_replies([(card, txn_id, ts, merchant)], arrival_ms))[0]
+        else:
+            reply = await self._read(keys=[], args=_read_args(self.keys.prefix, card, txn_id, ts, arrival_ms,
+                                                              self.registry, merchant))
         return fold_read(reply, txn_id, ts, amount_cents, self.registry)
 
     async def read_many(self, requests: Sequence[tuple]) -> list[OnlineFeatures]:
         """Several reads in one pipelined round trip: (card, txn_id, ts, cents[, merchant]) requests."""
+        if self.cluster:
+            replies = await self.read_replies([(r[0], r[1], r[2], *r[4:]) for r in requests])
+            return [fold_read(r, q[1], q[2], q[3], self.registry) for r, q in zip(replies, requests, strict=True)]
         pipe = self.redis.pipeline(transaction=False)
         for card, txn_id, ts, _, *merchant in requests:
             await self._read(keys=[], args=_read_args(self.keys.prefix, card, txn_id, ts, None, self.registry,
@@ -399,6 +492,13 @@ class AsyncOnlineStore:
         event is: `newest_counted_ts`); turn each reply into features with `fold_read`, as `read_features` does.
         """
         prefix, registry = self.keys.prefix, self.registry
+        if self.cluster:
+            nodes = await self._nodes()
+            plan = ops.plan_reads(self, nodes, requests, arrival_ms)
+            out, again, owners = ops.finish_reads(self, nodes, plan, await ops.run_calls_async(self.redis, plan.calls))
+            if again:
+                ops.settle(out, owners, await ops.run_calls_async(self.redis, again), plan.merchant_groups)
+            return out
         if len(requests) == 1:
             return [await self._read(keys=[], args=read_request_args(prefix, requests[0], arrival_ms, registry))]
         pipe = self.redis.pipeline(transaction=False)
@@ -421,12 +521,22 @@ def newest_counted_ts(reply: Sequence, txn_id: str) -> int | None:
     return newest
 
 
+def _index_copies(store) -> list[tuple[str, str]]:
+    keys = store.keys
+    if not store.cluster:
+        return [(keys.snapshot_index, keys.snapshot_cutoffs)]
+    nodes = rc.node_map(store.redis)
+    return [(keys.snapshot_index + nodes.suffix(n), keys.snapshot_cutoffs + nodes.suffix(n))
+            for n in sorted(nodes.tags)]
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
 
 def delete_prefix(client: redis.Redis, prefix: str, chunk: int = 5_000) -> int:
-    """Delete every key under `prefix:` (a test's or a benchmark's namespace), in bounded UNLINK calls."""
+    """Delete every key under `prefix:` (a test's or a benchmark's namespace), in bounded UNLINK calls (a cluster
+    client scans every master and splits the UNLINKs by slot)."""
     deleted, batch = 0, []
     for key in client.scan_iter(match=f"{prefix}:*", count=10_000):
         batch.append(key)

@@ -91,9 +91,9 @@ def isolated_api(services: dict, kafka_admin, folder: Path, name: str, *, topics
     finally:
         client.close()
         server.stop()
-        import redis
+        from stores.redis_cluster_store import sync_client
 
-        r = redis.Redis(**RedisSettings(port=services["redis_port"]).client_kwargs())
+        r = sync_client(RedisSettings(port=services["redis_port"]))  # a cluster client under VELOCITY_REDIS_CLUSTER
         delete_prefix(r, prefix)
         r.close()
         with contextlib.suppress(Exception):

@@ -45,7 +45,9 @@ def streams(draw):
 
 @pytest.fixture(scope="module")
 def raw_client(redis_settings):
-    client = redis.Redis(**redis_settings.client_kwargs())
+    from stores.redis_cluster_store import sync_client
+
+    client = sync_client(redis_settings)  # a cluster client under VELOCITY_TEST_REDIS_CLUSTER
     yield client
     client.close()
 
@@ -328,7 +330,7 @@ def test_read_of_an_expired_snapshot_says_so(online_store):
     store = online_store
     store.write_snapshot(BASE, [("c", 1, 100)], published_ms=BASE)
     entry = store.snapshot_entries()[BASE]
-    store.redis.hset(store.keys.snapshot_index, str(BASE), SnapshotEntry(entry.snap_id, BASE, 1).dump())
+    store.put_snapshot_entry(BASE, SnapshotEntry(entry.snap_id, BASE, 1))
     f = store.read_features("c", "t", BASE + 5, 100)
     assert not f.complete and math.isnan(f.num_trans_last_1w)
 
@@ -347,7 +349,8 @@ def test_password_and_timeouts_are_passed_through():
 
 def test_delete_prefix_removes_only_its_namespace(raw_client):
     base = f"test:del:{uuid.uuid4().hex[:8]}"
-    raw_client.mset({f"{base}:a:{i}": 1 for i in range(12)} | {f"{base}x:keep": 1, f"{base}:a": 1})
+    mset = getattr(raw_client, "mset_nonatomic", raw_client.mset)  # a cluster client: keys of several slots
+    mset({f"{base}:a:{i}": 1 for i in range(12)} | {f"{base}x:keep": 1, f"{base}:a": 1})
     assert delete_prefix(raw_client, f"{base}:a", chunk=5) == 12
     assert raw_client.exists(f"{base}x:keep", f"{base}:a") == 2  # a sibling prefix and the bare key survive
     raw_client.delete(f"{base}x:keep", f"{base}:a")

@@ -12,10 +12,10 @@ import uuid
 
 import pyarrow.parquet as pq
 import pytest
-import redis
 
 from featurestore.entity import EntityKeyer
 from stores.archive import read_archive, read_spool
+from stores.redis_cluster_store import sync_client
 from stores.redis_online import OnlineStore, delete_prefix
 from tests import synthetic
 from tests.conftest import REPO
@@ -81,7 +81,7 @@ def test_rebuild_after_redis_emptied_restores_windows_sequences_records_and_snap
             assert entries_before, "the batch run should have published a snapshot"
 
             # 3. Redis "restarted empty": every key of this test's prefix is gone.
-            client = redis.Redis(**redis_settings.client_kwargs())
+            client = sync_client(redis_settings)  # every master of a cluster
             assert delete_prefix(client, key_prefix) > 0
             client.close()
             assert store.card_state(cards[0]) == {} and store.snapshot_entries() == {}
@@ -143,7 +143,12 @@ def test_api_reports_an_emptied_store_and_points_to_the_rebuild(redis_settings, 
     registry = CollectorRegistry()
 
     async def scenario() -> list[bool]:
-        client = aioredis.Redis(**redis_settings.client_kwargs())
+        from stores.redis_cluster_store import async_cluster_client
+
+        client = (async_cluster_client(redis_settings) if redis_settings.cluster
+                  else aioredis.Redis(**redis_settings.client_kwargs()))
+        if redis_settings.cluster:
+            await client.initialize()  # learn the slot table now, not inside the watch's first check below
         watch = StoreLossWatch("test-redis", registry, every_s=3600)
         watch.start(client, key_prefix)
         await asyncio.sleep(0.2)  # the first check: no marker yet

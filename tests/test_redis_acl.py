@@ -23,13 +23,15 @@ FORBIDDEN_EVERYWHERE = [("FLUSHALL",), ("FLUSHDB",), ("CONFIG", "SET", "maxmemor
 @pytest.fixture
 def accounts(redis_settings, key_prefix):
     """The product's two users under test-only names (users are server-wide), for this test's prefix."""
-    admin = redis.Redis(**redis_settings.client_kwargs())
+    from stores.redis_cluster_store import sync_client
+
+    admin = sync_client(redis_settings)  # under Redis Cluster: users set on every node
     tag = uuid.uuid4().hex[:8]
     made = [RedisUser(f"{u.name}-test-{tag}", u.password, u.rules) for u in users()]
     apply_users(admin, made, key_prefix)
     yield {"reader": made[0], "writer": made[1]}
     for u in made:
-        admin.execute_command("ACL", "DELUSER", u.name)
+        admin.execute_command("ACL", "DELUSER", u.name, **({"target_nodes": "all"} if redis_settings.cluster else {}))
     admin.close()
 
 

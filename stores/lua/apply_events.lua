@@ -1,14 +1,17 @@
+#!lua flags=allow-cross-slot-keys
 -- Apply a batch of window events to the online store, idempotently, in one round trip.
 -- ARGV: prefix, allowed_lateness_ms, retention_ms, ttl_s, now_ms, now_us, events
 -- events: one flat JSON array card, txn_id, ts, cents, card, ..., the numbers as decimal strings (one argument:
 -- packing 4 per event costs the client more than the whole script costs Redis). Numbers travel as strings and are
 -- handed to redis.call as strings: Redis 7.0 formats every Lua number argument with printf("%.17g"), which was ~15%
 -- of the script's time.
+-- Under Redis Cluster one call holds the cards of one node, routed by KEYS[1] (one card's hash;
+-- stores/redis_cluster_store.py); the keys are computed here, hence the flag. The card key sits in a hash tag.
 -- Two keys per card (prefix p), written with three calls per card per batch (HMGET, ZADD, HSET), however many of
 -- its events the batch holds:
---   p:win:<card>   ZSET  score = ts, member = "seq|cents|flag|txn_id"  (flag A = aggregated, L = late): the window
+--   p:win:{<card>} ZSET  score = ts, member = "seq|cents|flag|txn_id"  (flag A = aggregated, L = late): the window
 --                        events every declared stream window is folded from (read_features.lua)
---   p:card:<card>  HASH  txn_id -> "seq|cents|flag|ts"  (idempotency: a txn_id is applied once; the read of a stored
+--   p:card:{<card>} HASH  txn_id -> "seq|cents|flag|ts"  (idempotency: a txn_id is applied once; the read of a stored
 --                        transaction takes its seq and ts from here)
 --                        "" -> "last_seq|newest|oldest|trimmed"  (the card's state; a txn_id is never empty)
 --     newest: the newest aggregated ts (lateness horizon); oldest: no stored event is older (a lower bound);
@@ -27,6 +30,10 @@
 -- not on every batch), and a card idle for longer than the retention drops everything with one DEL.
 -- Returns, flat, per event: status, seq. status 0 applied, 1 late, 2 duplicate of an applied event,
 -- 3 duplicate of a late event; seq is the one assigned, or for a duplicate the stored one.
+-- With ARGV[8] (window_ms > 0, the stream scorer's): { that flat list, per card in order of first appearance its
+-- window members with ts in [lowest ts - window_ms, highest ts] of its events here (a duplicate's stored ts), read
+-- after its writes, as a flat member/score list (read_features.lua's), per event its stored record
+-- "seq|cents|flag|ts" for a duplicate, else false }: what the scorer folds, so nothing is read back per event.
 local p = ARGV[1]
 local lateness = tonumber(ARGV[2])
 local retention = tonumber(ARGV[3])
@@ -41,6 +48,8 @@ local slack = math.floor(retention / 8)
 local fmt, find, call, unpack, min = string.format, string.find, redis.call, unpack, math.min
 local CHUNK = 1000 -- arguments per unpack (Lua's C stack holds ~8000); even, so pairs stay whole
 local out = {}
+local want_w = tonumber(ARGV[8] or '0') or 0 -- > 0: also return the windows (see Returns)
+local wins, recs = {}, {}
 
 -- A command over one key and the first n arguments of a buffer, in bounded calls; a table reply is joined.
 local function many(cmd, key, args, n)
@@ -67,7 +76,7 @@ end
 local fields, zadd, hset = {''}, {}, {'', false} -- reused buffers (explicit lengths): no tables per card
 for c = 1, #order do
   local card = order[c]
-  local hk, wk = p .. ':card:' .. card, p .. ':win:' .. card
+  local hk, wk = p .. ':card:{' .. card .. '}', p .. ':win:{' .. card .. '}'
   local i, nf = head[card], 1
   while i do
     nf = nf + 1; fields[nf] = ev[4 * i - 2]
@@ -100,6 +109,7 @@ for c = 1, #order do
   local pending -- txn_id -> record, for a txn_id repeated within this batch (created when one may be)
   if nf > 2 then pending = {} end
   local new_oldest, new_oldest_s
+  local lo, hi -- the card's event times here (a duplicate's stored one), for the windows returned
   local j = 1
   i = head[card]
   while i do
@@ -107,11 +117,22 @@ for c = 1, #order do
     local txn, ts_s, cents = ev[4 * i - 2], ev[4 * i - 1], ev[4 * i]
     local rec = (pending and pending[txn]) or (not dropped and got[j])
     if rec then
-      local _, _, prev_seq, prev_flag = find(rec, '^([^|]*)|[^|]*|([^|]*)|')
+      local _, _, prev_seq, prev_flag, prev_ts = find(rec, '^([^|]*)|[^|]*|([^|]*)|(.*)$')
       out[2 * i - 1] = (prev_flag == 'L') and 3 or 2
       out[2 * i] = tonumber(prev_seq)
+      if want_w > 0 then
+        recs[i] = rec
+        local t = tonumber(prev_ts)
+        if (not lo) or t < lo then lo = t end
+        if (not hi) or t > hi then hi = t end
+      end
     else
       local ts = tonumber(ts_s)
+      if want_w > 0 then
+        recs[i] = false
+        if (not lo) or ts < lo then lo = ts end
+        if (not hi) or ts > hi then hi = ts end
+      end
       local seq, seq_s = last_seq + 1, nil
       if now_us >= seq then seq, seq_s = now_us, now_us_s else seq_s = fmt('%d', seq) end
       local flag = 'A'
@@ -162,5 +183,7 @@ for c = 1, #order do
       call('EXPIRE', wk, ttl_s)
     end
   end
+  if want_w > 0 then wins[c] = call('ZRANGEBYSCORE', wk, fmt('%d', lo - want_w), fmt('%d', hi), 'WITHSCORES') end
 end
+if want_w > 0 then return {out, wins, recs} end
 return out

@@ -1,13 +1,18 @@
+#!lua flags=no-writes,allow-cross-slot-keys
 -- Everything one score needs, in one round trip: the card's window events, and the card's and the merchant's
 -- nightly snapshot groups.
--- ARGV: prefix, card, txn_id, ts, window_ms, arrival_ms, now_ms, card_tag, merchant_tag, batch groups
+-- ARGV: prefix, card, txn_id, ts, window_ms, arrival_ms, now_ms, card_tag, merchant_tag, batch groups, index suffix
 --   txn_id: '' reads the windows without a transaction of the card's own (inspection)
 --   arrival_ms: when the transaction reached the store, for one it has not seen (a stored one's is its seq // 1000)
 --   window_ms: the longest stream window declared (each group folds its own out of these members)
 --   card_tag, merchant_tag: the entities' parts of their snapshot key names (stores/online_snapshots.py
 --   `entity_tag`); merchant_tag '' reads no merchant
 --   batch groups: the declared nightly groups to resolve, "g1,g2,..."
--- Keys: see apply_events.lua (p:card:<card> holds the card's state and its idempotency records, p:win:<card> its
+--   index suffix: '' on a single node; under Redis Cluster this node's copy of the index (stores/redis_cluster_store.py)
+-- KEYS: none on a single node; under Redis Cluster the card's hash, which routes the call to the card's node. The
+-- keys read are computed here: all of them live on that node (the card's keys share its hash tag, the index copy is
+-- this node's, the merchant is read here only when it lives here), hence the flag allow-cross-slot-keys.
+-- Keys: see apply_events.lua (p:card:{<card>} holds the card's state and its idempotency records, p:win:{<card>} its
 -- window events) and stores/online_snapshots.py (p:w1:index, p:w1:cutoffs, p:snap:<snap_id>:<tag>).
 -- Returns: { stored record of txn_id ("seq|cents|flag|ts") or false,
 --            window members with ts in [t - window, t] as a flat member/score list,
@@ -25,7 +30,8 @@ local p, card, txn = ARGV[1], ARGV[2], ARGV[3]
 local ts, window = tonumber(ARGV[4]), tonumber(ARGV[5])
 local arrival, now = tonumber(ARGV[6]), tonumber(ARGV[7])
 local card_tag, merchant_tag = ARGV[8], ARGV[9]
-local got = redis.call('HMGET', p .. ':card:' .. card, '', txn)
+local suffix = ARGV[11] or ''
+local got = redis.call('HMGET', p .. ':card:{' .. card .. '}', '', txn)
 local state, stored = got[1], got[2]
 if txn == '' then stored = false end
 if stored then
@@ -33,7 +39,7 @@ if stored then
   ts = tonumber(t)
   arrival = math.floor(tonumber(seq) / 1000)
 end
-local members = redis.call('ZRANGEBYSCORE', p .. ':win:' .. card, ts - window, ts, 'WITHSCORES')
+local members = redis.call('ZRANGEBYSCORE', p .. ':win:{' .. card .. '}', ts - window, ts, 'WITHSCORES')
 local trimmed = false
 if state then
   local _, _, t = string.find(state, '^[^|]*|[^|]*|[^|]*|([^|]*)$')
@@ -45,10 +51,10 @@ for g in string.gmatch(ARGV[10], '[^,]+') do
   nwant = nwant + 1
 end
 local latest, nights, expired = false, {}, 0
-local candidates = redis.call('ZREVRANGEBYSCORE', p .. ':w1:cutoffs', ts, '-inf', 'LIMIT', 0, 64)
+local candidates = redis.call('ZREVRANGEBYSCORE', p .. ':w1:cutoffs' .. suffix, ts, '-inf', 'LIMIT', 0, 64)
 for _, c in ipairs(candidates) do
   if nwant == 0 then break end
-  local entry = redis.call('HGET', p .. ':w1:index', c)
+  local entry = redis.call('HGET', p .. ':w1:index' .. suffix, c)
   if entry then
     local _, _, snap, published, expires, held = string.find(entry, '^([^|]*)|([^|]*)|([^|]*)|?(.*)$')
     if tonumber(published) <= arrival then

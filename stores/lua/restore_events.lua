@@ -1,11 +1,14 @@
+#!lua flags=allow-cross-slot-keys
 -- Restore archived window events into the online store (`velocity features rebuild`), merging with whatever a
 -- running worker wrote meanwhile; one round trip per chunk of events.
 -- ARGV: prefix, ttl_s, events, cuts
+-- KEYS: none on a single node; under Redis Cluster one card's hash (routes the call): the events are those of the
+-- cards this node owns (stores/redis_cluster_store.py), hence the flag allow-cross-slot-keys.
 -- events: one flat JSON array card, txn_id, ts, cents, flag, seq, card, ..., all as decimal strings; flag A
 -- (aggregated) or L (late); seq is the arrival position the worker assigned and archived.
 -- Writes the same two keys per card as apply_events.lua (see there for their layout):
---   p:win:<card>   ZSET  score = ts, member = "seq|cents|flag|txn_id"
---   p:card:<card>  HASH  txn_id -> "seq|cents|flag|ts";  "" -> "last_seq|newest|oldest|trimmed"
+--   p:win:{<card>}   ZSET  score = ts, member = "seq|cents|flag|txn_id"
+--   p:card:{<card>}  HASH  txn_id -> "seq|cents|flag|ts";  "" -> "last_seq|newest|oldest|trimmed"
 -- A txn_id the hash already holds is left as it is (idempotent: rerunning a rebuild changes nothing). The card's
 -- state is merged: last_seq and newest are maxima (so the next arrival's seq stays above every restored one),
 -- oldest a minimum.
@@ -35,7 +38,7 @@ end
 
 for c = 1, #order do
   local card = order[c]
-  local hk, wk = p .. ':card:' .. card, p .. ':win:' .. card
+  local hk, wk = p .. ':card:{' .. card .. '}', p .. ':win:{' .. card .. '}'
   local list = by_card[card]
   local fields = {''}
   for k = 1, #list do fields[k + 1] = ev[6 * list[k] - 4] end
