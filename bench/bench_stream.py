@@ -158,8 +158,12 @@ def load_average() -> str:
         return "unknown"
 
 
-def start_worker(topic: str, prefix: str, port: int, offline: Path, extra: list[str]) -> subprocess.Popen:
+def start_worker(topic: str, prefix: str, port: int, offline: Path, extra: list[str],
+                 code: Path | None = None) -> subprocess.Popen:
+    """`velocity stream` over `topic`; `code`: run another copy of the code (an A/B reference) instead of this one."""
     env = {**os.environ, "VELOCITY_ENTITY_SECRET": SECRET}
+    if code is not None:  # ahead of the editable install on sys.path
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(code), env.get("PYTHONPATH")) if p)
     cmd = [str(REPO / ".venv/bin/velocity"), "stream", "--topic", topic, "--dlq-topic", f"{topic}.dlq",
            "--group", f"bench-{topic}", "--key-prefix", prefix, "--metrics-port", str(port),
            "--offline-dir", str(offline), "--log-level", "warning", "--no-score", *extra]

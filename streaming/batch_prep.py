@@ -44,6 +44,9 @@ class PreparedBatch:
     rejects: list[tuple[RawMessage, InvalidEvent]] = field(default_factory=list)
     packed: list[str] = field(default_factory=list)
     cents: list[int] = field(default_factory=list)
+    #: Per valid transaction, what the apply returned for its scoring (`streaming.stream_reads`); None when the
+    #: batch was applied without (scoring off, or Redis Cluster).
+    windows: list | None = None
 
     @property
     def writes(self) -> list[Transaction]:

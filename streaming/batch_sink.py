@@ -25,6 +25,7 @@ from stores.archive import ArchiveWriter, roll_spool
 from stores.redis_online import AsyncOnlineStore
 from streaming import metrics
 from streaming.batch_prep import RawMessage, archive_rows, prepare_batch
+from streaming.stream_reads import apply_with_windows
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +176,17 @@ class BatchSink:
         self.freshness = metrics.Reservoir()
         self._rolls: set[asyncio.Task] = set()
         self.redis_watch = RedisWatch(store)
+        #: > 0: the apply also returns each transaction's window members for the stream scorer
+        #: (`streaming.stream_reads`; set by the worker when it scores on a single Redis node).
+        self.windows_ms = 0
 
-    async def _apply_with_retry(self, packed: list[str]):
+    async def _apply_packed(self, packed: list[str], batch) -> list[Applied]:
+        if not self.windows_ms:
+            return await self.store.apply_packed(packed)
+        applied, batch.windows = await apply_with_windows(self.store, packed, self.windows_ms)
+        return applied
+
+    async def _apply_with_retry(self, packed: list[str], batch=None):
         """Redis unavailable is not a reason to drop or skip a batch: retry with backoff until it is back.
 
         What the log says is measured (see RedisWatch): how long each failed attempt really took (redis-py
@@ -187,7 +197,7 @@ class BatchSink:
         while True:
             started = time.monotonic()
             try:
-                applied = await self.store.apply_packed(packed)
+                applied = await self._apply_packed(packed, batch)
             except Exception as exc:  # redis-py raises its own ConnectionError/TimeoutError types
                 if not redis_unavailable(exc):
                     raise
@@ -213,7 +223,7 @@ class BatchSink:
     async def write_online(self, prepared) -> tuple[list[Applied], float]:
         """The Redis half of `apply`: window writes (retried until Redis takes them); returns outcomes, when visible."""
         _, batch, _ = prepared
-        applied = await self._apply_with_retry(batch.packed) if batch.packed else []
+        applied = await self._apply_with_retry(batch.packed, batch) if batch.packed else []
         return applied, time.time() * 1000.0
 
     async def finish(self, prepared, applied: Sequence[Applied], visible_ms: float) -> BatchResult:

@@ -3,42 +3,82 @@ serving scorer (same read, same ratios, same model), and the answers go to topic
 FRAUD decisions also go to `alerts`.
 
 The stream's answers are the reference for online/offline agreement: a transaction the stream has applied is read
-back as of its own arrival (its stored arrival position), so its features are exactly its training row's.
+as of its own arrival (its stored arrival position), so its features are exactly its training row's.
+
+On a single Redis node nothing is read back per transaction: the batch's apply returns its cards' window members
+(streaming/stream_reads.py), the nightly snapshots are fetched once per batch, the features are folded for the
+whole batch (streaming/batch_fold.py: the online read's fold, shared work done once), and the answers go to the
+producer as one record batch per partition. Under Redis Cluster each transaction is read with the serving scorer's
+read (`Scorer.score_many`). Both give the same features (tests/test_stream_reads.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
+import numpy as np
 import orjson
 
 from featurestore.events import Transaction
+from featurestore.state import Applied
 from serving.models import ModelWatcher
-from serving.scorer import FRAUD, ModelUnavailable, RedisUnavailable, Scorer
+from serving.scorer import FRAUD, ModelUnavailable, RedisUnavailable, Scored, Scorer, now_ms, redis_failure
 from streaming import metrics
+from streaming.batch_fold import BatchFold
 from streaming.batch_prep import PreparedBatch
+from streaming.stream_reads import BatchReplies
 
 log = logging.getLogger(__name__)
 
 #: Sends one message (topic, key, value) and returns an awaitable that resolves once the broker has it.
 Send = Callable[[str, bytes, bytes], Awaitable[Awaitable[object]]]
+#: Sends (key, value) messages to a topic; returns awaitables that resolve once the broker has them all.
+SendMany = Callable[[str, Sequence[tuple[bytes, bytes]]], Awaitable[Sequence[Awaitable[object]]]]
 
 
 class StreamScorer:
     """Scores what a batch applied and produces the answers; waits for the broker before the batch is acked."""
 
     def __init__(self, scorer: Scorer, models: ModelWatcher, send: Send, *, scores_topic: str,
-                 alerts_topic: str) -> None:
+                 alerts_topic: str, send_many: SendMany | None = None) -> None:
         self.scorer = scorer
         self.models = models
         self.send = send
+        self.send_many = send_many
         self.scores_topic = scores_topic
         self.alerts_topic = alerts_topic
         self._warned = False
+        self.replies = BatchReplies(scorer.store, scorer.reader)
+        self.fold = BatchFold(scorer.registry)
 
-    async def score_batch(self, batch: PreparedBatch) -> int:
+    async def _from_apply(self, batch: PreparedBatch, applied: Sequence[Applied]) -> list[Scored]:
+        """`Scorer.score_many` for an applied batch, the reads taken from its apply (`streaming.stream_reads`):
+        the same fold of the same replies, one prediction over all rows."""
+        scorer = self.scorer
+        try:
+            async with asyncio.timeout(scorer.timeout_s):
+                reads, hashes = await self.replies.gather(batch.txns, batch.cents, applied, batch.windows)
+        except Exception as exc:
+            if redis_failure(exc):
+                raise RedisUnavailable(f"the online store (Redis) did not answer within {scorer.timeout_s:g} s: "
+                                       f"{type(exc).__name__}") from None
+            raise
+        model = scorer._model()
+        at = now_ms()
+        names = model.features
+        rows = np.empty((len(reads), len(names)), dtype=np.float32)
+        computed = self.fold.fold(batch.txns, reads, hashes, at)
+        for j, (values, _) in enumerate(computed):
+            rows[j] = [values[name] for name in names]
+        raw = model.booster.inplace_predict(rows)
+        scores = model.calibrate(raw) if model.calibrate is not None else raw
+        return [Scored(scorer._answer(t, model, float(s), v, a), model, rows[j:j + 1])
+                for j, (t, s, (v, a)) in enumerate(zip(batch.txns, scores, computed, strict=True))]
+
+    async def score_batch(self, batch: PreparedBatch, applied: Sequence[Applied] | None = None) -> int:
         """Score every valid transaction of the batch, late ones too (they get their own window, SPEC section 4).
 
         Duplicates are scored again: a redelivered batch (a worker killed after its Redis write, before its scores
@@ -58,23 +98,33 @@ class StreamScorer:
             return 0
         self._warned = False
         try:
-            scored = await self.scorer.score_many(txns)
+            if batch.windows is not None and applied is not None:
+                scored = await self._from_apply(batch, applied)
+            else:
+                scored = await self.scorer.score_many(txns)
         except (ModelUnavailable, RedisUnavailable) as exc:
             # The batch is in Redis and archived; its scores are an output, not a reason to stall the partition.
             metrics.UNSCORED.inc(len(txns))
             log.warning("%d transactions not scored: %s", len(txns), exc)
             return 0
         at = time.time_ns() // 1_000_000
-        pending = []
+        answers, alerts = [], []
+        dumps, option = orjson.dumps, orjson.OPT_SERIALIZE_NUMPY
         for txn, s in zip(txns, scored, strict=True):
-            answer = {**s.answer, "source": "stream", "ts": txn.ts, "scored_at_ms": at}
-            value = orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
-            key = txn.card.encode()
-            pending.append(await self.send(self.scores_topic, key, value))
+            answer = s.answer
+            answer["source"], answer["ts"], answer["scored_at_ms"] = "stream", txn.ts, at
+            message = (txn.card.encode(), dumps(answer, option=option))
+            answers.append(message)
             if answer["decision"] == FRAUD:
-                pending.append(await self.send(self.alerts_topic, key, value))
-                metrics.ALERTS.inc()
+                alerts.append(message)
+        if self.send_many is not None:  # one batch per partition: no future, no await per message
+            pending = [*await self.send_many(self.scores_topic, answers),
+                       *(await self.send_many(self.alerts_topic, alerts) if alerts else ())]
+        else:
+            pending = [await self.send(topic, key, value) for topic, messages in
+                       ((self.scores_topic, answers), (self.alerts_topic, alerts)) for key, value in messages]
         for fut in pending:
             await fut
+        metrics.ALERTS.inc(len(alerts))
         metrics.SCORED.inc(len(txns))
         return len(txns)

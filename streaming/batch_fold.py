@@ -1,0 +1,185 @@
+"""The scorer's fold (`serving.scorer.Scorer.features`: `stores.redis_online.fold_read`, the ratios, the ages) for a
+whole applied batch, with the work its transactions share done once.
+
+Per transaction it computes what `Scorer.features` computes from that transaction's read reply
+(`streaming.stream_reads.EventRead.reply`), by the same functions: each stream group's statistics with
+`featurestore.windows.window_aggregate` over the window members the read returns, the nightly groups by the
+statements of the store's `SnapshotFold.fold` (`NightlyFold`), the ratios with `featurestore.ratios.compute_ratios`.
+What is shared is not repeated: a card's window members are parsed once per batch rather than once per transaction
+(twice, with the ages), each entity hash once, and each group of a night once per entity (a busy merchant's groups
+once per batch). tests/test_stream_reads.py checks the result equals `Scorer.features` on the replies.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left, bisect_right
+from collections.abc import Sequence
+
+from featurestore.definitions import Registry
+from featurestore.events import Transaction
+from featurestore.ratios import compute_ratios
+from featurestore.windows import WindowAggregate, WindowEvent, in_window, mean_amount, window_aggregate
+from stores.online_snapshots import SnapshotFold
+from stores.redis_online import parse_member
+from streaming.stream_reads import CardWindow, EventRead
+
+
+def _events(win: CardWindow) -> list[WindowEvent]:
+    """The window's members parsed, once per card window (kept on it)."""
+    parsed = win.parsed
+    if parsed is None:
+        flat = win.flat
+        parsed = win.parsed = [parse_member(flat[i], float(flat[i + 1])) for i in range(0, len(flat), 2)]
+    return parsed
+
+
+class NightlyFold:
+    """`SnapshotFold.fold` (the store's fold of the nightly groups) for reads whose nights name their entity hashes,
+    each hash parsed once and each group's values computed once per (night, entity) in a batch: a busy merchant's
+    groups are folded once, not once per transaction. Same statements, in the same order, as SnapshotFold.fold;
+    tests/test_stream_reads.py checks both agree."""
+
+    def __init__(self, registry: Registry) -> None:
+        ref = SnapshotFold(registry)
+        self.groups = tuple((g, g.name, g.entity == "merchant", ref.fields[g.name], ref.stats_of[g.name])
+                            for g in ref.groups)
+        self.nan, self.defaults = ref.nan, ref.defaults
+        self.fields_b = {name: {k: v.encode() for k, v in f.items()} for name, f in ref.fields.items()}
+        self.card_groups = tuple(g for g in self.groups if not g[2])
+        self.merchant_groups = tuple(g for g in self.groups if g[2])
+        self._parsed: dict = {}
+        self._parts: dict = {}
+        self._groups: dict = {}
+        self._hashes: dict | None = None
+
+    def fold(self, nights: tuple, hashes: dict) -> tuple[dict, dict]:
+        """(values, cut-off per group) for `nights` of (cut-off, "g1,g2", card hash key or None, merchant hash key
+        or None), the hashes' flat contents in `hashes` (one batch's: the caches follow it).
+
+        The card's groups depend on the nights and the card's hashes only, the merchant's on the nights, the
+        merchant's hashes and whether the card's were read: each part is folded once per batch for each such key
+        (every transaction of a busy merchant shares its part)."""
+        if hashes is not self._hashes:
+            self._hashes, self._parsed, self._groups, self._parts = hashes, {}, {}, {}
+        parts = self._parts
+        kc = ("c", *((c, held, ck) for c, held, ck, _ in nights))
+        card = parts.get(kc)
+        if card is None:
+            card = parts[kc] = self._part(nights, self.card_groups)
+        if not self.merchant_groups:
+            return card
+        km = ("m", *((c, held, ck is None, mk) for c, held, ck, mk in nights))
+        merchant = parts.get(km)
+        if merchant is None:
+            merchant = parts[km] = self._part(nights, self.merchant_groups)
+        return {**card[0], **merchant[0]}, {**card[1], **merchant[1]}
+
+    def _part(self, nights: tuple, groups: tuple) -> tuple[dict, dict]:
+        served = {}
+        for cutoff, held, ck, mk in nights:
+            night = (int(cutoff), ck, mk)
+            for name in held.split(","):
+                served[name] = night
+        values: dict[str, float] = {}
+        cutoffs: dict[str, int | None] = {}
+        cache = self._groups
+        for group in groups:
+            name = group[1]
+            night = served.get(name)
+            if night is None:
+                key = name
+            elif group[2]:  # a merchant group: the merchant's hash, and whether the card's was read
+                key = (name, night[0], night[1] is None, night[2])
+            else:
+                key = (name, night[0], night[1])
+            got = cache.get(key)
+            if got is None:
+                got = cache[key] = self._group(group, night)
+            values.update(got[0])
+            cutoffs[name] = got[1]
+        return values, cutoffs
+
+    def _group(self, group: tuple, night: tuple | None) -> tuple[dict, int | None]:
+        g, name, merchant, f, stats_of = group
+        if night is None:  # no visible night holds it (or its night is older than an expired one)
+            return self.nan[name], None
+        cutoff, ck, mk = night
+        key = mk if merchant else ck
+        if key is None:  # expired (unknown here), or no merchant asked for
+            return self.nan[name], (None if merchant and ck is not None else cutoff)
+        got = self._parsed.get(key)
+        if got is None:
+            got = self._parsed[key] = _fields(self._hashes[key])
+        if type(next(iter(got), b"")) is bytes:  # the hash's field names as Redis sent them (bytes): no decoding
+            f = self.fields_b[name]
+        if not any(f[s] in got for s in stats_of):
+            return self.defaults[name], cutoff  # absent from an existing snapshot: nothing in its window
+        n, s, fraud = _int(got, f["n"], 0), _int(got, f["s"], 0), _int(got, f["f"], 0)
+        values = {}
+        agg = None
+        for a in g.features:
+            if a.column == "known_fraud":
+                v = float(n) if a.function == "count" else float(fraud) if a.function == "sum" else (
+                    fraud / n if n > 0 else math.nan)
+            elif a.function == "mean":
+                v = mean_amount(n, s)
+            else:  # a count from a snapshot is a float like the training set's
+                if agg is None:
+                    agg = WindowAggregate(n, s, _int(got, f["mn"], None), _int(got, f["mx"], None))
+                v = float(agg.value(a.function))
+            values[a.name] = v
+        return values, cutoff
+
+
+def _fields(flat) -> dict:
+    """A hash's flat field/value list as a dict of the raw values (`_int` converts the ones used, as `_flat`)."""
+    it = iter(flat or ())
+    return dict(zip(it, it, strict=True))
+
+
+def _int(got: dict, field, default):
+    v = got.get(field)
+    return default if v is None else int(v)
+
+
+class BatchFold:
+    """Features and ages per transaction of an applied batch (see the module's docstring)."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.stream = tuple((g, g.window_ms) for g in registry.stream_groups)
+        self.window_ms = registry.longest_stream_window_ms
+        self.nightly = NightlyFold(registry)
+        self.batch_groups = tuple(g.name for g in registry.batch_groups)
+        self.ratios = registry.ratios
+
+    def fold(self, txns: Sequence[Transaction], reads: Sequence[EventRead], hashes: dict,
+             at_ms: int) -> list[tuple[dict[str, float], dict]]:
+        """(every feature and ratio by name, each group's age in ms) per transaction, as `Scorer.features`."""
+        out = []
+        for txn, read in zip(txns, reads, strict=True):
+            seq_s, cents_s, flag, _ = read.stored.split("|", 3)
+            t = read.ts
+            seq = int(seq_s)
+            current = WindowEvent(txn.txn_id, t, seq, int(cents_s), flag == "L")
+            win = read.window
+            events = _events(win)
+            members = events[bisect_left(win.ts, t - self.window_ms):bisect_right(win.ts, t)]
+            values: dict[str, float] = {"amount": txn.amount}
+            for group, window in self.stream:
+                values.update(window_aggregate(members, current, window).values(group))
+            got = self.nightly.fold(read.nights, hashes)
+            values.update(got[0])
+            values.update(compute_ratios(values, self.ratios))
+            newest = None  # stores.redis_online.newest_counted_ts
+            for e in members:
+                if not e.late and e.txn_id != txn.txn_id and e.seq < seq and (newest is None or e.ts > newest):
+                    newest = e.ts
+            ages = {group.name: 0 if newest is None or not in_window(newest, t, window) else max(0, at_ms - newest)
+                    for group, window in self.stream}
+            cutoffs = got[1]
+            for name in self.batch_groups:
+                cutoff = cutoffs.get(name)
+                ages[name] = None if cutoff is None else max(0, at_ms - cutoff)
+            out.append((values, ages))
+        return out
