@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Protocol
 
 import pandas as pd
+import pyarrow as pa
 
 from batch.quality import QualityLimits
 from featurestore.definitions import DEFAULT_ALLOWED_LATENESS_MS, REGISTRY, FeatureGroup, Registry
@@ -75,7 +76,7 @@ class DuckDBEngine:
         return self._sql.training_set_duckdb(self._con, self.offline_dir, start_ms, end_ms, self.registry)
 
     def write_training_set(self, start_ms: int, end_ms: int, out: Path) -> int | None:
-        return None
+        return self._sql.write_training_set_duckdb(self._con, self.offline_dir, start_ms, end_ms, out, self.registry)
 
     def close(self) -> None:
         self._con.close()
@@ -173,15 +174,30 @@ def run_snapshots(engine: Engine, days: list[dt.date], *, offline_dir: Path, onl
         check_groups(nights, previous, groups, data_start_ms=lo, limits=quality)
     written = []
     names = [g.name for g in groups]
+    tables = _as_arrow(nights, names)
     for day, frames in nights:
         progress(f"writing {day}")
         at = first_publication(offline_dir, day, names, published(day))
         for g in groups:
-            write_snapshot_file(frames[g.name], offline_dir, day, at, g.name)
+            write_snapshot_file(tables[day, g.name], offline_dir, day, at, g.name)
         if online is not None:
             publish_online(online, day, frames, at, engine.registry)
         written.append((day, len(frames[names[0]])))
     return written
+
+
+def _as_arrow(nights: list[tuple[dt.date, dict[str, pd.DataFrame]]], names: list[str]) -> dict[tuple, pa.Table]:
+    """Each night's frame of each group as Arrow, converted once per group rather than once per file (a
+    conversion's fixed cost, times nights x groups, was most of a backfill's writing time)."""
+    out = {}
+    for name in names:
+        parts = [frames[name] for _, frames in nights]
+        whole = pa.Table.from_pandas(pd.concat(parts, ignore_index=True), preserve_index=False)
+        start = 0
+        for (day, _), part in zip(nights, parts, strict=True):
+            out[day, name] = whole.slice(start, len(part))
+            start += len(part)
+    return out
 
 
 def publish_online(online, day: dt.date, frames: Mapping[str, pd.DataFrame] | pd.DataFrame, published_ms: int,
@@ -213,14 +229,17 @@ def now() -> int:
 
 
 def build_training_set(engine: Engine, start: dt.date, end: dt.date, out: Path | None) -> pd.DataFrame | int:
-    """DuckDB returns (and writes) the frame; Spark writes a Parquet directory from the executors and returns
-    the row count, so a seed-scale set never has to fit in the driver."""
+    """The frame without `out`; with it, the engine writes the rows without collecting them (DuckDB one Parquet
+    file streamed batch by batch, Spark a Parquet directory from the executors) and the row count is returned, so
+    a seed-scale set never has to fit in memory as a frame."""
     if end <= start:
         raise OfflineError(f"--end {end} must be after --start {start}")
     rows = engine.write_training_set(cutoff_ms_of(start), cutoff_ms_of(end), out) if out is not None else None
     if rows is not None:
         if rows == 0:
-            raise OfflineError(f"no transactions in [{start}, {end})")
+            lo, hi = engine.span
+            raise OfflineError(f"no transactions in [{start}, {end}) (history spans {_fmt(lo)} .. {_fmt(hi)}); "
+                               "nothing was written")
         return rows
     frame = engine.training_set(cutoff_ms_of(start), cutoff_ms_of(end))
     if frame.empty:

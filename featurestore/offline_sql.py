@@ -8,9 +8,11 @@ per-card sequence), `arrived_ms` when it reached the store (a history file's row
 A stream group's window counts the card's on-time events with ts in [t - W, t] that arrived before x, plus x
 (SPEC section 4). SQL's RANGE frame over ts gives every on-time event in [t - W, t]: exactly right unless an
 event that arrived *after* x sits in it. Only an "overtaken" event (one whose ts is at most the card's running
-maximum when it arrived: ties and out-of-order arrivals) can, and those are few, so the transactions they touch
-are found with a small join and recomputed by brute force; every other row takes the frame. Statistics are in
-integer cents (count, sum, min, max) and features derive from them exactly like `WindowAggregate.value`.
+maximum when it arrived: ties and out-of-order arrivals) can, and those are few. One pass computes every
+group's frame plus the largest overtaken arrival position in the longest frame, which tells whether x's frames
+can be wrong; the few rows where they can are recomputed by brute force (one join for every group), every other
+row takes its frames. Statistics are in integer cents (count, sum, min, max) and features derive from them
+exactly like `WindowAggregate.value`.
 
 Nightly (batch) groups are computed by `featurestore.batch_sql`; the training set joins each one's snapshot as of
 each transaction, on its entity (card or merchant), here.
@@ -74,70 +76,113 @@ def value_sql(function: str, n: str, s: str, mn: str, mx: str, f: str = "0", col
     return f"CASE WHEN {cents} IS NULL THEN {nan} ELSE CAST({cents} AS DOUBLE) / 100.0 END"
 
 
-def _stream_parts(group: FeatureGroup, i: int, source: str) -> tuple[list[str], str, list[str]]:
-    """One stream group's pieces for the shared SELECT: its RANGE-frame columns (`frame<i>_*`), its brute-force
-    relation for the few rows an overtaken event touches (joined as `e<i>`), and its feature expressions."""
-    w = int(group.window_ms)
-    rng = f"OVER (PARTITION BY card ORDER BY ts RANGE BETWEEN {w} PRECEDING AND CURRENT ROW)"
+def _frame_stats(group: FeatureGroup, i: int) -> list[str]:
+    """One stream group's RANGE-frame statistics over the on-time events (`frame<i>_<stat>`)."""
+    rng = f"OVER (PARTITION BY card ORDER BY ts RANGE BETWEEN {int(group.window_ms)} PRECEDING AND CURRENT ROW)"
     on_cents = "CASE WHEN late THEN NULL ELSE amount_cents END"
-    overtaken = f"(SELECT card, ts, seq FROM {source} WHERE NOT late AND ts <= prev_max_ts)"
-    touched = f"""(SELECT DISTINCT x.txn_id FROM {source} x JOIN {overtaken} y
-                   ON y.card = x.card AND y.seq > x.seq AND y.ts <= x.ts AND y.ts >= x.ts - {w})"""
-    exact = f"""(SELECT x.txn_id, COUNT(y.seq) AS n, SUM(y.amount_cents) AS s, MIN(y.amount_cents) AS mn,
-                        MAX(y.amount_cents) AS mx
-                 FROM {source} x JOIN {touched} t ON t.txn_id = x.txn_id
-                 LEFT JOIN {source} y ON y.card = x.card AND y.seq < x.seq AND NOT y.late
-                                      AND y.ts <= x.ts AND y.ts >= x.ts - {w}
-                 GROUP BY x.txn_id)"""
-    e, fr = f"e{i}", f"f.frame{i}"
-    own_n, own_c = "CASE WHEN f.late THEN 0 ELSE 1 END", "CASE WHEN f.late THEN 0 ELSE f.amount_cents END"
-    # Others' statistics (x left out), from the brute force where it ran, else from the frame; then x added once.
-    n = f"(1 + CASE WHEN {e}.txn_id IS NULL THEN {fr}_n - {own_n} ELSE {e}.n END)"
-    s = f"(f.amount_cents + CASE WHEN {e}.txn_id IS NULL THEN {fr}_s - {own_c} ELSE COALESCE({e}.s, 0) END)"
-    mn = f"LEAST(f.amount_cents, COALESCE(CASE WHEN {e}.txn_id IS NULL THEN {fr}_mn ELSE {e}.mn END, f.amount_cents))"
-    mx = (f"GREATEST(f.amount_cents, COALESCE(CASE WHEN {e}.txn_id IS NULL THEN {fr}_mx ELSE {e}.mx END, "
-          "f.amount_cents))")
-    cols = [f"{value_sql(a.function, n, s, mn, mx)} AS {a.name}" for a in group.features]
     frame = {"n": f"SUM(CASE WHEN late THEN 0 ELSE 1 END) {rng} AS frame{i}_n",
              "s": f"SUM(CASE WHEN late THEN 0 ELSE amount_cents END) {rng} AS frame{i}_s",
              "mn": f"MIN({on_cents}) {rng} AS frame{i}_mn", "mx": f"MAX({on_cents}) {rng} AS frame{i}_mx"}
-    return [frame[k] for k in group.stats], f"LEFT JOIN {exact} {e} ON {e}.txn_id = f.txn_id", cols
+    return [frame[k] for k in group.stats]
 
 
-def stream_groups_sql(groups: tuple[FeatureGroup, ...], source: str = "events",
-                      carry: tuple[str, ...] = ("txn_id",)) -> str:
-    """The `carry` columns and the features of every group in `groups` for every transaction, in one pass: one
-    SELECT holds every group's RANGE frame (same partition and order, so one sort), and each group's brute force
-    joins only the few rows it recomputes (see the module docstring for the method). Carrying the event columns
-    through saves a join on txn_id over every row."""
-    frames, joins, cols = [], [], []
-    for i, g in enumerate(groups):
-        f, j, c = _stream_parts(g, i, source)
-        frames += f
-        joins.append(j)
-        cols += c
-    inner = ", ".join(dict.fromkeys(("txn_id", "amount_cents", "late", *carry)))
-    sep = ",\n           "
+def stream_frames_sql(groups: tuple[FeatureGroup, ...], source: str = "events", carry: tuple[str, ...] = ("txn_id",),
+                      start_ms: int | None = None, end_ms: int | None = None) -> str:
+    """Pass 1 of the stream groups (materialize it as `STREAM_FRAMES`): every group's RANGE frame in one SELECT
+    (same partition and order, so one sort), and `overtaken_seq`, the largest arrival position of an overtaken
+    event in the longest frame. An event that arrived after x and sits in x's frame is overtaken (its ts was at
+    most the running maximum when it arrived), so x's frame is exact unless `overtaken_seq > seq`.
+
+    With a [start_ms, end_ms) range only the events a window of those rows can reach are read: a frame looks back
+    at most the longest window and never forward."""
+    longest = max(int(g.window_ms) for g in groups)
+    rng = f"OVER (PARTITION BY card ORDER BY ts RANGE BETWEEN {longest} PRECEDING AND CURRENT ROW)"
+    frames = [f for i, g in enumerate(groups) for f in _frame_stats(g, i)]
+    inner = ", ".join(dict.fromkeys(("txn_id", "card", "ts", "seq", "amount_cents", "late", *carry)))
+    where = []
+    if start_ms is not None:
+        where.append(f"ts >= {int(start_ms) - longest}")
+    if end_ms is not None:
+        where.append(f"ts < {int(end_ms)}")
     return f"""
-    SELECT {', '.join(f"f.{c}" for c in carry)},
-           {sep.join(cols)}
-    FROM (SELECT {inner}, {', '.join(frames)} FROM {source}) f
-    {' '.join(joins)}
+    SELECT {inner}, {', '.join(frames)},
+           MAX(CASE WHEN NOT late AND ts <= prev_max_ts THEN seq END) {rng} AS overtaken_seq
+    FROM {source} {'WHERE ' + ' AND '.join(where) if where else ''}
     """
 
 
-def stream_group_sql(group: FeatureGroup, source: str = "events", carry: tuple[str, ...] = ("txn_id",)) -> str:
-    """The `carry` columns and one group's features for every transaction."""
-    return stream_groups_sql((group,), source, carry)
+def _features(groups: tuple[FeatureGroup, ...], stats: dict[tuple[int, str], str]) -> list[str]:
+    """Each group's features from the others' statistics `stats[(i, stat)]` (x left out), x added once."""
+    cols = []
+    for i, g in enumerate(groups):
+        n, s = f"(1 + {stats[i, 'n']})", f"(x.amount_cents + {stats[i, 's']})" if "s" in g.stats else "0"
+        mn = f"LEAST(x.amount_cents, COALESCE({stats[i, 'mn']}, x.amount_cents))" if "mn" in g.stats else "0"
+        mx = f"GREATEST(x.amount_cents, COALESCE({stats[i, 'mx']}, x.amount_cents))" if "mx" in g.stats else "0"
+        cols += [f"{value_sql(a.function, n, s, mn, mx)} AS {a.name}" for a in g.features]
+    return cols
+
+
+def stream_groups_sql(groups: tuple[FeatureGroup, ...], source: str = "events",
+                      carry: tuple[str, ...] = ("txn_id",), frames: str = "stream_frames",
+                      start_ms: int | None = None, end_ms: int | None = None) -> str:
+    """Pass 2: the `carry` columns and every group's features for every transaction of `frames` (pass 1,
+    `stream_frames_sql`) with ts in [start_ms, end_ms), as two disjoint branches:
+    - a row no overtaken event can change takes its frames (the frame holds x itself unless x is late);
+    - the few others are recomputed by brute force over `source`: the card's on-time events that arrived before
+      x with ts in [t - W, t], every group in one join (conditional aggregates per window).
+    No join runs over every row (see the module docstring for the method)."""
+    longest = max(int(g.window_ms) for g in groups)
+    keep = ["x.overtaken_seq IS NULL OR x.overtaken_seq <= x.seq"]
+    if start_ms is not None:
+        keep.append(f"x.ts >= {int(start_ms)}")
+    if end_ms is not None:
+        keep.append(f"x.ts < {int(end_ms)}")
+    own_n, own_c = "CASE WHEN x.late THEN 0 ELSE 1 END", "CASE WHEN x.late THEN 0 ELSE x.amount_cents END"
+    framed = {}
+    for i in range(len(groups)):
+        framed |= {(i, "n"): f"(x.frame{i}_n - {own_n})", (i, "s"): f"(x.frame{i}_s - {own_c})",
+                   (i, "mn"): f"x.frame{i}_mn", (i, "mx"): f"x.frame{i}_mx"}
+    exact = {}
+    for i, g in enumerate(groups):
+        inside = f"y.ts >= x.ts - {int(g.window_ms)}"
+        exact |= {(i, "n"): f"COUNT(CASE WHEN {inside} THEN y.seq END)",
+                  (i, "s"): f"COALESCE(SUM(CASE WHEN {inside} THEN y.amount_cents END), 0)",
+                  (i, "mn"): f"MIN(CASE WHEN {inside} THEN y.amount_cents END)",
+                  (i, "mx"): f"MAX(CASE WHEN {inside} THEN y.amount_cents END)"}
+    keys = ", ".join(f"x.{c}" for c in dict.fromkeys(("txn_id", "card", "ts", "seq", "amount_cents", "late", *carry)))
+    sep = ",\n           "
+    out = ", ".join(f"x.{c}" for c in carry)
+    redo = " AND ".join(["x.overtaken_seq > x.seq", *keep[1:]])
+    return f"""
+    SELECT {out},
+           {sep.join(_features(groups, framed))}
+    FROM {frames} x
+    WHERE ({keep[0]}){''.join(' AND ' + k for k in keep[1:])}
+    UNION ALL
+    SELECT {out},
+           {sep.join(_features(groups, exact))}
+    FROM (SELECT * FROM {frames} x WHERE {redo}) x
+    LEFT JOIN {source} y ON y.card = x.card AND y.seq < x.seq AND NOT y.late
+                         AND y.ts <= x.ts AND y.ts >= x.ts - {longest}
+    GROUP BY {keys}
+    """
 
 
 BASE_COLUMNS = ("txn_id", "card", "merchant", "ts", "amount", "amount_cents", "fraud_label", "late", "seq",
                 "arrived_ms")
 
 
-def stream_features_sql(registry: Registry = REGISTRY, source: str = "events") -> str:
-    """Every transaction with every stream group's features, all groups in one pass, the event columns carried."""
-    return stream_groups_sql(registry.stream_groups, source, BASE_COLUMNS)
+STREAM_FRAMES = "stream_frames"
+
+
+def stream_features_steps(start_ms: int | None = None, end_ms: int | None = None, registry: Registry = REGISTRY,
+                          source: str = "events", out: str = "f10") -> list[tuple[str, str]]:
+    """Every transaction with ts in [start_ms, end_ms) with every stream group's features, the event columns
+    carried, as (relation, SQL) steps an engine materializes in order: pass 1 (`STREAM_FRAMES`), then `out`.
+    Windows see every event before the range."""
+    groups = registry.stream_groups
+    return [(STREAM_FRAMES, stream_frames_sql(groups, source, BASE_COLUMNS, start_ms, end_ms)),
+            (out, stream_groups_sql(groups, source, BASE_COLUMNS, STREAM_FRAMES, start_ms, end_ms))]
 
 
 #: A snapshot's statistic columns, by the stat names of `definitions.STAT_ORDER` (integers; the online store
@@ -159,28 +204,28 @@ def dedup_sql(source: str, order: str = "seq") -> str:
 
 
 def asof_sql(features: str, snap_days: str = "snap_days", snap_cutoffs: str = "snap_cutoffs",
-             column: str = "snapshot_cutoff_ms", base: str | None = None) -> str:
-    """`features` plus `column`: the latest cut-off C <= t whose snapshot was published at or before the
-    transaction arrived (SPEC section 4, visibility).
+             column: str = "snapshot_cutoff_ms", columns: tuple[str, ...] = ("txn_id", "ts", "arrived_ms")) -> str:
+    """`features` (its `columns`) plus `column`: the latest cut-off C <= t whose snapshot was published at or
+    before the transaction arrived (SPEC section 4, visibility).
 
     Cut-offs are midnights, so the latest C <= t is the latest C <= t's midnight: `snap_days(day, c1, p1)` maps a
-    day to it and its publication time (an equi-join, cheap on both engines). Only a transaction that arrived
-    before c1 was published needs more: the latest earlier cut-off published by then, from `snap_cutoffs
-    (cutoff_ms, published_ms)`, for those few rows only (looked up in `base`, the plain rows, default `features`).
+    day to it and its publication time (an equi-join on a small table, cheap on both engines). Only a transaction
+    that arrived before c1 was published needs more: the latest earlier cut-off published by then, from
+    `snap_cutoffs(cutoff_ms, published_ms)`. The two cases are disjoint branches, so no join runs over every row
+    for the few of the second.
     """
     day = day_of("f.ts")
-    base = base or features
+    cols = ", ".join(f"f.{c}" for c in columns)
     return f"""
-    SELECT f.*, CASE WHEN d.p1 <= f.arrived_ms THEN d.c1 ELSE b.c2 END AS {column}
+    SELECT {cols}, d.c1 AS {column}
+    FROM {features} f LEFT JOIN {snap_days} d ON d.day = {day}
+    WHERE d.p1 IS NULL OR d.p1 <= f.arrived_ms
+    UNION ALL
+    SELECT {cols}, MAX(c.cutoff_ms) AS {column}
     FROM {features} f
-    LEFT JOIN {snap_days} d ON d.day = {day}
-    LEFT JOIN (
-        SELECT f.txn_id, MAX(c.cutoff_ms) AS c2
-        FROM {base} f
-        JOIN {snap_days} d ON d.day = {day} AND d.p1 > f.arrived_ms
-        JOIN {snap_cutoffs} c ON c.cutoff_ms < d.c1 AND c.published_ms <= f.arrived_ms
-        GROUP BY f.txn_id
-    ) b ON b.txn_id = f.txn_id
+    JOIN {snap_days} d ON d.day = {day} AND d.p1 > f.arrived_ms
+    LEFT JOIN {snap_cutoffs} c ON c.cutoff_ms < d.c1 AND c.published_ms <= f.arrived_ms
+    GROUP BY {cols}
     """
 
 
@@ -239,23 +284,19 @@ def training_select_sql(features: str, registry: Registry = REGISTRY, asof_sets:
     """
 
 
-def features_in_range_sql(start_ms: int, end_ms: int, registry: Registry = REGISTRY, source: str = "events") -> str:
-    """The stream groups for transactions with ts in [start_ms, end_ms) (windows see everything before)."""
-    return f"""
-    SELECT * FROM ({stream_features_sql(registry, source)}) a WHERE ts >= {int(start_ms)} AND ts < {int(end_ms)}
-    """
-
-
 def training_sql(features: str = "f10", registry: Registry = REGISTRY,
                  asof_sets: tuple[int, ...] | None = None) -> str:
-    """The point-in-time training rows from a materialized `features_in_range_sql` relation, on either engine.
+    """The point-in-time training rows from the materialized stream features (`stream_features_steps`), on
+    either engine.
 
     Expects, per batch group, `snap_view(group)` (its snapshot rows) and, per distinct publication history k
     (`asof_sets`, default one per group), `asof_views(k)` to be registered (`stores.offline_files`). Every batch
     group of one nightly run shares the cut-off and publication time, so usually all follow one history."""
     asof_sets = asof_sets or tuple(range(len(registry.batch_groups)))
     rel = features
+    columns = (*BASE_COLUMNS, *(n for g in registry.stream_groups for n in g.feature_names))
     for k in sorted(set(asof_sets)):
         days, cutoffs = asof_views(k)
-        rel = f"({asof_sql(rel, days, cutoffs, column=f'asof{k}', base=features)})"
+        rel = f"({asof_sql(rel, days, cutoffs, column=f'asof{k}', columns=columns)})"
+        columns = (*columns, f"asof{k}")
     return training_select_sql(rel, registry, asof_sets)

@@ -3,11 +3,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import os
+import uuid
 from pathlib import Path
 
 import duckdb
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from featurestore import batch_sql
 from featurestore import offline_sql as sql
@@ -25,6 +30,7 @@ from stores.offline_files import (
     snapshot_tables,
     split_snapshots,
 )
+from stores.training_batches import finish_training_batch
 
 
 def load_events(con: duckdb.DuckDBPyConnection, *, offline_dir: Path, history: Path | None, secret: str,
@@ -105,16 +111,64 @@ def register_snapshots(con: duckdb.DuckDBPyConnection, offline_dir: Path, start_
     return sets
 
 
+def training_query(con: duckdb.DuckDBPyConnection, offline_dir: Path, start_ms: int, end_ms: int,
+                   registry: Registry = REGISTRY) -> str:
+    """Register the snapshots, materialize the stream features (`f10`) and return the training rows' query."""
+    sets = register_snapshots(con, offline_dir, start_ms, end_ms, registry)
+    for name, step in sql.stream_features_steps(start_ms, end_ms, registry, out="f10"):
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS {step}")
+    con.execute(f"DROP TABLE IF EXISTS {sql.STREAM_FRAMES}")
+    return f"SELECT * FROM ({sql.training_sql('f10', registry, sets)}) t ORDER BY ts, card, txn_id"
+
+
 def training_set_duckdb(con: duckdb.DuckDBPyConnection, offline_dir: Path, start_ms: int, end_ms: int,
                         registry: Registry = REGISTRY) -> pd.DataFrame:
     """Point-in-time training rows for transactions with ts in [start_ms, end_ms)."""
-    sets = register_snapshots(con, offline_dir, start_ms, end_ms, registry)
-    con.execute(f"CREATE OR REPLACE TEMP TABLE f10 AS {sql.features_in_range_sql(start_ms, end_ms, registry)}")
     # Through Arrow: DuckDB's own pandas conversion of 5M rows with string columns is ~3x slower.
-    query = f"SELECT * FROM ({sql.training_sql('f10', registry, sets)}) t ORDER BY ts, card, txn_id"
-    result = con.sql(query).arrow()
+    result = con.sql(training_query(con, offline_dir, start_ms, end_ms, registry)).arrow()
     table = result.read_all() if hasattr(result, "read_all") else result
     return finish_training_frame(table.to_pandas(), registry)
+
+
+def write_training_set_duckdb(con: duckdb.DuckDBPyConnection, offline_dir: Path, start_ms: int, end_ms: int,
+                              out: Path, registry: Registry = REGISTRY) -> int:
+    """The training rows streamed to one Parquet file (atomically: temp file + rename); returns the row count.
+
+    The file is what `write_frame(training_set_duckdb(...))` writes (same columns, types and pandas metadata),
+    built batch by batch: only the ratios' operands become NumPy arrays, for the one shared ratio function; the
+    strings never become Python objects, and the set never has to fit in memory as a frame."""
+    out = Path(out)
+    if out.is_dir():
+        raise OfflineError(f"cannot write {out}: it is a folder; give a file path such as {out / 'training.parquet'}")
+    result = con.sql(training_query(con, offline_dir, start_ms, end_ms, registry)).arrow()
+    reader = result if hasattr(result, "read_next_batch") else result.to_reader()
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
+    rows, writer = 0, None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for batch in reader:
+            if not batch.num_rows:
+                continue
+            if writer is None:  # the schema of the frame path, from one finished row
+                schema = pa.Schema.from_pandas(
+                    finish_training_frame(batch.slice(0, 1).to_pandas(), registry), preserve_index=False)
+                writer = pq.ParquetWriter(tmp, schema)
+            writer.write_batch(finish_training_batch(batch, schema, registry))
+            rows += batch.num_rows
+        if writer is None:
+            return 0  # nothing to write (the caller says so)
+        writer.close()
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise OfflineError(f"cannot write {out} ({exc.strerror or exc}); nothing was written: choose a writable "
+                           "path (or free disk space) and rerun") from None
+    finally:
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                writer.close()
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    return rows
 
 
 def training_set(start: dt.date, end: dt.date, *, offline_dir: Path, history: Path | None = None,

@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 
 from featurestore import batch_sql
 from featurestore import offline_sql as sql
@@ -30,6 +31,7 @@ from stores.offline_files import (
     snapshot_tables,
     split_snapshots,
 )
+from stores.training_batches import finish_training_batch
 
 LABELS_DDL = "txn_id string, fraud_label int, labeled_at long"
 
@@ -71,7 +73,14 @@ def load_events(spark, *, offline_dir: Path, history: Path | None, secret: str,
     from pyspark.sql import functions as F
 
     if history is not None:
-        from stores.history import REQUIRED, HistoryError, check_counts, check_schema, schema_of
+        from stores.history import (
+            REQUIRED,
+            HistoryError,
+            check_counts,
+            check_schema,
+            label_time_without_label,
+            schema_of,
+        )
 
         path = str(Path(history).resolve())
         schema = schema_of(history)  # the footer only: the rows are checked by the executors below
@@ -79,11 +88,18 @@ def load_events(spark, *, offline_dir: Path, history: Path | None, secret: str,
             check_schema(history, schema)
         try:
             if path.lower().endswith(".csv"):
-                raw = spark.read.option("header", True).schema(
-                    "txn_id string, cc_num string, amount double, ts long, merchant string, category string, "
-                    "fraud_label int").csv(path)
+                # Columns by header name (any order, extra ones ignored, labeled_at read when present), as
+                # stores.history reads a CSV for DuckDB; every value arrives as a string and is cast here.
+                raw = spark.read.option("header", True).csv(path)
+                casts = {"amount": "double", "ts": "long", "fraud_label": "int", "labeled_at": "long"}
+                raw = raw.select(*[F.col(c).cast(casts[c]).alias(c) if c in casts else F.col(c)
+                                   for c in raw.columns])
             else:
                 raw = spark.read.parquet(path)
+            if "fraud_label" not in raw.columns:  # unlabeled history; with labeled_at, check_schema refuses it
+                if "labeled_at" in raw.columns:
+                    raise OfflineError(label_time_without_label(history))
+                raw = raw.withColumn("fraud_label", F.lit(None).cast("int"))
             counts = raw.selectExpr(  # NaN > 0 holds in Spark (NaN sorts above every number): checked apart
                 "COUNT(*) AS rows", "COUNT(DISTINCT txn_id) AS ids",
                 "COUNT_IF(NOT (CAST(amount AS DOUBLE) > 0) OR isnan(CAST(amount AS DOUBLE)) "
@@ -156,13 +172,27 @@ def snapshots(spark, days: list[dt.date],
     return split_snapshots(spark.sql(batch_sql.snapshots_sql(registry)).toPandas(), days, registry)
 
 
-def training_schema(registry: Registry = REGISTRY) -> str:
-    """The training set's Spark schema, from the declarations (`offline_sql.training_columns`)."""
+def _training_types(registry: Registry) -> dict[str, str]:
+    """Each training column's Spark type, from the declarations (`offline_sql.training_columns`)."""
     stream_counts = {a.name for g in registry.stream_groups for a in g.features if a.function == "count"}
     types = {"txn_id": "string", **dict.fromkeys(sql.key_columns(registry), "string"), "ts": "long",
              "fraud_label": "tinyint",
              "snapshot_cutoff_ms": "long", **{n: "long" for n in stream_counts}}
-    return ", ".join(f"{c} {types.get(c, 'double')}" for c in sql.training_columns(registry))
+    return {c: types.get(c, "double") for c in sql.training_columns(registry)}
+
+
+def training_schema(registry: Registry = REGISTRY) -> str:
+    """The training set's Spark schema, from the declarations (`offline_sql.training_columns`)."""
+    return ", ".join(f"{c} {t}" for c, t in _training_types(registry).items())
+
+
+#: How `mapInArrow` hands each Spark type to Python and expects it back (strings as `string`, Spark's default).
+ARROW_TYPES = {"string": pa.string(), "long": pa.int64(), "double": pa.float64(), "tinyint": pa.int8()}
+
+
+def training_arrow_schema(registry: Registry = REGISTRY) -> pa.Schema:
+    """`training_schema` as the Arrow schema `mapInArrow` must return."""
+    return pa.schema([(c, ARROW_TYPES[t]) for c, t in _training_types(registry).items()])
 
 
 def training_set(spark, offline_dir: Path, start_ms: int, end_ms: int, registry: Registry = REGISTRY) -> pd.DataFrame:
@@ -207,7 +237,14 @@ def training_frame(spark, offline_dir: Path, start_ms: int, end_ms: int, registr
             stats = ", ".join(f"{sql.SNAPSHOT_STATS[k]} long" for k in g.stats)
             frame = spark.createDataFrame([], f"{g.entity_column} string, {stats}, cutoff_ms long")
         frame.createOrReplaceTempView(sql.snap_view(g))
-    spark.sql(sql.features_in_range_sql(start_ms, end_ms, registry)).cache().createOrReplaceTempView("f10")
-    schema = training_schema(registry)
-    return spark.sql(sql.training_sql("f10", registry, sets)).mapInPandas(
-        lambda batches: (finish_training_frame(pdf, registry) for pdf in batches), schema)
+    cached = []
+    for name, step in sql.stream_features_steps(start_ms, end_ms, registry, out="f10"):
+        cached.append(spark.sql(step).cache())  # pass 1 feeds both branches of pass 2; f10 both as-of branches
+        cached[-1].createOrReplaceTempView(name)
+    cached[-1].count()  # materialize f10; then pass 1 is no longer needed
+    for frame in cached[:-1]:
+        frame.unpersist()
+    arrow_schema = training_arrow_schema(registry)
+    # The ratios by the shared function, in Arrow: the string columns never become Python objects.
+    return spark.sql(sql.training_sql("f10", registry, sets)).mapInArrow(
+        lambda batches: (finish_training_batch(b, arrow_schema, registry) for b in batches), training_schema(registry))
