@@ -209,7 +209,12 @@ class Demo:
         from ingest.generate import GenerateConfig, generate_history, write_history
 
         start = self.today - dt.timedelta(days=self.opts.days)
-        cfg = GenerateConfig(cards=self.opts.cards, days=self.opts.days, start=start, seed=self.opts.seed)
+        # The story is a card attack (SPEC section 9): the demo's history has card chains only. Compromised-merchant
+        # episodes (on by default in `velocity generate`) need the merchant's 30-day window and many episodes to be
+        # learnt, which a 28-day demo history does not hold: there they only add unexplained fraud to a story that
+        # is about velocity (with them, the attack's 2nd transaction fell just under the threshold, 0.0141 < 0.0149).
+        cfg = GenerateConfig(cards=self.opts.cards, days=self.opts.days, start=start, seed=self.opts.seed,
+                             compromise_rate=0.0)
         cfg.validate(now_ms=_now_ms(), max_future_ms=self.settings.max_future_ms)
         hist = generate_history(cfg)
         write_history(hist.table, self.history_path)
@@ -237,7 +242,7 @@ class Demo:
         finally:
             engine.close()
             store.close()
-        return (f"{len(days)} nightly card_agg_1w snapshots ({days[0]} .. {days[-1]}, DuckDB) in {s.offline_dir}; "
+        return (f"{len(days)} nightly snapshots of every batch group ({days[0]} .. {days[-1]}, DuckDB) in {s.offline_dir}; "
                 f"today's ({written[0][1]:,} cards) also published to Redis")
 
     def _train(self) -> str:

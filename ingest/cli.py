@@ -81,10 +81,9 @@ def register(app: typer.Typer) -> None:
         chain_max: int = typer.Option(10, help="Longest fraud chain."),
         chain_gap_min_s: float = typer.Option(30.0, help="Shortest gap between chain transactions (s)."),
         chain_gap_max_s: float = typer.Option(120.0, help="Longest gap between chain transactions (s)."),
-        compromise_rate: float = typer.Option(0.0, help="Share of rows that are compromised-merchant fraud "
-                                              "(0: no episodes; e.g. 0.0008 gives ~24% of fraud rows at seed "
-                                              "scale). Off by default until the served feature registry holds "
-                                              "the merchant groups that can see it."),
+        compromise_rate: float = typer.Option(0.0008, help="Share of rows that are compromised-merchant fraud "
+                                              "(0.0008: ~24% of fraud rows at seed scale; 0 turns episodes "
+                                              "off)."),
         compromise_card_share: float = typer.Option(0.25, help="Share of a compromised merchant's customers that "
                                                     "get fraudulent transactions there."),
         compromise_days_min: int = typer.Option(2, help="Shortest compromised-merchant episode (days)."),

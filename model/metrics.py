@@ -63,15 +63,17 @@ class AveragePrecision:
     def __init__(self, y: np.ndarray) -> None:
         y = np.asarray(y)
         self.pos = np.flatnonzero(y == 1)
-        self.neg = np.flatnonzero(y != 1)
+        self.is_neg = y != 1
 
     def __call__(self, scores: np.ndarray) -> float:
         if self.pos.size == 0:
             return float("nan")
         s = np.asarray(scores)
         values, counts = np.unique(s[self.pos], return_counts=True)  # ascending
-        # Legitimate rows scoring >= values[i] are those placed after position i.
-        placed = np.searchsorted(values, s[self.neg], side="right")
+        # Legitimate rows scoring >= values[i] are those placed after position i. Those below every positive
+        # score (nearly all of them) are placed at 0 and count for no threshold: only the others are searched.
+        above = s[(s >= values[0]) & self.is_neg]
+        placed = np.searchsorted(values, above, side="right")
         fp = np.cumsum(np.bincount(placed, minlength=values.size + 1)[::-1])[::-1][1:]
         tp = np.cumsum(counts[::-1])[::-1]
         return float(np.sum(counts * (tp / (tp + fp))) / self.pos.size)

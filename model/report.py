@@ -168,7 +168,8 @@ def markdown(result: TrainResult) -> str:
     L += _metrics_table(rows)
     L += ["", "Each row's threshold comes from its own validation scores by the same rule (below). Baselines: "
           "*original four* is the original system's model (amount, amt_ratio1, amt_ratio2, count_ratio; depth 5, "
-          "eta 0.2, gamma 4, min_child_weight 6, subsample 0.7, 100 rounds, no reweighting, every training row); "
+          "eta 0.2, gamma 4, min_child_weight 6, subsample 0.7, 100 rounds, no class reweighting; every fraud row "
+          "and a 10% sample of the legitimate ones, each weighted x10, which estimates the same loss as every row); "
           "*amount only* is this model's own recipe with the amount as its only feature; *no merchant features* is "
           "this model's recipe and features less those keyed by the merchant"
           + ("." if "no_merchant" in r.metrics else " (the model uses none, so it is its own baseline: no row).")]

@@ -58,6 +58,10 @@ def _history_versions(history: Path) -> pa.Table:
         names = pq.read_schema(history).names
         if "labeled_at" not in names:
             return LABELS_SCHEMA.empty_table()
+        if "fraud_label" not in names:
+            from stores.history import HistoryError, label_time_without_label
+
+            raise HistoryError(label_time_without_label(history))
         import pyarrow.dataset as ds
 
         # Only labeled rows (the frauds: a few thousand of millions) are read in full.
@@ -67,6 +71,12 @@ def _history_versions(history: Path) -> pa.Table:
         from stores.history import read_table
 
         table = read_table(history)
+        if "labeled_at" not in table.column_names:
+            return LABELS_SCHEMA.empty_table()
+        if "fraud_label" not in table.column_names:
+            from stores.history import HistoryError, label_time_without_label
+
+            raise HistoryError(label_time_without_label(history))
     if "labeled_at" in table.column_names and pa.types.is_null(table.column("labeled_at").type):
         return LABELS_SCHEMA.empty_table()  # a CSV column that is empty on every row
     return history_labels(table)

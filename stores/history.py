@@ -59,10 +59,18 @@ def check_schema(path: Path, schema: pa.Schema) -> None:
         got = _kind(schema.field(col).type)
         if got != want and not (want == "number" and got == "integer"):
             raise HistoryError(f"{path}: column {col} should be {want}, found {schema.field(col).type}")
+    if "labeled_at" in schema.names and "fraud_label" not in schema.names:
+        raise HistoryError(label_time_without_label(path))
     for col, want in OPTIONAL.items():
         if col in schema.names and _kind(schema.field(col).type) != want and not pa.types.is_null(schema.field(col).type):
             raise HistoryError(f"{path}: column {col} should be {want} (epoch ms, empty = never labeled), found "
                                f"{schema.field(col).type}")
+
+
+def label_time_without_label(path: Path) -> str:
+    """The one-line refusal of a history that dates labels (labeled_at) but holds none (no fraud_label)."""
+    return (f"{path}: has a labeled_at column but no fraud_label column: labeled_at says when each row's "
+            "fraud_label became known, so add fraud_label (0/1) or drop labeled_at")
 
 
 def check_counts(path: Path, *, rows: int, nulls: dict[str, int], bad_amounts: int, distinct_ids: int) -> None:

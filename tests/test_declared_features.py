@@ -110,9 +110,11 @@ def test_schema_comes_from_the_declarations():
     cols = training_columns(EXTENDED)
     assert set(NEW) <= set(cols) and cols.index("max_amt_last_10m") < cols.index("snapshot_cutoff_ms")
     assert training_columns(REGISTRY) == (  # the product's schema: SPEC section 4's, plus the declared extras
-        "txn_id", "card", "ts", "amount", "fraud_label", "num_trans_last_10m", "avg_amt_last_10m",
-        "num_trans_last_1m", "num_trans_last_1w", "avg_amt_last_1w", "snapshot_cutoff_ms", "amt_ratio1",
-        "amt_ratio2", "count_ratio")
+        "txn_id", "card", "merchant", "ts", "amount", "fraud_label", "num_trans_last_10m", "avg_amt_last_10m",
+        "num_trans_last_1m", "num_trans_last_1w", "avg_amt_last_1w",
+        "num_trans_last_1d", "avg_amt_last_1d", "num_trans_last_30d", "avg_amt_last_30d",  # card spending (issue 16)
+        *(f"merchant_{s}_{d}d" for d in (1, 7, 30) for s in ("num_trans", "fraud_count", "fraud_rate")),
+        "snapshot_cutoff_ms", "amt_ratio1", "amt_ratio2", "count_ratio")
     assert EXTENDED.version != REGISTRY.version
     with pytest.raises(ValueError, match="unique"):
         Registry(groups=(CARD_AGG_10M, replace(CARD_AGG_1W, features=CARD_AGG_10M.features)), ratios=(),

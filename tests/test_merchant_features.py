@@ -96,7 +96,12 @@ def write_history(rows, path, inline_labels: bool = True):
     else:
         table = table.set_column(table.column_names.index("labeled_at"), "labeled_at",
                                  pa.array([r["labeled_at"] for r in rows], pa.int64()))
-    pq.write_table(table, path)
+    if path.suffix == ".csv":  # columns by header name, labeled_at empty where never labeled
+        from pyarrow import csv as pacsv
+
+        pacsv.write_csv(table, path)
+    else:
+        pq.write_table(table, path)
     return path
 
 
@@ -257,11 +262,14 @@ def test_no_labels_at_all_counts_no_fraud(data, tmp_path):
 
 
 @pytest.mark.integration
-def test_spark_equals_duckdb_on_the_same_data(data, duckdb_run, tmp_path):
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_spark_equals_duckdb_on_the_same_data(data, duckdb_run, tmp_path, suffix):
+    """Also from a CSV history: Spark reads its columns by header name, labeled_at included (the inline labels
+    the merchant's known fraud counts), like the DuckDB engine (which read the Parquet file here)."""
     rows, store = data
     droot, _, dframe = duckdb_run
     write_labels(tmp_path, store)
-    history = write_history(rows, tmp_path / "history.parquet")
+    history = write_history(rows, tmp_path / f"history{suffix}")
     eng = open_engine("spark", offline_dir=tmp_path, history=history, secret=SECRET, master="local[2]", registry=REG)
     try:
         run_snapshots(eng, NIGHTS, offline_dir=tmp_path, published=published_at)
@@ -306,11 +314,13 @@ def test_quality_gate_covers_every_group_but_lets_fraud_rates_jump():
 def test_each_group_follows_its_own_snapshots(data, tmp_path):
     """An offline store written before the merchant groups existed: card_agg_1w is joined as before, the groups
     without any snapshot are missing (NaN), not defaulted."""
-    from featurestore.definitions import REGISTRY
+    from featurestore.definitions import CARD_AGG_1M, CARD_AGG_1W, CARD_AGG_10M, REGISTRY, Registry
 
+    before_issue_16 = Registry(groups=(CARD_AGG_10M, CARD_AGG_1M, CARD_AGG_1W), ratios=REGISTRY.ratios,
+                               model_features=REGISTRY.model_features)
     rows, _ = data
     history = write_history(rows, tmp_path / "h.parquet")
-    old = open_engine("duckdb", offline_dir=tmp_path, history=history, secret=SECRET, registry=REGISTRY)
+    old = open_engine("duckdb", offline_dir=tmp_path, history=history, secret=SECRET, registry=before_issue_16)
     run_snapshots(old, NIGHTS[:10], offline_dir=tmp_path)
     before = old.training_set(ms(START), ms(START + dt.timedelta(days=12))).set_index("txn_id")
     old.close()

@@ -137,8 +137,7 @@ def test_late_publication_expiry_and_a_night_without_the_new_groups(store):
     # An expired night is unknown (NaN), never "absent" (defaults), and the read says it is incomplete.
     entry = store.snapshot_entries()[c2]
     assert entry.groups == tuple(NIGHT)
-    store.redis.hset(store.keys.snapshot_index, str(c2),
-                     SnapshotEntry(entry.snap_id, entry.published_ms, 1, entry.groups).dump())
+    store.put_snapshot_entry(c2, SnapshotEntry(entry.snap_id, entry.published_ms, 1, entry.groups))
     f = read(store, "c", c3 + 10, "m-absent")
     check(f.values, {**dict.fromkeys(NIGHTLY, NAN), "num_trans_last_1w": 5.0, "avg_amt_last_1w": 1.0})
     assert not f.complete
@@ -273,12 +272,14 @@ def test_features_get_shows_the_merchant_and_card_groups(store, key_prefix, serv
     from tests.conftest import REPO
     from tests.test_merchant_online_offline import WITH_MERCHANT
 
-    store.write_snapshot(BASE, {**NIGHT, "merchant_agg_7d": [("shop:{x}", {"n": 20, "f": 2})]}, published_ms=BASE)
+    card = "c" * 32  # `features get` takes a PAN or an entity key, nothing else
+    night = {g: [(card if k == "c" else k, v) for k, v in rows] for g, rows in NIGHT.items()}
+    store.write_snapshot(BASE, {**night, "merchant_agg_7d": [("shop:{x}", {"n": 20, "f": 2})]}, published_ms=BASE)
     env = {**os.environ, "VELOCITY_REDIS_KEY_PREFIX": key_prefix, "VELOCITY_REDIS_PORT": str(services["redis_port"]),
            "COLUMNS": "200"}
 
     def get(*args: str) -> dict[str, str]:
-        out = subprocess.run([sys.executable, "-c", WITH_MERCHANT, "features", "get", "c", "--at", str(BASE + 10),
+        out = subprocess.run([sys.executable, "-c", WITH_MERCHANT, "features", "get", card, "--at", str(BASE + 10),
                               *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         cells = [[c.strip() for c in ln.split("│")[1:-1]] for ln in out.stdout.splitlines() if ln.count("│") == 4]

@@ -77,6 +77,30 @@ def test_label_versions_come_from_the_label_store_and_the_history_column(tmp_pat
     assert none.num_rows == 0 and no_sources == []
 
 
+@pytest.mark.unit
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_a_history_with_labeled_at_but_no_fraud_label_is_one_clear_error(tmp_path, suffix) -> None:
+    """labeled_at dates a label; without fraud_label there is nothing it dates: refused by the history reader and
+    by the trainer's label reader, naming both columns, rather than guessing a label."""
+    from pyarrow import csv as pacsv
+
+    from stores.history import HistoryError, load_history
+
+    history = tmp_path / f"h{suffix}"
+    table = pa.table({"txn_id": ["a", "b"], "cc_num": ["4111111111111111"] * 2, "amount": [1.5, 2.0],
+                      "ts": pa.array([T0, T0 + 1], pa.int64()), "merchant": ["m", "m"], "category": ["c", "c"],
+                      "labeled_at": pa.array([T0 + DAY_MS, None], pa.int64())})
+    (pq.write_table if suffix == ".parquet" else pacsv.write_csv)(table, history)
+    for read in (load_history, lambda p: targets.label_versions(None, p)):
+        with pytest.raises(HistoryError, match="labeled_at column but no fraud_label") as err:
+            read(history)
+        assert "\n" not in str(err.value) and str(history) in str(err.value)
+    # without labeled_at, an unlabeled history is still fine to read (replay, features), with no label versions
+    pq.write_table(table.drop(["labeled_at"]), tmp_path / "plain.parquet")
+    assert load_history(tmp_path / "plain.parquet").num_rows == 2
+    assert targets.label_versions(None, tmp_path / "plain.parquet")[0].num_rows == 0
+
+
 # ------------------------------------------------------------------ by fraud kind
 
 
@@ -162,8 +186,12 @@ def test_every_declared_group_is_a_candidate_and_merchant_features_are_found_by_
     monkeypatch.setattr(defs, "ALL_FEATURES", reg.all_features)
     names = [g.name for g in feats.candidate_groups()]
     # every group, in blocks of one entity and source, in declaration order (the ratios are base inputs)
-    assert names == ["card_agg_10m + card_agg_1m", "card_agg_1w + card_spend_2d", "shop_risk_3d"]
-    assert feats.candidate_groups()[1].features == ("num_trans_last_1w", "avg_amt_last_1w", "card_spend_2d")
+    assert names == ["card_agg_10m + card_agg_1m", "card_agg_1w + card_agg_1d + card_agg_30d + card_spend_2d",
+                     "merchant_agg_1d + merchant_agg_7d + merchant_agg_30d + shop_risk_3d"]
+    assert feats.candidate_groups()[1].features == ("num_trans_last_1w", "avg_amt_last_1w", "num_trans_last_1d",
+                                                    "avg_amt_last_1d", "num_trans_last_30d", "avg_amt_last_30d",
+                                                    "card_spend_2d")
+    assert feats.candidate_groups()[2].features[-1] == "shop_txns_3d"
     used = feats.ordered(["num_trans_last_10m", "card_spend_2d", "shop_txns_3d"])
     assert feats.merchant_features(used) == ("shop_txns_3d",)
     assert feats.entity_of("count_ratio") == "card" and feats.entity_of("amount") is None
