@@ -60,13 +60,17 @@ def down(run_dir: Path = RunDir, kafka_port: int = KafkaPort, redis_port: int = 
          redis_cluster: bool = RedisCluster, cluster_port: int = ClusterPort) -> None:
     """Stop the services that `velocity services up` started (and only those)."""
     from services.manager import down as services_down
-    from services.redis_cluster import cluster_down
+    from services.redis_cluster import cluster_down, started_cluster_ports
 
     cfg = _config(run_dir, kafka_port, redis_port)
     for line in services_down(cfg):
         console.print(line)
     if redis_cluster:
         for line in cluster_down(cfg, cluster_port):
+            console.print(line)
+    # Cluster nodes started elsewhere in this run directory (e.g. by the tests, on other ports) stop too.
+    for port in started_cluster_ports(cfg):
+        for line in cluster_down(cfg, port, masters=1):
             console.print(line)
 
 

@@ -106,6 +106,12 @@ def cluster_down(cfg: ServiceConfig, first_port: int = CLUSTER_PORT, masters: in
             for p in range(first_port, first_port + masters)]
 
 
+def started_cluster_ports(cfg: ServiceConfig) -> list[int]:
+    """Ports of cluster nodes this tool started in the run directory (their pid files), whatever the first port."""
+    root = cfg.run_dir / "redis-cluster"
+    return sorted(int(d.name) for d in root.glob("*") if d.name.isdigit() and (d / "redis.pid").exists())
+
+
 def cluster_status(cfg: ServiceConfig, first_port: int = CLUSTER_PORT, masters: int = MASTERS) -> list:
     """One `ServiceStatus` per master: running means it answers and the cluster serves every slot."""
     from services.manager import ServiceStatus
