@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from featurestore.definitions import STAT_ORDER, FeatureGroup, Registry
-from featurestore.windows import WindowAggregate, mean_amount
+from featurestore.windows import WindowAggregate
 
 SNAPSHOT_CHUNK = 5_000
 #: The latest snapshot stays online this long without a newer one (a month of missed nights).
@@ -129,17 +129,15 @@ class SnapshotFold:
                 values.update(self.defaults[name])  # absent from an existing snapshot: nothing in its window
                 stats[name] = WindowAggregate(0, 0)
                 continue
-            n, s, fraud = got.get(f["n"], 0), got.get(f["s"], 0), got.get(f["f"], 0)
-            agg = stats[name] = WindowAggregate(n, s, got.get(f["mn"]), got.get(f["mx"]))
-            for a in g.features:
-                if a.column == "known_fraud":
-                    v = float(n) if a.function == "count" else float(fraud) if a.function == "sum" else (
-                        fraud / n if n > 0 else math.nan)
-                elif a.function == "mean":
-                    v = mean_amount(n, s)
-                else:  # a count from a snapshot is a float like the training set's
-                    v = float(agg.value(a.function))
-                values[a.name] = v
+            agg = stats[name] = WindowAggregate(got.get(f["n"], 0), got.get(f["s"], 0), got.get(f["mn"]),
+                                                 got.get(f["mx"]), got.get(f["f"], 0))
+            values.update(group_values(g, agg))
+
+
+def group_values(group: FeatureGroup, agg: WindowAggregate) -> dict[str, float]:
+    """A nightly group's features from an entity's stored statistics, every value a float like the training set's
+    (counts included): the online read and the stream's batch fold both use it."""
+    return {name: float(v) for name, v in agg.values(group).items()}
 
 
 def write_night(store, cutoff_ms: int, rows_by_group: Mapping[str, Rows] | Iterable, *, published_ms: int | None,

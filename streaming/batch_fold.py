@@ -12,15 +12,14 @@ once per batch). tests/test_stream_reads.py checks the result equals `Scorer.fea
 
 from __future__ import annotations
 
-import math
 from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 
 from featurestore.definitions import Registry
 from featurestore.events import Transaction
 from featurestore.ratios import compute_ratios
-from featurestore.windows import WindowAggregate, WindowEvent, in_window, mean_amount, window_aggregate
-from stores.online_snapshots import SnapshotFold
+from featurestore.windows import WindowAggregate, WindowEvent, in_window, window_aggregate
+from stores.online_snapshots import SnapshotFold, group_values
 from stores.redis_online import parse_member
 from streaming.stream_reads import CardWindow, EventRead
 
@@ -115,21 +114,9 @@ class NightlyFold:
             f = self.fields_b[name]
         if not any(f[s] in got for s in stats_of):
             return self.defaults[name], cutoff  # absent from an existing snapshot: nothing in its window
-        n, s, fraud = _int(got, f["n"], 0), _int(got, f["s"], 0), _int(got, f["f"], 0)
-        values = {}
-        agg = None
-        for a in g.features:
-            if a.column == "known_fraud":
-                v = float(n) if a.function == "count" else float(fraud) if a.function == "sum" else (
-                    fraud / n if n > 0 else math.nan)
-            elif a.function == "mean":
-                v = mean_amount(n, s)
-            else:  # a count from a snapshot is a float like the training set's
-                if agg is None:
-                    agg = WindowAggregate(n, s, _int(got, f["mn"], None), _int(got, f["mx"], None))
-                v = float(agg.value(a.function))
-            values[a.name] = v
-        return values, cutoff
+        agg = WindowAggregate(_int(got, f["n"], 0), _int(got, f["s"], 0), _int(got, f["mn"], None),
+                              _int(got, f["mx"], None), _int(got, f["f"], 0))
+        return group_values(g, agg), cutoff
 
 
 def _fields(flat) -> dict:
