@@ -105,14 +105,14 @@ def reference_apply(store, text: str):
     """`store.apply_events` through an older apply script (ARGV of the 3-keys-per-card layout: prefix, lateness,
     retention, ttl, window, now_ms, now_us, events as a JSON list of [card, txn_id, ts, cents])."""
     from featurestore.definitions import CARD_AGG_10M
-    from stores.redis_online import _applied
+    from stores.redis_online import applied_outcomes
 
     script = store.redis.register_script(text)
 
     def apply(chunk):
         packed = orjson.dumps([(e.card, e.txn_id, str(e.ts), str(e.amount_cents)) for e in chunk])
         now_ns = time.time_ns()
-        return _applied(script(keys=[], args=[store.keys.prefix, store.lateness, store.retention,
+        return applied_outcomes(script(keys=[], args=[store.keys.prefix, store.lateness, store.retention,
                                               CARD_AGG_10M.ttl_s, CARD_AGG_10M.window_ms, now_ns // 1_000_000,
                                               now_ns // 1_000, packed]))
     return apply

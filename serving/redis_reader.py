@@ -43,7 +43,7 @@ _UNAVAILABLE = ("LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOR
                 "WRONGPASS", "NOPERM")
 
 
-def _check(reply):
+def check_reply(reply):
     if isinstance(reply, hiredis.ReplyError):
         text = str(reply)
         # A client that has not authenticated may send at most 10 arguments (the read script takes more): Redis
@@ -54,7 +54,7 @@ def _check(reply):
     return reply
 
 
-def _command(*parts) -> bytes:
+def encode_command(*parts) -> bytes:
     out = [b"*%d\r\n" % len(parts)]
     for p in parts:
         b = p if type(p) is bytes else str(p).encode()
@@ -169,10 +169,10 @@ class ScriptReader:
             try:
                 setup = []
                 if s.password is not None:
-                    setup.append(_command(b"AUTH", s.username, s.password) if s.username
-                                 else _command(b"AUTH", s.password))
+                    setup.append(encode_command(b"AUTH", s.username, s.password) if s.username
+                                 else encode_command(b"AUTH", s.password))
                 if s.db:
-                    setup.append(_command(b"SELECT", s.db))
+                    setup.append(encode_command(b"SELECT", s.db))
                 if setup:
                     for reply in await asyncio.gather(*proto.request(b"".join(setup), len(setup))):
                         if isinstance(reply, hiredis.ReplyError):
@@ -182,7 +182,7 @@ class ScriptReader:
                 raise
         return proto
 
-    async def _connection(self) -> _Protocol:
+    async def connection(self) -> _Protocol:
         proto = self._proto
         if proto is not None and not proto.transport.is_closing():
             if not proto.stalled(self.settings.socket_timeout_s):
@@ -205,16 +205,16 @@ class ScriptReader:
         if self._cluster is not None:
             async with asyncio.timeout(timeout_s):
                 return await self._cluster.read_replies(requests, arrival_ms)
-        proto = await self._connection()
+        proto = await self.connection()
         sha, prefix, registry = self.sha, self.prefix, self.registry
         if len(requests) == 1:
-            futs = proto.request(_command(b"EVALSHA", sha, 0, *read_request_args(prefix, requests[0], arrival_ms,
+            futs = proto.request(encode_command(b"EVALSHA", sha, 0, *read_request_args(prefix, requests[0], arrival_ms,
                                                                                  registry)))
             if timeout_s is not None:
                 self._bound(futs, timeout_s)
             replies = [await futs[0]]
         else:
-            payload = b"".join(_command(b"EVALSHA", sha, 0, *read_request_args(prefix, r, arrival_ms, registry))
+            payload = b"".join(encode_command(b"EVALSHA", sha, 0, *read_request_args(prefix, r, arrival_ms, registry))
                                for r in requests)
             futs = proto.request(payload, len(requests))
             if timeout_s is not None:
@@ -223,13 +223,13 @@ class ScriptReader:
         for i, reply in enumerate(replies):
             if isinstance(reply, hiredis.ReplyError):
                 if not str(reply).startswith("NOSCRIPT"):
-                    _check(reply)
+                    check_reply(reply)
                 # The script cache was flushed (a Redis restart): EVAL sends the text and caches it again.
-                futs = proto.request(_command(b"EVAL", self.script, 0,
+                futs = proto.request(encode_command(b"EVAL", self.script, 0,
                                               *read_request_args(prefix, requests[i], arrival_ms, registry)))
                 if timeout_s is not None:
                     self._bound(futs, timeout_s)
-                replies[i] = _check(await futs[0])
+                replies[i] = check_reply(await futs[0])
         return replies
 
     def _bound(self, futs: list[asyncio.Future], timeout_s: float) -> None:
@@ -257,9 +257,9 @@ class ScriptReader:
     async def ping(self) -> bool:
         if self._cluster is not None:
             return await self._cluster.ping()
-        proto = await self._connection()
-        (fut,) = proto.request(_command(b"PING"))
-        return _check(await fut) == b"PONG"
+        proto = await self.connection()
+        (fut,) = proto.request(encode_command(b"PING"))
+        return check_reply(await fut) == b"PONG"
 
     async def close(self) -> None:
         if self._cluster is not None:

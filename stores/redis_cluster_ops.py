@@ -92,12 +92,12 @@ async def run_calls_async(client, calls: Sequence[Call]) -> list:
 
 def plan_apply(store, nodes: rc.NodeMap, packed: list[str], chunk: int) -> tuple[list[Call], list[list[int]]]:
     """One apply call per master (per `chunk` events of it): the calls, and each call's event indices."""
-    from stores.redis_online import _apply_args
+    from stores.redis_online import apply_args
 
     calls, where = [], []
     for key, indices, sub in rc.split_packed(packed, nodes, store.keys.card):
         for i in range(0, len(indices), chunk):
-            args = _apply_args(store.keys.prefix, sub[4 * i:4 * (i + chunk)], store.lateness, store.retention,
+            args = apply_args(store.keys.prefix, sub[4 * i:4 * (i + chunk)], store.lateness, store.retention,
                                store.ttl_s)
             calls.append(("apply_events.lua", key, args))
             where.append(indices[i:i + chunk])
@@ -118,11 +118,11 @@ def plan_restore(store, nodes: rc.NodeMap, flat: list[str], cuts: dict[str, str]
 
 def finish_apply(replies: list, where: list[list[int]], n: int) -> list:
     """Each call's per-event statuses put back in the input's order."""
-    from stores.redis_online import _applied
+    from stores.redis_online import applied_outcomes
 
     out: list = [None] * n
     for reply, indices in zip(replies, where, strict=True):
-        for idx, applied in zip(indices, _applied(reply), strict=True):
+        for idx, applied in zip(indices, applied_outcomes(reply), strict=True):
             out[idx] = applied
     return out
 

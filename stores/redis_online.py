@@ -165,7 +165,7 @@ def pack_writes(events: Sequence[WindowWrite]) -> list[str]:
     return [x for e in events for x in (e.card, e.txn_id, str(e.ts), str(e.amount_cents))]
 
 
-def _apply_args(prefix: str, packed: list[str], lateness: int, retention: int, ttl_s: int) -> list:
+def apply_args(prefix: str, packed: list[str], lateness: int, retention: int, ttl_s: int) -> list:
     """One script call's arguments for packed writes (at most APPLY_CHUNK events: one JSON argument)."""
     now_ns = time.time_ns()
     return [prefix, lateness, retention, ttl_s, now_ns // 1_000_000, now_ns // 1_000, orjson.dumps(packed)]
@@ -208,7 +208,7 @@ def read_request_args(prefix: str, request: Sequence, arrival_ms: int | None, re
 _STATUS = tuple(ApplyStatus)  # by value: 0, 1, 2, 3
 
 
-def _applied(reply: Sequence[int]) -> list[Applied]:
+def applied_outcomes(reply: Sequence[int]) -> list[Applied]:
     """The apply script's flat reply (status, seq per event) as Applied tuples, built without a Python-level call
     per event (the stream worker turns ~100k of these a second)."""
     return list(map(tuple.__new__, repeat(Applied), zip(map(_STATUS.__getitem__, reply[0::2]), reply[1::2],
@@ -318,8 +318,8 @@ class OnlineStore:
         out: list[Applied] = []
         step = 4 * APPLY_CHUNK
         for i in range(0, len(packed), step):
-            args = _apply_args(self.keys.prefix, packed[i:i + step], self.lateness, self.retention, self.ttl_s)
-            out.extend(_applied(self._apply(keys=[], args=args)))
+            args = apply_args(self.keys.prefix, packed[i:i + step], self.lateness, self.retention, self.ttl_s)
+            out.extend(applied_outcomes(self._apply(keys=[], args=args)))
         return out
 
     def restore_events(self, flat: list[str], cuts: Mapping[str, str]) -> int:
@@ -456,8 +456,8 @@ class AsyncOnlineStore:
         out: list[Applied] = []
         step = 4 * APPLY_CHUNK
         for i in range(0, len(packed), step):
-            args = _apply_args(self.keys.prefix, packed[i:i + step], self.lateness, self.retention, self.ttl_s)
-            out.extend(_applied(await self._apply(keys=[], args=args)))
+            args = apply_args(self.keys.prefix, packed[i:i + step], self.lateness, self.retention, self.ttl_s)
+            out.extend(applied_outcomes(await self._apply(keys=[], args=args)))
         return out
 
     async def read_features(self, card: str, txn_id: str, ts: int, amount_cents: int,

@@ -25,9 +25,9 @@ from typing import NamedTuple
 from redis.client import NEVER_DECODE
 
 from featurestore.state import Applied, ApplyStatus
-from serving.redis_reader import _check, _command
+from serving.redis_reader import check_reply, encode_command
 from stores.online_snapshots import SnapshotFold, entity_tag
-from stores.redis_online import APPLY_CHUNK, _applied, _apply_args, now_ms
+from stores.redis_online import APPLY_CHUNK, applied_outcomes, apply_args, now_ms
 
 #: Reads every hash named in ARGV (keys as ARGV: a single node only); Redis caches the compiled script by its SHA.
 HGETALL_SCRIPT = b"local out = {} for i = 1, #ARGV do out[i] = redis.call('HGETALL', ARGV[i]) end return out"
@@ -66,9 +66,9 @@ async def apply_with_windows(store, packed: list[str], window_ms: int) -> tuple[
     step = 4 * APPLY_CHUNK
     for i in range(0, len(packed), step):
         chunk = packed[i:i + step]
-        args = _apply_args(store.keys.prefix, chunk, store.lateness, store.retention, store.ttl_s)
+        args = apply_args(store.keys.prefix, chunk, store.lateness, store.retention, store.ttl_s)
         statuses, wins, recs = await store._apply(keys=[], args=[*args, window_ms])
-        applied.extend(_applied(statuses))
+        applied.extend(applied_outcomes(statuses))
         windows = [CardWindow(flat, [int(float(s)) for s in flat[1::2]]) for flat in wins]
         index: dict[str, int] = {}
         cards = chunk[0::4]
@@ -190,7 +190,7 @@ class BatchReplies:
         """`reader`: the scorer's `serving.redis_reader.ScriptReader` (its lean connection carries the commands
         here too); None: the store's redis-py client."""
         self.store = store
-        self.reader = reader if hasattr(reader, "_connection") else None
+        self.reader = reader if hasattr(reader, "connection") else None
         self.registry = store.registry
         self.fold = SnapshotFold(self.registry)
         self.window_ms = self.registry.longest_stream_window_ms
@@ -250,9 +250,9 @@ class BatchReplies:
         """Commands in one pipelined round trip; raw replies (an HGETALL as a flat field/value list, as the read
         script returns it)."""
         if self.reader is not None:
-            proto = await self.reader._connection()
-            replies = await asyncio.gather(*proto.request(b"".join(_command(*c) for c in commands), len(commands)))
-            return [_check(r) for r in replies]
+            proto = await self.reader.connection()
+            replies = await asyncio.gather(*proto.request(b"".join(encode_command(*c) for c in commands), len(commands)))
+            return [check_reply(r) for r in replies]
         pipe = self.store.redis.pipeline(transaction=False)
         for c in commands:
             pipe.execute_command(*c, **{NEVER_DECODE: True})
