@@ -11,7 +11,7 @@ KEYS = (
     "batch_duckdb_s", "backfill_duckdb_s", "backfill_spark_s", "stream_redis_ceiling_tps", "stream_vs_redis_ceiling",
     "score_p99_ms_at_500rps", "score_max_rps_p99_10ms", "model_test_aucpr", "model_baseline_aucpr",
     "model_test_aucpr_by_kind", "stream_tps_with_scoring", "soak_rss_growth_mb_worker", "soak_rss_growth_mb_api",
-    "soak_errors", "stream_scaleout",
+    "soak_errors", "stream_scaleout", "stream_scaleout_cluster",
 )
 
 
