@@ -7,6 +7,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from stores.rotate_cli import HELP as ROTATE_HELP
+from stores.rotate_cli import rotate_key
+
 app = typer.Typer(help="Inspect features: the online store for a card, PAN -> entity key, training sets.",
                   no_args_is_help=True)
 console = Console()
@@ -113,7 +116,4 @@ def _resolve_key(store, settings, card: str, key: str, is_pan: bool) -> str:
     return key
 
 
-from stores.rotate_cli import HELP as _ROTATE_HELP  # noqa: E402
-from stores.rotate_cli import rotate_key as _rotate_key  # noqa: E402
-
-app.command("rotate-key", help=_ROTATE_HELP)(_rotate_key)
+app.command("rotate-key", help=ROTATE_HELP)(rotate_key)
