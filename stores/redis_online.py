@@ -227,6 +227,11 @@ class _Keys:
         """HASH of the card's state (field "") and its idempotency records (txn_id -> "seq|cents|flag|ts")."""
         return f"{self.prefix}:card:{{{card}}}"
 
+    def agg(self, card: str) -> str:
+        """STRING: the stream scorer's window statistics as of the card's last arrival, a cache the apply script
+        checks against the card's state before use (stores/lua/apply_events.lua); safe to delete."""
+        return f"{self.prefix}:agg:{{{card}}}"
+
     #: The idempotency records live in the card's hash.
     events = card
 

@@ -20,11 +20,12 @@ from stores.online_snapshots import SnapshotEntry
 
 #: Cards per round of pipelined reads and writes.
 REKEY_CHUNK = 500
-#: Deletes a card's old keys (KEYS: its state hash, its window) only when its state field is still ARGV[1].
+#: Deletes a card's old keys (KEYS: its state hash, its window, its stream statistics cache) only when its state
+#: field is still ARGV[1].
 _DROP_IF_UNCHANGED = """
 local state = redis.call('HGET', KEYS[1], '')
 if (state or '') ~= ARGV[1] then return 0 end
-redis.call('UNLINK', KEYS[1], KEYS[2])
+redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3])
 return 1
 """
 
@@ -136,7 +137,7 @@ def _move_windows(store, pairs: list[tuple[str, str]], stats: RekeyStats, dry_ru
     pipe = r.pipeline(transaction=False)
     for old, _new, _, records, _ in todo:
         # EVAL, not EVALSHA: a cluster node may not hold the script yet, and it is short.
-        pipe.execute_command("EVAL", _DROP_IF_UNCHANGED, 2, keys.card(old), keys.window(old),
+        pipe.execute_command("EVAL", _DROP_IF_UNCHANGED, 3, keys.card(old), keys.window(old), keys.agg(old),
                              records.get(b"", b"").decode())
     dropped = pipe.execute()  # 0: the old keys changed since they were read: merge them again
     stats.cards_moved += sum(1 for d in dropped if d == 1)

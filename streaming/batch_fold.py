@@ -1,36 +1,25 @@
 """The scorer's fold (`serving.scorer.Scorer.features`: `stores.redis_online.fold_read`, the ratios, the ages) for a
 whole applied batch, with the work its transactions share done once.
 
-Per transaction it computes what `Scorer.features` computes from that transaction's read reply
-(`streaming.stream_reads.EventRead.reply`), by the same functions: each stream group's statistics with
-`featurestore.windows.window_aggregate` over the window members the read returns, the nightly groups by the
-statements of the store's `SnapshotFold.fold` (`NightlyFold`), the ratios with `featurestore.ratios.compute_ratios`.
-What is shared is not repeated: a card's window members are parsed once per batch rather than once per transaction
-(twice, with the ages), each entity hash once, and each group of a night once per entity (a busy merchant's groups
-once per batch). tests/test_stream_reads.py checks the result equals `Scorer.features` on the replies.
+Per transaction it computes what `Scorer.features` computes from that transaction's read reply: each stream
+group's values from the window statistics the apply script folded (`streaming.stream_reads.apply_with_stats`) by
+`featurestore.windows.WindowAggregate.values`, the nightly groups by the statements of the store's
+`SnapshotFold.fold` (`NightlyFold`), the ratios with `featurestore.ratios.compute_ratios`. What is shared is not
+repeated: each entity hash is parsed once per batch and each group of a night folded once per entity (a busy
+merchant's groups once per batch). tests/test_stream_reads.py checks the result equals `Scorer.features` on the
+read script's replies.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 
 from featurestore.definitions import Registry
 from featurestore.events import Transaction
 from featurestore.ratios import compute_ratios
-from featurestore.windows import WindowAggregate, WindowEvent, in_window, window_aggregate
+from featurestore.windows import WindowAggregate, in_window
 from stores.online_snapshots import SnapshotFold, group_values
-from stores.redis_online import parse_member
-from streaming.stream_reads import CardWindow, EventRead
-
-
-def _events(win: CardWindow) -> list[WindowEvent]:
-    """The window's members parsed, once per card window (kept on it)."""
-    parsed = win.parsed
-    if parsed is None:
-        flat = win.flat
-        parsed = win.parsed = [parse_member(flat[i], float(flat[i + 1])) for i in range(0, len(flat), 2)]
-    return parsed
+from streaming.stream_reads import EventRead
 
 
 class NightlyFold:
@@ -135,7 +124,8 @@ class BatchFold:
 
     def __init__(self, registry: Registry) -> None:
         self.stream = tuple((g, g.window_ms) for g in registry.stream_groups)
-        self.window_ms = registry.longest_stream_window_ms
+        #: The window lengths the apply script folds, in the order of `stream` (`apply_with_stats`).
+        self.windows_ms = tuple(w for _, w in self.stream)
         self.nightly = NightlyFold(registry)
         self.batch_groups = tuple(g.name for g in registry.batch_groups)
         self.ratios = registry.ratios
@@ -145,23 +135,16 @@ class BatchFold:
         """(every feature and ratio by name, each group's age in ms) per transaction, as `Scorer.features`."""
         out = []
         for txn, read in zip(txns, reads, strict=True):
-            seq_s, cents_s, flag, _ = read.stored.split("|", 3)
             t = read.ts
-            seq = int(seq_s)
-            current = WindowEvent(txn.txn_id, t, seq, int(cents_s), flag == "L")
-            win = read.window
-            events = _events(win)
-            members = events[bisect_left(win.ts, t - self.window_ms):bisect_right(win.ts, t)]
+            stats = read.stats
             values: dict[str, float] = {"amount": txn.amount}
-            for group, window in self.stream:
-                values.update(window_aggregate(members, current, window).values(group))
+            for j, (group, _) in enumerate(self.stream):
+                o = 1 + 4 * j
+                values.update(WindowAggregate(stats[o], stats[o + 1], stats[o + 2], stats[o + 3]).values(group))
             got = self.nightly.fold(read.nights, hashes)
             values.update(got[0])
             values.update(compute_ratios(values, self.ratios))
-            newest = None  # stores.redis_online.newest_counted_ts
-            for e in members:
-                if not e.late and e.txn_id != txn.txn_id and e.seq < seq and (newest is None or e.ts > newest):
-                    newest = e.ts
+            newest = stats[0]  # stores.redis_online.newest_counted_ts, folded by the apply script
             ages = {group.name: 0 if newest is None or not in_window(newest, t, window) else max(0, at_ms - newest)
                     for group, window in self.stream}
             cutoffs = got[1]

@@ -44,9 +44,10 @@ class PreparedBatch:
     rejects: list[tuple[RawMessage, InvalidEvent]] = field(default_factory=list)
     packed: list[str] = field(default_factory=list)
     cents: list[int] = field(default_factory=list)
-    #: Per valid transaction, what the apply returned for its scoring (`streaming.stream_reads`); None when the
-    #: batch was applied without (scoring off, or Redis Cluster).
-    windows: list | None = None
+    #: Per valid transaction, its window statistics and stored record as the apply returned them for its scoring
+    #: (`streaming.stream_reads.apply_with_stats`); None when the batch was applied without (scoring off, or
+    #: Redis Cluster).
+    window_stats: list | None = None
 
     @property
     def writes(self) -> list[Transaction]:

@@ -25,7 +25,7 @@ from stores.archive import ArchiveWriter, roll_spool
 from stores.redis_online import AsyncOnlineStore
 from streaming import metrics
 from streaming.batch_prep import RawMessage, archive_rows, prepare_batch
-from streaming.stream_reads import apply_with_windows
+from streaming.stream_reads import apply_with_stats
 
 log = logging.getLogger(__name__)
 
@@ -176,14 +176,14 @@ class BatchSink:
         self.freshness = metrics.Reservoir()
         self._rolls: set[asyncio.Task] = set()
         self.redis_watch = RedisWatch(store)
-        #: > 0: the apply also returns each transaction's window members for the stream scorer
-        #: (`streaming.stream_reads`; set by the worker when it scores on a single Redis node).
-        self.windows_ms = 0
+        #: Non-empty: the apply also folds each transaction's windows of these lengths for the stream scorer
+        #: (`streaming.stream_reads.apply_with_stats`; set by the worker when it scores on a single Redis node).
+        self.windows_ms: tuple[int, ...] = ()
 
     async def _apply_packed(self, packed: list[str], batch) -> list[Applied]:
         if not self.windows_ms:
             return await self.store.apply_packed(packed)
-        applied, batch.windows = await apply_with_windows(self.store, packed, self.windows_ms)
+        applied, batch.window_stats = await apply_with_stats(self.store, packed, self.windows_ms)
         return applied
 
     async def _apply_with_retry(self, packed: list[str], batch=None):

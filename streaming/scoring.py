@@ -5,8 +5,8 @@ FRAUD decisions also go to `alerts`.
 The stream's answers are the reference for online/offline agreement: a transaction the stream has applied is read
 as of its own arrival (its stored arrival position), so its features are exactly its training row's.
 
-On a single Redis node nothing is read back per transaction: the batch's apply returns its cards' window members
-(streaming/stream_reads.py), the nightly snapshots are fetched once per batch, the features are folded for the
+On a single Redis node nothing is read back per transaction: the batch's apply returns each transaction's window
+statistics (streaming/stream_reads.py), the nightly snapshots are fetched once per batch, the features are folded for the
 whole batch (streaming/batch_fold.py: the online read's fold, shared work done once), and the answers go to the
 producer as one record batch per partition. Under Redis Cluster each transaction is read with the serving scorer's
 read (`Scorer.score_many`). Both give the same features (tests/test_stream_reads.py).
@@ -60,7 +60,7 @@ class StreamScorer:
         scorer = self.scorer
         try:
             async with asyncio.timeout(scorer.timeout_s):
-                reads, hashes = await self.replies.gather(batch.txns, batch.cents, applied, batch.windows)
+                reads, hashes = await self.replies.gather(batch.txns, batch.cents, applied, batch.window_stats)
         except Exception as exc:
             if redis_failure(exc):
                 raise RedisUnavailable(f"the online store (Redis) did not answer within {scorer.timeout_s:g} s: "
@@ -98,7 +98,7 @@ class StreamScorer:
             return 0
         self._warned = False
         try:
-            if batch.windows is not None and applied is not None:
+            if batch.window_stats is not None and applied is not None:
                 scored = await self._from_apply(batch, applied)
             else:
                 scored = await self.scorer.score_many(txns)

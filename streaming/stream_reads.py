@@ -1,14 +1,14 @@
 """What the stream scorer folds, taken from the batch's own window update instead of a read per transaction.
 
 The online read (stores/lua/read_features.lua) answers one transaction with its stored record, its card's window
-members with ts in [t - window, t], and the nightly snapshot groups visible to it. For a batch the stream worker
-has just applied, the apply script (stores/lua/apply_events.lua, with a window length) returns each card's members
-covering all its events of the batch, read right after its writes, and each duplicate's stored record; the nights
-are resolved here from one read of the snapshot index per batch, by the read script's own rule, and the entity
-hashes they need are fetched once per batch. Each transaction then gets the very reply the read script would give
-it (same fields, same shapes), so the scorer's fold (`Scorer.features`: `fold_read`, the ratios, the ages) and
-thus the features are the online read's, unchanged (tests/test_stream_scoring*.py check them against the training
-rows).
+members with ts in [t - window, t], and the nightly snapshot groups visible to it; the scorer folds the members in
+Python. For a batch the stream worker has just applied, the apply script (stores/lua/apply_events.lua, given the
+stream groups' window lengths) folds each transaction's windows itself, right after its card's writes, and returns
+per transaction only the statistics (count, sum, min, max per window, and the newest counted event time) plus each
+duplicate's stored record: what travels and what Python does per transaction no longer grows with the window. The
+nights are resolved here from one read of the snapshot index per batch, by the read script's own rule, and the
+entity hashes they need are fetched once per batch. tests/test_stream_reads.py checks every transaction's features
+and ages against the read script's reply folded by the scorer.
 
 Single Redis node only (`usable`): under Redis Cluster the index has a copy per master and the merchant lives on
 its own node; the worker keeps the per-transaction read there.
@@ -17,9 +17,8 @@ its own node; the worker keeps the per-transaction read there.
 from __future__ import annotations
 
 import asyncio
-from bisect import bisect_left, bisect_right
+from bisect import bisect_right
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from redis.client import NEVER_DECODE
@@ -36,46 +35,27 @@ HGETALL_CHUNK = 4_000
 MAX_CANDIDATES = 64
 
 
-@dataclass(slots=True)
-class CardWindow:
-    """One card's window members from one apply call: the flat member/score list and the scores as ints."""
-
-    flat: list
-    ts: list[int]
-    parsed: list | None = None  # the members as WindowEvents (streaming.batch_fold), once parsed
-
-    def around(self, ts: int, window_ms: int) -> list:
-        """The members with ts in [ts - window_ms, ts], as the read script's ZRANGEBYSCORE returns them."""
-        lo = bisect_left(self.ts, ts - window_ms)
-        hi = bisect_right(self.ts, ts)
-        return self.flat[2 * lo:2 * hi]
-
-
 def usable(store) -> bool:
     """The batch's reads come from its apply on a single Redis node (not a cluster)."""
     return not getattr(store, "cluster", False)
 
 
-async def apply_with_windows(store, packed: list[str], window_ms: int) -> tuple[list[Applied], list]:
-    """`AsyncOnlineStore.apply_packed`, also returning per event (its card's CardWindow, its stored record or None).
+async def apply_with_stats(store, packed: list[str], windows_ms: Sequence[int]) -> tuple[list[Applied], list]:
+    """`AsyncOnlineStore.apply_packed`, also returning per event (its window statistics, its stored record or None).
 
-    The same script and arguments as the store's apply, plus the window length (the apply's reply then carries the
-    windows); in calls of at most APPLY_CHUNK events, each event with the window of its own call."""
+    The same script and arguments as the store's apply, plus the window lengths (the apply's reply then carries
+    each event's statistics: [newest counted ts or None, then count, sum, min, max in cents per window]), in calls
+    of at most APPLY_CHUNK events."""
     applied: list[Applied] = []
     per_event: list = []
     step = 4 * APPLY_CHUNK
+    spec = ",".join(str(int(w)) for w in windows_ms)
     for i in range(0, len(packed), step):
         chunk = packed[i:i + step]
         args = apply_args(store.keys.prefix, chunk, store.lateness, store.retention, store.ttl_s)
-        statuses, wins, recs = await store._apply(keys=[], args=[*args, window_ms])
+        statuses, stats, recs = await store._apply(keys=[], args=[*args, spec])
         applied.extend(applied_outcomes(statuses))
-        windows = [CardWindow(flat, [int(float(s)) for s in flat[1::2]]) for flat in wins]
-        index: dict[str, int] = {}
-        cards = chunk[0::4]
-        for card in cards:  # the script's order of first appearance
-            if card not in index:
-                index[card] = len(index)
-        per_event.extend((windows[index[card]], rec) for card, rec in zip(cards, recs, strict=True))
+        per_event.extend(zip(stats, recs, strict=True))
     return applied, per_event
 
 
@@ -164,23 +144,16 @@ def _entry(entry: str) -> tuple[str, str, str, str]:
 
 
 class EventRead(NamedTuple):
-    """One transaction's read: its stored record, the ts used, its card's window, the latest visible cut-off, the
-    nights serving its groups as (cut-off, "g1,g2", card hash key or None, merchant hash key or None; None: the
-    night has expired or no merchant is read), and 1 when a group's night has expired."""
+    """One transaction's read: its stored record, the ts used, its window statistics (`apply_with_stats`), the
+    latest visible cut-off, the nights serving its groups as (cut-off, "g1,g2", card hash key or None, merchant
+    hash key or None; None: the night has expired or no merchant is read), and 1 when a group's night has expired."""
 
     stored: str
     ts: int
-    window: CardWindow
+    stats: list
     latest: str | None
     nights: tuple
     expired: int
-
-    def reply(self, hashes: dict, window_ms: int) -> list:
-        """read_features.lua's reply, the entity hashes taken from `hashes`."""
-        nights = [[c, held, None if ck is None else hashes[ck], None if mk is None else hashes[mk]]
-                  for c, held, ck, mk in self.nights]
-        return [self.stored, self.window.around(self.ts, window_ms), self.latest, nights, str(self.ts), None,
-                self.expired]
 
 
 class BatchReplies:
@@ -193,7 +166,6 @@ class BatchReplies:
         self.reader = reader if hasattr(reader, "connection") else None
         self.registry = store.registry
         self.fold = SnapshotFold(self.registry)
-        self.window_ms = self.registry.longest_stream_window_ms
 
     async def gather(self, txns: Sequence, cents: Sequence[int], applied: Sequence[Applied],
                      per_event: Sequence) -> tuple[list[EventRead], dict]:
@@ -202,7 +174,7 @@ class BatchReplies:
         keys = self.store.keys
         reads_merchant = self.fold.reads_merchant
         out, wanted = [], {}
-        for txn, c, (status, seq), (win, rec) in zip(txns, cents, applied, per_event, strict=True):
+        for txn, c, (status, seq), (stats, rec) in zip(txns, cents, applied, per_event, strict=True):
             if rec is None:
                 ts = txn.ts
                 stored = f"{seq}|{c}|{'L' if status == ApplyStatus.LATE else 'A'}|{ts}"
@@ -222,18 +194,12 @@ class BatchReplies:
                 if mk is not None:
                     wanted[mk] = None
                 nights.append((cutoff, held, ck, mk))
-            out.append(EventRead(stored, ts, win, latest, tuple(nights), expired))
+            out.append(EventRead(stored, ts, stats, latest, tuple(nights), expired))
         hashes = {}
         if wanted:
             names = list(wanted)
             hashes = dict(zip(names, await self._hgetall(names), strict=True))
         return out, hashes
-
-    async def replies(self, txns: Sequence, cents: Sequence[int], applied: Sequence[Applied],
-                      per_event: Sequence) -> list:
-        """One reply per transaction, in order, shaped as read_features.lua's."""
-        reads, hashes = await self.gather(txns, cents, applied, per_event)
-        return [r.reply(hashes, self.window_ms) for r in reads]
 
     async def _hgetall(self, names: list[str]) -> list:
         """HGETALL of every key, as flat lists: on the lean connection one script call (one command, one reply

@@ -344,10 +344,11 @@ async def make_stream_scorer(cfg: StreamConfig, agg: BatchSink, send, send_many=
         reader = ScriptReader(cfg.redis, agg.store.keys.prefix, agg.store.registry)
     scorer = Scorer(agg.store, watcher, timeout_s=5.0, registry=agg.store.registry,  # the groups the store keeps
                     reader=reader)
-    if stream_reads.usable(agg.store):  # each batch's reads come back with its apply: no read per transaction
-        agg.windows_ms = agg.store.registry.longest_stream_window_ms
-    return StreamScorer(scorer, watcher, send, scores_topic=cfg.scores_topic,
-                        alerts_topic=cfg.alerts_topic, send_many=send_many)
+    stream_scorer = StreamScorer(scorer, watcher, send, scores_topic=cfg.scores_topic,
+                                 alerts_topic=cfg.alerts_topic, send_many=send_many)
+    if stream_reads.usable(agg.store):  # each batch's apply folds its windows: no read per transaction
+        agg.windows_ms = stream_scorer.fold.windows_ms
+    return stream_scorer
 
 
 def prepare(cfg: StreamConfig) -> None:

@@ -1,26 +1,37 @@
-"""The stream scorer's reads come from its batch's apply (streaming/stream_reads.py) instead of one read script call
-per transaction: on real Redis, every transaction of several batches (out of order, late, ties, redelivered and
-in-batch duplicates, cards idle and busy) gets exactly the features the online read script gives it, with nightly
+"""The stream scorer's reads come from its batch's apply (streaming/stream_reads.py: the apply script folds each
+transaction's windows) instead of one read script call per transaction: on real Redis, every transaction of several
+batches (out of order, late, ties, redelivered and in-batch duplicates, cards idle and busy) gets exactly the
+features and feature ages the online read script's reply gives it through the scorer's Python fold, with nightly
 snapshots that are visible, not yet published, serving only some groups, and expired."""
 
 from __future__ import annotations
 
 import asyncio
 import math
+from dataclasses import replace
 
 import pytest
 
-from featurestore.definitions import DAY_MS, MINUTE_MS, REGISTRY_WITH_MERCHANT
+from featurestore.definitions import DAY_MS, MINUTE_MS, REGISTRY_WITH_MERCHANT, Aggregate, Registry
 from featurestore.events import Transaction
 from serving.redis_reader import ScriptReader
 from serving.scorer import Scorer
-from stores.redis_online import AsyncOnlineStore, OnlineStore, fold_read, newest_counted_ts, pack_writes
+from stores.redis_online import AsyncOnlineStore, OnlineStore, fold_read, pack_writes
 from streaming.batch_fold import BatchFold
-from streaming.stream_reads import BatchReplies, apply_with_windows
+from streaming.stream_reads import BatchReplies, apply_with_stats
 
 pytestmark = pytest.mark.integration
 
 REG = REGISTRY_WITH_MERCHANT
+#: Every aggregation a stream group can declare (count, sum, mean, min, max), on both stream windows.
+ALL_STATS = Registry(
+    groups=tuple(replace(g, features=(*g.features, *(Aggregate(f"{fn}_amt_{g.name}", fn) for fn in ("sum", "min", "max"))))
+                 if g.source == "stream" else g for g in REG.groups),
+    ratios=REG.ratios, model_features=REG.model_features)
+#: The same groups, the stream windows declared in the other order (a worker restarted with changed declarations).
+REVERSED = Registry(groups=(*reversed([g for g in ALL_STATS.groups if g.source == "stream"]),
+                            *(g for g in ALL_STATS.groups if g.source != "stream")),
+                    ratios=REG.ratios, model_features=REG.model_features)
 D0 = 1_600_000_000_000 - 1_600_000_000_000 % DAY_MS  # a midnight
 
 
@@ -77,8 +88,9 @@ def same(a: float, b: float) -> bool:
     return a == b
 
 
-@pytest.mark.parametrize("lean", [True, False], ids=["lean-connection", "redis-py"])
-def test_batch_replies_fold_to_the_online_reads(redis_settings, key_prefix, lean):
+@pytest.mark.parametrize(("lean", "registry"), [(True, REG), (False, REG), (True, ALL_STATS)],
+                         ids=["lean-connection", "redis-py", "sum-min-max"])
+def test_batch_replies_fold_to_the_online_reads(redis_settings, key_prefix, lean, registry):
     cards = [f"{c:032x}" for c in range(6)]
     merchants = ["m-a", "m-b", "m-{x}", "m-absent"]
     sync = OnlineStore(redis_settings, prefix=key_prefix, registry=REG)
@@ -86,41 +98,34 @@ def test_batch_replies_fold_to_the_online_reads(redis_settings, key_prefix, lean
     sync.close()
 
     async def run() -> list[str]:
-        store = AsyncOnlineStore(redis_settings, prefix=key_prefix, registry=REG, retention_ms=60 * DAY_MS)
-        reader = ScriptReader(redis_settings, key_prefix, REG) if lean else None
+        store = AsyncOnlineStore(redis_settings, prefix=key_prefix, registry=registry, retention_ms=60 * DAY_MS)
+        reader = ScriptReader(redis_settings, key_prefix, registry) if lean else None
         replies = BatchReplies(store, reader)
-        fold, scorer = BatchFold(REG), Scorer(store, None, registry=REG)
+        fold, scorer = BatchFold(registry), Scorer(store, None, registry=registry)
         bad, compared, kinds = [], 0, set()
         seen = {"counts": set(), "cutoffs": set(), "merchant": set()}
         try:
             for batch in batches(cards, merchants):
-                applied, per_event = await apply_with_windows(store, pack_writes(batch), REG.longest_stream_window_ms)
+                applied, per_event = await apply_with_stats(store, pack_writes(batch), fold.windows_ms)
                 reads, hashes = await replies.gather(batch, [t.amount_cents for t in batch], applied, per_event)
-                got = [r.reply(hashes, REG.longest_stream_window_ms) for r in reads]
-                # The batch fold the worker uses gives Scorer.features' answer on those replies.
-                at = 1_700_000_000_000
-                for t, g, (values, ages) in zip(batch, got, fold.fold(batch, reads, hashes, at), strict=True):
-                    want_values, _, want_ages = scorer.features(t, g, at)
-                    if ages != want_ages or set(values) != set(want_values) or not all(
-                            same(values[n], v) for n, v in want_values.items()):
-                        bad.append(f"{t.txn_id}: batch fold {values, ages} != {want_values, want_ages}")
+                # What the API's read gives each transaction right after the batch, folded by the scorer.
                 want = await store.read_replies([(t.card, t.txn_id, t.ts, t.merchant) for t in batch])
-                for t, (status, _), g, w in zip(batch, applied, got, want, strict=True):
-                    kinds.add(int(status))
-                    fg = fold_read(g, t.txn_id, t.ts, t.amount_cents, REG)
-                    fw = fold_read(w, t.txn_id, t.ts, t.amount_cents, REG)
+                at = 1_700_000_000_000
+                for t, (status, _), (values, ages), w in zip(batch, applied, fold.fold(batch, reads, hashes, at),
+                                                              want, strict=True):
+                    want_values, _, want_ages = scorer.features(t, w, at)
                     compared += 1
+                    kinds.add(int(status))
+                    if ages != want_ages:
+                        bad.append(f"{t.txn_id}: ages {ages} != {want_ages}")
+                    if set(values) != set(want_values):
+                        bad.append(f"{t.txn_id}: names {sorted(set(values) ^ set(want_values))}")
+                    bad += [f"{t.txn_id} {n}: {values.get(n)} != {v}" for n, v in want_values.items()
+                            if not same(values.get(n), v)]
+                    fw = fold_read(w, t.txn_id, t.ts, t.amount_cents, registry)
                     seen["counts"].add(fw.values["num_trans_last_10m"])
                     seen["cutoffs"].add(tuple(sorted((k, v) for k, v in fw.group_cutoffs.items())))
                     seen["merchant"] |= {not math.isnan(fw.values["merchant_num_trans_7d"])}
-                    for name, value in fw.values.items():
-                        if not same(fg.values[name], value):
-                            bad.append(f"{t.txn_id} {name}: {fg.values[name]} != {value}")
-                    if (fg.group_cutoffs, fg.snapshot_cutoff_ms, fg.ts) != (fw.group_cutoffs, fw.snapshot_cutoff_ms,
-                                                                             fw.ts):
-                        bad.append(f"{t.txn_id}: {fg.group_cutoffs} != {fw.group_cutoffs}")
-                    if newest_counted_ts(g, t.txn_id) != newest_counted_ts(w, t.txn_id):
-                        bad.append(f"{t.txn_id}: newest counted event differs")
         finally:
             await store.close()
             if reader is not None:
@@ -129,6 +134,95 @@ def test_batch_replies_fold_to_the_online_reads(redis_settings, key_prefix, lean
         # The comparison covered busy windows, both snapshot situations (one night for all groups; a subset from
         # a newer night, the rest stopped by the expired one), and merchants with and without statistics.
         assert max(seen["counts"]) >= 5 and len(seen["cutoffs"]) == 2 and seen["merchant"] == {True, False}, seen
+        if registry is ALL_STATS:  # the extra aggregations were compared, on windows holding several amounts
+            assert {"sum_amt_card_agg_1m", "min_amt_card_agg_10m", "max_amt_card_agg_10m"} <= set(want_values)
+        return bad
+
+    bad = asyncio.run(run())
+    assert not bad, f"{len(bad)} differences, e.g. {bad[:5]}"
+
+
+def random_batches(seed: int, cards: list[str]) -> list[tuple[bool, list[Transaction]]]:
+    """Batches of mostly in-order card streams (what the apply's cache moves on from batch to batch), with gaps
+    longer than a window, events on the windows' edges, out-of-order and late events, redeliveries, tied amounts;
+    every fifth batch is applied without statistics (a scoring-off worker: the cache must not be trusted after)."""
+    import random
+
+    rng = random.Random(seed)
+    clock = {c: D0 + 20 * DAY_MS + i * 1_000 for i, c in enumerate(cards)}
+    sent: list[Transaction] = []
+    out, n = [], 0
+    for b in range(40):
+        batch = []
+        for card in cards:
+            for _ in range(rng.choice((0, 1, 1, 2, 3, 6))):
+                kind = rng.random()
+                if kind < 0.55:
+                    step = rng.randint(0, 90_000)
+                elif kind < 0.65:
+                    step = rng.choice((10 * MINUTE_MS, MINUTE_MS, 10 * MINUTE_MS + 1, MINUTE_MS + 1))
+                elif kind < 0.72:
+                    step = rng.randint(11 * MINUTE_MS, 40 * MINUTE_MS)  # the window empties
+                elif kind < 0.85:
+                    step = -rng.randint(1, 5 * MINUTE_MS)  # out of order, on time
+                else:
+                    step = -rng.randint(20 * MINUTE_MS, 40 * MINUTE_MS)  # late
+                ts = clock[card] + step
+                clock[card] = max(clock[card], ts)
+                n += 1
+                batch.append(txn(n, card, ts, rng.choice((1.0, 2.5, 2.5, 7.0, 9.99, 40.0)), "m-a"))
+        if sent and rng.random() < 0.3:
+            batch += rng.sample(sent, min(3, len(sent)))  # redelivered
+        if rng.random() < 0.1:
+            rng.shuffle(batch)  # cards interleaved differently
+        sent += batch
+        out.append((b % 5 != 4, batch))
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_window_statistics_moved_on_from_the_cache_equal_the_read(redis_settings, key_prefix, seed):
+    """The apply script's per-card cache (p:agg) carries each card's statistics from batch to batch; whatever the
+    stream does, whoever else writes the card meanwhile, and whatever windows the worker declares (every third
+    batch in the other order), each transaction's statistics equal the read's."""
+    cards = [f"{c:032x}" for c in range(5)]
+
+    async def run() -> list[str]:
+        store = AsyncOnlineStore(redis_settings, prefix=key_prefix, registry=ALL_STATS, retention_ms=60 * DAY_MS)
+        replies, folds = BatchReplies(store, None), (BatchFold(ALL_STATS), BatchFold(REVERSED))
+        assert folds[0].windows_ms != folds[1].windows_ms
+        scorer = Scorer(store, None, registry=ALL_STATS)
+        bad, compared, cached = [], 0, 0
+        try:
+            for b, (with_stats, batch) in enumerate(random_batches(seed, cards)):
+                if b == 17:
+                    # Another writer adds an earlier-arrived event to a card's window without moving its arrival
+                    # position (as a rebuild merging the archive back does): the cache must not hide it.
+                    card = cards[0]
+                    state = (await store.redis.hget(store.keys.card(card), "")).decode().split("|")
+                    seq = int(state[0]) - 1
+                    ts = int(state[1]) - 1_000
+                    await store.redis.zadd(store.keys.window(card), {f"{seq}|123|A|foreign": ts})
+                    await store.redis.hset(store.keys.card(card), "foreign", f"{seq}|123|A|{ts}")
+                if not with_stats:
+                    await store.apply_packed(pack_writes(batch))
+                    continue
+                cached += sum([await store.redis.exists(f"{key_prefix}:agg:{{{c}}}") for c in cards])
+                fold = folds[b % 3 == 2]
+                applied, per_event = await apply_with_stats(store, pack_writes(batch), fold.windows_ms)
+                reads, hashes = await replies.gather(batch, [t.amount_cents for t in batch], applied, per_event)
+                want = await store.read_replies([(t.card, t.txn_id, t.ts, t.merchant) for t in batch])
+                at = D0 + 40 * DAY_MS
+                for t, (values, ages), w in zip(batch, fold.fold(batch, reads, hashes, at), want, strict=True):
+                    want_values, _, want_ages = scorer.features(t, w, at)
+                    compared += 1
+                    if ages != want_ages:
+                        bad.append(f"batch {b} {t.txn_id}: ages {ages} != {want_ages}")
+                    bad += [f"batch {b} {t.txn_id} {n}: {values.get(n)} != {v}" for n, v in want_values.items()
+                            if not same(values.get(n), v)]
+        finally:
+            await store.close()
+        assert compared > 300 and cached > 50, (compared, cached)
         return bad
 
     bad = asyncio.run(run())

@@ -30,10 +30,21 @@
 -- not on every batch), and a card idle for longer than the retention drops everything with one DEL.
 -- Returns, flat, per event: status, seq. status 0 applied, 1 late, 2 duplicate of an applied event,
 -- 3 duplicate of a late event; seq is the one assigned, or for a duplicate the stored one.
--- With ARGV[8] (window_ms > 0, the stream scorer's): { that flat list, per card in order of first appearance its
--- window members with ts in [lowest ts - window_ms, highest ts] of its events here (a duplicate's stored ts), read
--- after its writes, as a flat member/score list (read_features.lua's), per event its stored record
--- "seq|cents|flag|ts" for a duplicate, else false }: what the scorer folds, so nothing is read back per event.
+-- With ARGV[8] (the stream scorer's: window lengths in ms, comma-separated, e.g. "600000,60000"): { that flat list,
+-- per event its window statistics, per event its stored record "seq|cents|flag|ts" for a duplicate, else false }.
+-- An event's statistics are SPEC section 4's fold (featurestore/windows.py `window_aggregate`) as of its own arrival,
+-- read after its card's writes: { newest, then per window count, sum, min, max in cents }, over the event itself
+-- plus the card's on-time members that arrived before it (seq below its seq; a card's seqs are unique, so that also
+-- leaves the event itself out) with ts in [t - window, t]; newest is the largest such member ts within the longest
+-- window, false when none counts (what the scorer's feature ages use). t, seq and cents are a duplicate's stored
+-- ones. tests/test_stream_reads.py checks them against the read script's reply folded by the scorer in Python.
+-- Cost: each new event's members are not re-read. p:agg:{<card>} (a STRING, written in this mode only) keeps the
+-- members' statistics as of the card's last arrival: "windows|seq|zcard|t|newest|count|sum|min|max|nmin|nmax|..."
+-- (nmin/nmax: how many members hold the min/max). The next
+-- arrival at t' >= t moves each window by the members entering (t, t'] and leaving [t - w, t' - w) (the last member
+-- holding the minimum or maximum leaving makes that window be re-read); an arrival before t, a duplicate, a changed
+-- card (its seq or member count not the recorded ones: another writer, a scoring-off batch, a rebuild, a merge)
+-- or a trim re-reads [t - longest, t]. So a busy card costs a few members per event, not its whole window.
 local p = ARGV[1]
 local lateness = tonumber(ARGV[2])
 local retention = tonumber(ARGV[3])
@@ -48,8 +59,14 @@ local slack = math.floor(retention / 8)
 local fmt, find, call, unpack, min = string.format, string.find, redis.call, unpack, math.min
 local CHUNK = 1000 -- arguments per unpack (Lua's C stack holds ~8000); even, so pairs stay whole
 local out = {}
-local want_w = tonumber(ARGV[8] or '0') or 0 -- > 0: also return the windows (see Returns)
-local wins, recs = {}, {}
+local spec = ARGV[8] or ''
+local wins, nw, wmax = {}, 0, 0 -- the windows to compute statistics for (see Returns)
+for w in string.gmatch(spec, '%d+') do
+  nw = nw + 1; wins[nw] = tonumber(w)
+  if wins[nw] > wmax then wmax = wins[nw] end
+end
+local stats, recs = {}, {}
+local et, es, ec = {}, {}, {} -- per event: ts, seq, cents of the record it is scored as (nw > 0)
 
 -- A command over one key and the first n arguments of a buffer, in bounded calls; a table reply is joined.
 local function many(cmd, key, args, n)
@@ -73,10 +90,110 @@ for i = 1, #ev / 4 do
   tail[card] = i
 end
 
+-- Window statistics (nw > 0): st holds per window w, at 6w-5 .. 6w, count, sum, min, max, and how many members
+-- hold the min and the max (min/max nil when empty): a member leaving that held the min (max) makes the window be
+-- re-read only when no other member holds it, so tied amounts cost nothing.
+local S = 6
+-- The on-time members of wk with ts in [lo, hi] (an exclusive bound is given as '(' .. n) that arrived before seq
+-- s, as {ts, cents} pairs in ts order.
+local function members(wk, lo, hi, s)
+  local r = call('ZRANGEBYSCORE', wk, lo, hi, 'WITHSCORES')
+  local out, n = {}, 0
+  for k = 1, #r, 2 do
+    local _, _, sq, c, f = find(r[k], '^(%d+)|([^|]*)|(.)')
+    if f ~= 'L' and tonumber(sq) < s then
+      out[n + 1] = tonumber(r[k + 1]); out[n + 2] = tonumber(c); n = n + 2
+    end
+  end
+  return out, n
+end
+
+local function empty(st, w)
+  local o = S * w - 5
+  st[o], st[o + 1], st[o + 2], st[o + 3], st[o + 4], st[o + 5] = 0, 0, nil, nil, 0, 0
+end
+
+local function put(st, w, y) -- one member into window w
+  local o = S * w - 5
+  st[o], st[o + 1] = st[o] + 1, st[o + 1] + y
+  local mn, mx = st[o + 2], st[o + 3]
+  if not mn or y < mn then st[o + 2], st[o + 4] = y, 1 elseif y == mn then st[o + 4] = st[o + 4] + 1 end
+  if not mx or y > mx then st[o + 3], st[o + 5] = y, 1 elseif y == mx then st[o + 5] = st[o + 5] + 1 end
+end
+
+local function reread(wk, st, w, t, s) -- window w of [t - w, t] from scratch
+  empty(st, w)
+  local m, n = members(wk, fmt('%d', t - wins[w]), fmt('%d', t), s)
+  for k = 1, n, 2 do put(st, w, m[k + 1]) end
+end
+
+-- The members' statistics for an event at (t, seq s): from scratch, or moved on from the cache C = {t, st, newest}
+-- of the card's previous arrival (nil: none usable). Returns st, newest.
+local function window_stats(wk, t, s, C)
+  local st, newest = {}, nil
+  if not C or t < C.t then
+    for w = 1, nw do empty(st, w) end
+    local m, n = members(wk, fmt('%d', t - wmax), fmt('%d', t), s)
+    for k = 1, n, 2 do
+      local ts, y = m[k], m[k + 1]
+      newest = ts -- ts order: the last one is the newest
+      for w = 1, nw do if ts >= t - wins[w] then put(st, w, y) end end
+    end
+    return st, newest
+  end
+  local tc = C.t
+  for k = 1, S * nw do st[k] = C.st[k] end
+  newest = C.newest
+  if t == tc then return st, newest end
+  local add, na = members(wk, '(' .. fmt('%d', tc), fmt('%d', t), s)
+  for w = 1, nw do
+    local lo, o = t - wins[w], S * w - 5
+    if lo > tc then -- the whole window is new: it is all in (tc, t]
+      empty(st, w)
+      for k = 1, na, 2 do if add[k] >= lo then put(st, w, add[k + 1]) end end
+    else
+      local gone, ng = members(wk, fmt('%d', tc - wins[w]), '(' .. fmt('%d', lo), s)
+      local dirty = false
+      for k = 2, ng, 2 do
+        local y = gone[k]
+        st[o], st[o + 1] = st[o] - 1, st[o + 1] - y
+        if y == st[o + 2] then st[o + 4] = st[o + 4] - 1; dirty = dirty or st[o + 4] == 0 end
+        if y == st[o + 3] then st[o + 5] = st[o + 5] - 1; dirty = dirty or st[o + 5] == 0 end
+      end
+      if dirty then
+        reread(wk, st, w, t, s)
+      else
+        for k = 1, na, 2 do put(st, w, add[k + 1]) end
+      end
+    end
+  end
+  for k = 1, na, 2 do if add[k] >= t - wmax then newest = add[k] end end
+  if newest and newest < t - wmax then newest = nil end
+  return st, newest
+end
+
+local function cache_of(v, last_seq_s, zcard) -- the card's cache, when it is this spec's and the card's state
+  local _, e, vs, seq, zc, t, nt = find(v, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)')
+  if vs ~= spec or seq ~= last_seq_s or tonumber(zc) ~= zcard then return nil end
+  local st, k = {}, 0
+  for x in string.gmatch(string.sub(v, e + 1), '[^|]+') do
+    k = k + 1
+    st[k] = tonumber(x) -- 'n' (an empty window's min/max) -> nil
+  end
+  if k ~= S * nw then return nil end
+  return {t = tonumber(t), st = st, newest = tonumber(nt)}
+end
+
+local function cache_text(C, s, zcard)
+  local parts = {spec, fmt('%d', s), fmt('%d', zcard), fmt('%d', C.t), C.newest and fmt('%d', C.newest) or 'n'}
+  for k = 1, S * nw do parts[5 + k] = C.st[k] and fmt('%d', C.st[k]) or 'n' end
+  return table.concat(parts, '|')
+end
+
 local fields, zadd, hset = {''}, {}, {'', false} -- reused buffers (explicit lengths): no tables per card
 for c = 1, #order do
   local card = order[c]
-  local hk, wk = p .. ':card:{' .. card .. '}', p .. ':win:{' .. card .. '}'
+  local hk, wk, ak = p .. ':card:{' .. card .. '}', p .. ':win:{' .. card .. '}', p .. ':agg:{' .. card .. '}'
   local i, nf = head[card], 1
   while i do
     nf = nf + 1; fields[nf] = ev[4 * i - 2]
@@ -86,9 +203,11 @@ for c = 1, #order do
   local got = many('HMGET', hk, fields, nf)
   local last_seq, last_seq_s, newest, newest_s, oldest, oldest_s, trimmed, trimmed_s = 0
   local refresh = true
+  local cached -- the card's p:agg cache text and its state then (nw > 0)
   if got[1] then
     local _, _, a, b, o, t = find(got[1], '^([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
     last_seq = tonumber(a) or 0
+    if nw > 0 then cached = {call('GET', ak), a, call('ZCARD', wk)} end
     newest, newest_s = tonumber(b), b
     oldest, oldest_s = tonumber(o), o
     trimmed, trimmed_s = tonumber(t), t
@@ -100,7 +219,8 @@ for c = 1, #order do
     -- The card was idle for longer than the retention: all it has stored is older than the cutoff this event
     -- sets, so drop it in one call instead of trimming it record by record (replayed history meeting live
     -- traffic does this for every card at once). TTLs are set again below.
-    call('DEL', hk, wk)
+    call('DEL', hk, wk, ak)
+    cached = nil
     trimmed = math.max(trimmed or 0, first_ts - retention); trimmed_s = fmt('%d', trimmed)
     oldest, oldest_s, refresh = nil, nil, true
     dropped = true
@@ -120,15 +240,17 @@ for c = 1, #order do
       local _, _, prev_seq, prev_flag, prev_ts = find(rec, '^([^|]*)|[^|]*|([^|]*)|(.*)$')
       out[2 * i - 1] = (prev_flag == 'L') and 3 or 2
       out[2 * i] = tonumber(prev_seq)
-      if want_w > 0 then
+      if nw > 0 then
         recs[i] = rec
+        local _, _, c = find(rec, '^[^|]*|([^|]*)|')
         local t = tonumber(prev_ts)
+        et[i], es[i], ec[i] = t, tonumber(prev_seq), tonumber(c)
         if (not lo) or t < lo then lo = t end
         if (not hi) or t > hi then hi = t end
       end
     else
       local ts = tonumber(ts_s)
-      if want_w > 0 then
+      if nw > 0 then
         recs[i] = false
         if (not lo) or ts < lo then lo = ts end
         if (not hi) or ts > hi then hi = ts end
@@ -150,6 +272,7 @@ for c = 1, #order do
         out[2 * i - 1] = 1
       end
       out[2 * i] = seq
+      if nw > 0 then et[i], es[i], ec[i] = ts, seq, tonumber(cents) end
       last_seq, last_seq_s = seq, seq_s
     end
     i = nxt[i]
@@ -170,6 +293,7 @@ for c = 1, #order do
         end
         many('HDEL', hk, ids, #ids)
         call('ZREMRANGEBYSCORE', wk, '-inf', cutoff)
+        cached = nil -- members left: the cache's counts may hold them
       end
       trimmed = math.max(trimmed or 0, cut); trimmed_s = fmt('%d', trimmed)
       oldest, oldest_s = cut, fmt('%d', cut) -- what is left is at or after the cut
@@ -183,7 +307,40 @@ for c = 1, #order do
       call('EXPIRE', wk, ttl_s)
     end
   end
-  if want_w > 0 then wins[c] = call('ZRANGEBYSCORE', wk, fmt('%d', lo - want_w), fmt('%d', hi), 'WITHSCORES') end
+  if nw > 0 then
+    local C = cached and cached[1] and cache_of(cached[1], cached[2], cached[3]) -- as of the card's last arrival
+    local moved, last = false, nil
+    i = head[card]
+    while i do
+      local t, s, x = et[i], es[i], ec[i]
+      local st, nwst
+      if recs[i] then -- a duplicate: as of its stored arrival; the cache is not its predecessor's
+        st, nwst = window_stats(wk, t, s, nil)
+      else
+        st, nwst = window_stats(wk, t, s, C)
+        -- The cache for the next arrival: these members, plus this event where it counts for others.
+        local next_st = {}
+        for k = 1, S * nw do next_st[k] = st[k] end
+        local n_newest = nwst
+        if out[2 * i - 1] == 0 then
+          for w = 1, nw do put(next_st, w, x) end
+          n_newest = t
+        end
+        C = {t = t, st = next_st, newest = n_newest}
+        moved, last = true, s
+      end
+      local o = {nwst or false}
+      for w = 1, nw do
+        local q, r = S * w - 5, 4 * w - 3
+        o[r + 1], o[r + 2] = st[q] + 1, st[q + 1] + x
+        o[r + 3] = (st[q + 2] and st[q + 2] < x) and st[q + 2] or x
+        o[r + 4] = (st[q + 3] and st[q + 3] > x) and st[q + 3] or x
+      end
+      stats[i] = o
+      i = nxt[i]
+    end
+    if moved then call('SET', ak, cache_text(C, last, call('ZCARD', wk)), 'EX', ttl_s) end
+  end
 end
-if want_w > 0 then return {out, wins, recs} end
+if nw > 0 then return {out, stats, recs} end
 return out
