@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 
+import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
 EVENTS = Counter("velocity_stream_events_total", "Messages processed, by outcome",
@@ -73,8 +74,11 @@ class Reservoir:
         if now_s is not None and now_s - self._at < self.every_s:
             return self._p99
         if self.samples:
-            ordered = sorted(self.samples)
-            self._p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+            # numpy's selection, not a sort: sorting 200,000 floats each second was ~3% of a busy worker's CPU
+            # and stalled its loop for tens of ms. The same order statistic.
+            values = np.fromiter(self.samples, dtype=np.float64, count=len(self.samples))
+            k = min(len(values) - 1, int(0.99 * len(values)))
+            self._p99 = float(np.partition(values, k)[k])
         self._at = now_s or 0.0
         return self._p99
 
