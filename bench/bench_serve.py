@@ -562,7 +562,8 @@ def run(args) -> None:
            "VELOCITY_BENCH_MODELS_DIR": str(models or "")}
     WATCHED.update(redis=pid_listening(RedisSettings().port), kafka=pid_listening(int(bootstrap.rsplit(":", 1)[1])))
     server = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench.bench_serve:app_factory", "--factory",
-                               "--port", str(port), "--loop", "uvloop", "--http", "httptools", "--no-access-log",
+                               "--port", str(port), "--loop", "uvloop", "--http",
+                               "serving.http_protocol:HttpProtocol", "--no-access-log",  # = velocity serve's
                                "--timeout-keep-alive", "600", "--log-level", "warning"], cwd=REPO, env=env)
     WATCHED["server"] = server.pid
     url = f"http://127.0.0.1:{port}"

@@ -17,7 +17,7 @@ import math
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import orjson
 
@@ -73,9 +73,11 @@ class Transaction:
 
     def to_dict(self) -> dict:
         """The message as Velocity's producers write it (SPEC section 2): `card` and `pan_last4`, no PAN."""
-        d = asdict(self)
-        if d["fraud_label"] is None:
-            del d["fraud_label"]
+        # Spelled out, in field order (dataclasses.asdict's deep copy cost ~20 us per scored transaction).
+        d = {"txn_id": self.txn_id, "card": self.card, "pan_last4": self.pan_last4, "amount": self.amount,
+             "ts": self.ts, "merchant": self.merchant, "category": self.category}
+        if self.fraud_label is not None:
+            d["fraud_label"] = self.fraud_label
         return d
 
     def to_json(self) -> bytes:

@@ -31,7 +31,7 @@ from featurestore.entity import EntityKeyer, install_pan_redaction, key_pattern,
 from featurestore.events import is_entity_key
 from serving.auth import BearerAuth, load_tokens
 from serving.fastpath import ScoreFastPath, ScoringAPI
-from serving.metrics import ApiMetrics
+from serving.metrics import ApiMetrics, lean
 from serving.models import ModelSource, ModelWatcher
 from serving.publisher import PUBLISHED, QUEUED, Publisher
 from serving.recorder import ScoreRecorder
@@ -74,9 +74,9 @@ class ServeSettings(BaseSettings):
     #: transaction is handed to a producer whose deliveries succeed and the answer does not wait for Kafka; a
     #: delivery failing afterwards is counted (velocity_api_publish_failures{reason="kafka_delivery"}, /readyz).
     publish_wait: bool = False
-    #: How long the producer gathers messages into one produce request: one request per few messages instead of
-    #: one per message costs the broker less CPU per score, and no answer waits for it. With publish_wait the
-    #: linger is 0: it would be added to every answer.
+    #: How long handed-over transactions gather before they reach the producer together (serving/publisher.py):
+    #: one produce request per flush for every partition costs the broker less CPU per score, and no answer waits
+    #: for it. With publish_wait the linger is 0: it would be added to every answer.
     kafka_linger_ms: int = 5
     kafka_retry_s: float = 5.0
     model_poll_s: float = 0.5
@@ -362,7 +362,7 @@ def create_app(settings: Settings | None = None, serve: ServeSettings | None = N
         log.exception("internal error on %s", request.url.path)
         return ORJSONResponse(_INTERNAL, status_code=500)
 
-    decisions = {d: metrics.decisions.labels(d) for d in ("FRAUD", "NOT_FRAUD")}
+    decisions = {d: lean(metrics.decisions.labels(d)) for d in ("FRAUD", "NOT_FRAUD")}
 
     async def _score(txns, batch: bool, publish: bool) -> list[Scored]:
         scorer: Scorer = state["scorer"]

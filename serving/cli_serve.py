@@ -43,6 +43,7 @@ def serve(
     except (AuthConfigError, KafkaSecurityError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    # httptools, each answer's head and body in one socket write (serving/http_protocol.py)
     uvicorn.run("serving.app:create_app", factory=True, host=host, port=port, workers=workers, loop="uvloop",
-                http="httptools", access_log=access_log, log_level=log_level.lower(), lifespan="on",
-                server_header=False, date_header=False)
+                http="serving.http_protocol:HttpProtocol", access_log=access_log, log_level=log_level.lower(),
+                lifespan="on", server_header=False, date_header=False)

@@ -18,6 +18,8 @@ from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI
 
+from serving.metrics import lean
+
 log = logging.getLogger(__name__)
 
 PATH = "/v1/score"
@@ -56,7 +58,7 @@ class ScoreFastPath:
         self.error_body = error_body
         self.internal_body = internal_body
         self._requests = {}  # status -> bound counter child
-        self._latency = metrics.latency.labels(PATH)
+        self._latency = metrics.score_latency
 
     @staticmethod
     def takes(scope) -> bool:
@@ -82,7 +84,7 @@ class ScoreFastPath:
         await send({"type": "http.response.body", "body": payload})
         counter = self._requests.get(status)
         if counter is None:
-            counter = self._requests[status] = self.metrics.requests.labels(PATH, str(status))
+            counter = self._requests[status] = lean(self.metrics.requests.labels(PATH, str(status)))
         counter.inc()
         self._latency.observe(time.perf_counter() - start)
 

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from serving.fastpredict import CompiledTrees, RowPredictor, one_row_predictor
+from serving.fastpredict import CompiledTrees, RowPredictor, one_calibrator, one_row_predictor
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,8 @@ class ServingModel:
     calibrate: Callable[[np.ndarray], np.ndarray] | None = None
     #: Set when the watcher loads the model: the one-row predictor (None: booster.inplace_predict is used).
     row_predictor: CompiledTrees | RowPredictor | None = field(default=None, compare=False)
+    #: Set when the watcher loads the model: `calibrate` for one score (None: `calibrate` on a one-element array).
+    row_calibrator: Callable[[float], float] | None = field(default=None, compare=False)
 
 
 class ModelSource(Protocol):
@@ -130,4 +132,5 @@ def _prepare(model: ServingModel) -> None:
     t0 = time.perf_counter()
     model.booster.inplace_predict(np.full((1, len(model.features)), np.nan, dtype=np.float32))
     model.row_predictor = one_row_predictor(model.booster, len(model.features))
+    model.row_calibrator = one_calibrator(model.calibrate) if model.calibrate is not None else None
     log.debug("warm-up predict %.2f ms", (time.perf_counter() - t0) * 1e3)

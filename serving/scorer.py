@@ -144,7 +144,11 @@ class Scorer:
         row = np.array([[values[name] for name in model.features]], dtype=np.float32)
         fast = model.row_predictor
         raw = fast.predict_row(row) if fast is not None else float(model.booster.inplace_predict(row)[0])
-        score = float(model.calibrate(np.array([raw]))[0]) if model.calibrate is not None else raw
+        if model.calibrate is None:
+            score = raw
+        else:  # the one-score form, equal to calibrate's (serving/fastpredict.py), where the model has one
+            one = model.row_calibrator
+            score = one(raw) if one is not None else float(model.calibrate(np.array([raw]))[0])
         return Scored(self._answer(txn, model, score, values, ages), model, row, redis_s)
 
     async def score_many(self, txns: Sequence[Transaction]) -> list[Scored]:
