@@ -57,7 +57,7 @@ def kinds_of(txn_id: pa.Array, y: np.ndarray, kinds: pa.Table) -> np.ndarray:
 
 def breakdown(y: np.ndarray, scores: np.ndarray, threshold: float, kind: np.ndarray) -> dict[str, dict]:
     """{kind: {frauds, recall_at_threshold, roc_auc, aucpr}}: each kind's fraud rows against all legitimate rows."""
-    from sklearn.metrics import average_precision_score, roc_auc_score
+    from model.metrics import ranking_metrics
 
     y = np.asarray(y)
     scores = np.asarray(scores, dtype=np.float64)
@@ -68,7 +68,7 @@ def breakdown(y: np.ndarray, scores: np.ndarray, threshold: float, kind: np.ndar
         rows = legit | fraud
         yk, sk = fraud[rows].astype(np.int8), scores[rows]
         both = legit.any()
+        aucpr, roc_auc = ranking_metrics(yk, sk)
         out[name] = {"frauds": int(fraud.sum()), "recall_at_threshold": float(np.mean(scores[fraud] >= threshold)),
-                     "roc_auc": float(roc_auc_score(yk, sk)) if both else float("nan"),
-                     "aucpr": float(average_precision_score(yk, sk)) if both else float("nan")}
+                     "roc_auc": roc_auc if both else float("nan"), "aucpr": aucpr if both else float("nan")}
     return out

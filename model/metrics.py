@@ -46,9 +46,29 @@ def threshold_for_max_fpr(y: np.ndarray, scores: np.ndarray, max_fpr: float) -> 
 
 
 def average_precision(y: np.ndarray, scores: np.ndarray) -> float:
-    from sklearn.metrics import average_precision_score
+    return ranking_metrics(y, scores)[0]
 
-    return float(average_precision_score(y, scores)) if np.any(y == 1) else float("nan")
+
+def ranking_metrics(y: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """(average precision, ROC AUC) by scikit-learn's definitions (tied scores are one threshold), from one
+    unstable sort: scikit-learn sorts stably, twice, which made the report's metrics a large share of a seed-scale
+    run. NaN where a class is absent (AUC-PR needs fraud; ROC AUC both classes)."""
+    pos = np.asarray(y) == 1
+    s = np.asarray(scores, dtype=np.float64)
+    n_pos = int(pos.sum())
+    n_neg = pos.size - n_pos
+    if n_pos == 0:
+        return float("nan"), float("nan")
+    order = np.argsort(s)[::-1]
+    ends = np.r_[np.flatnonzero(np.diff(s[order])), s.size - 1]  # the last row of each distinct score
+    tps = np.cumsum(pos[order])[ends]
+    fps = ends + 1 - tps
+    recall = tps / n_pos
+    aucpr = float(np.sum(np.diff(recall, prepend=0.0) * (tps / (tps + fps))))
+    if n_neg == 0:
+        return aucpr, float("nan")
+    tpr, fpr = np.r_[0.0, recall], np.r_[0.0, fps / n_neg]
+    return aucpr, float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
 
 
 class AveragePrecision:
@@ -60,10 +80,13 @@ class AveragePrecision:
     few times faster than a full sort, and equal to scikit-learn's value up to float summation order (tested).
     """
 
-    def __init__(self, y: np.ndarray) -> None:
+    def __init__(self, y: np.ndarray, neg_weight: float = 1.0) -> None:
+        """`neg_weight`: what each legitimate row counts for (1 / share when they are a sample of a larger set:
+        average precision with those sample weights, an estimate of the full set's)."""
         y = np.asarray(y)
         self.pos = np.flatnonzero(y == 1)
         self.is_neg = y != 1
+        self.neg_weight = float(neg_weight)
 
     def __call__(self, scores: np.ndarray) -> float:
         if self.pos.size == 0:
@@ -74,7 +97,7 @@ class AveragePrecision:
         # score (nearly all of them) are placed at 0 and count for no threshold: only the others are searched.
         above = s[(s >= values[0]) & self.is_neg]
         placed = np.searchsorted(values, above, side="right")
-        fp = np.cumsum(np.bincount(placed, minlength=values.size + 1)[::-1])[::-1][1:]
+        fp = np.cumsum(np.bincount(placed, minlength=values.size + 1)[::-1])[::-1][1:] * self.neg_weight
         tp = np.cumsum(counts[::-1])[::-1]
         return float(np.sum(counts * (tp / (tp + fp))) / self.pos.size)
 
@@ -120,15 +143,13 @@ class Metrics:
 
 def evaluate(y: np.ndarray, scores: np.ndarray, threshold: float) -> Metrics:
     """Every reported figure for one model on one split."""
-    from sklearn.metrics import roc_auc_score
-
     y = np.asarray(y)
     scores = np.asarray(scores, dtype=np.float64)
-    both = 0 < np.sum(y == 1) < y.size
     at = at_threshold(y, scores, threshold)
+    aucpr, roc_auc = ranking_metrics(y, scores)
     return Metrics(
-        aucpr=average_precision(y, scores),
-        roc_auc=float(roc_auc_score(y, scores)) if both else float("nan"),
+        aucpr=aucpr,
+        roc_auc=roc_auc,
         recall_at_fpr_0_1pct=recall_at_fpr(y, scores, REPORTED_FPRS[0]),
         recall_at_fpr_1pct=recall_at_fpr(y, scores, REPORTED_FPRS[1]),
         precision_at_threshold=at["precision_at_threshold"],

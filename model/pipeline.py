@@ -158,10 +158,14 @@ def train(opts: TrainOptions, progress: Progress | None = None, status=None) -> 
     status = status or (lambda _step, _detail="": None)
     t_start = time.perf_counter()
     durations: dict[str, float] = {}
+    cpu = {"last": time.process_time()}  # this process's CPU seconds (every thread's), per step: load-independent
 
     def lap(name: str, since: float) -> float:
         now = time.perf_counter()
         durations[f"{name}_s"] = now - since
+        now_cpu = time.process_time()
+        durations[f"{name}_cpu_s"] = now_cpu - cpu["last"]
+        cpu["last"] = now_cpu
         return now
 
     device, device_why = resolve_device(opts.device)
@@ -169,6 +173,7 @@ def train(opts: TrainOptions, progress: Progress | None = None, status=None) -> 
     status("connecting to MLflow", trk.uri)
     experiment_id = tracking.prepare(trk)
     t = time.perf_counter()
+    cpu["last"] = time.process_time()
 
     status("loading the training set", opts.source.describe())
     kinds_path = opts.fraud_kinds or kinds_mod.default_path(opts.source.history)
@@ -296,6 +301,7 @@ def train(opts: TrainOptions, progress: Progress | None = None, status=None) -> 
             report.write(result, staging)
             lap("report", t)
             durations["total_s"] = time.perf_counter() - t_start
+            durations["total_cpu_s"] = time.process_time()
             result.metadata = build_metadata(result, final)
             registry.write_json(staging / registry.METADATA_FILE, result.metadata)
             status("logging the run to MLflow", trk.uri)

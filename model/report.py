@@ -239,7 +239,11 @@ def markdown(result: TrainResult) -> str:
             state = x["state"] + (f" (round {x['pruned_at']})" if x.get("pruned_at") else "")
             L.append(f"| {x['number']} | {state} | {_f(x['val_aucpr'])} | {x['rounds'] or '–'} | {params} |")
         L.append("")
-    L += [f"XGBoost `hist` on {r.device}, early stopping on validation AUC-PR after {r.early_stopping_rounds} "
+    from model.trainer import EARLY_STOPPING_NEGATIVE_RATE as es_rate
+
+    L += [f"XGBoost `hist` on {r.device}, early stopping on validation AUC-PR (scored each round on every fraud row "
+          f"and a fixed {es_rate:.0%} of the legitimate rows, each counted x{1 / es_rate:g}; every figure above is "
+          f"over all validation rows) after {r.early_stopping_rounds} "
           f"rounds without gain (at most {r.max_rounds}); kept {r.best_rounds} rounds. Parameters: "
           + ", ".join(f"`{k}={v}`" for k, v in r.params.items()) + ".", ""]
 
