@@ -38,6 +38,18 @@ def _info(port: int) -> dict[str, str]:
     return dict(line.split(":", 1) for line in text.split() if ":" in line)
 
 
+def _answers(port: int) -> bool:
+    """A Redis server answers PING on `port` (a cluster bus port does not)."""
+    import redis
+
+    try:
+        return bool(redis.Redis(port=port, socket_timeout=2, socket_connect_timeout=1).ping())
+    except redis.AuthenticationError:
+        return True  # a Redis that wants a password is still a Redis
+    except Exception:
+        return False
+
+
 def cluster_ok(port: int) -> bool:
     """The node on `port` answers and belongs to a cluster that serves every slot."""
     info = _info(port)
@@ -54,7 +66,13 @@ def cluster_up(cfg: ServiceConfig, first_port: int = CLUSTER_PORT, masters: int 
     started = []
     for port in ports:
         if port_open(port):
+            if not _answers(port):
+                raise ServiceError(f"port {port} is taken by something that is not a Redis node (another cluster's "
+                                   f"bus port is its port + 10000); choose other cluster ports")
             continue
+        if port_open(port + 10_000):
+            raise ServiceError(f"port {port + 10_000}, the cluster bus port of node {port}, is taken (another "
+                               f"cluster's node or bus); choose other cluster ports")
         folder = node_dir(cfg, port)
         folder.mkdir(parents=True, exist_ok=True)
         log = cfg.logs_dir / f"redis-cluster-{port}.log"

@@ -313,3 +313,25 @@ def test_the_api_scores_from_the_cluster(services, kafka_admin, redis_cluster_se
         finally:
             delete_prefix(store.redis, api["prefix"])
             store.close()
+
+
+def test_a_taken_cluster_bus_port_is_one_clear_error(tmp_path):
+    """A node's cluster bus listens on its port + 10000: a port whose bus port is taken (or a port that is itself
+    another node's bus) is refused with one line naming it, not a cluster that never forms."""
+    import socket
+
+    from services.manager import ServiceConfig, ServiceError
+    from services.redis_cluster import cluster_up
+
+    with socket.socket() as bus, socket.socket() as other:
+        bus.bind(("127.0.0.1", 0))
+        bus.listen()
+        node = bus.getsockname()[1] - 10_000
+        if node <= 1024:
+            pytest.skip("the OS gave an ephemeral port below 11025; nothing to test with it")
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        for port, taken in ((node, node + 10_000), (other.getsockname()[1], other.getsockname()[1])):
+            with pytest.raises(ServiceError) as err:
+                cluster_up(ServiceConfig(run_dir=tmp_path), port, masters=1)
+            assert str(taken) in str(err.value) and "\n" not in str(err.value)
