@@ -161,6 +161,7 @@ class _Connection(asyncio.Protocol):
         self.buffer = bytearray()
         self.scheduled: float | None = None  # the request in flight: when it was due
         self.out: list[float] | None = None
+        self.idle_since = time.perf_counter()  # when its last answer came (reuse: see OpenLoop.request)
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -183,7 +184,8 @@ class _Connection(asyncio.Protocol):
         del self.buffer[:end + 4 + length]
         scheduled, out = self.scheduled, self.out
         self.scheduled = self.out = None
-        out.append(time.perf_counter() - scheduled)
+        self.idle_since = now = time.perf_counter()
+        out.append(now - scheduled)
         self.owner.answered(self, int(head[9:12]))
 
     def connection_lost(self, exc) -> None:
@@ -192,6 +194,10 @@ class _Connection(asyncio.Protocol):
 
 
 _CONTENT_LENGTH = re.compile(rb"(?i)content-length: *(\d+)")
+#: uvicorn closes a keep-alive connection idle for 5 s (`timeout_keep_alive`); a request sent on one at that
+#: moment is lost with the connection (the keep-alive race every pooling HTTP client avoids or retries). The
+#: generator does not reuse a connection idle for longer than this: it closes it and takes another.
+REUSE_IDLE_S = 4.0
 
 
 class OpenLoop:
@@ -239,9 +245,13 @@ class OpenLoop:
 
     def request(self, raw: bytes, scheduled: float, out: list[float]) -> asyncio.Task | None:
         """Send now on a free connection (None), or open one (the task doing so)."""
+        now = time.perf_counter()
         while self.free:
             conn = self.free.pop()
             if conn.transport is not None and not conn.transport.is_closing():
+                if now - conn.idle_since > REUSE_IDLE_S:  # the server may be closing it right now
+                    conn.transport.close()
+                    continue
                 self._send(conn, raw, scheduled, out)
                 return None
         return asyncio.ensure_future(self._send_on_new(raw, scheduled, out))
