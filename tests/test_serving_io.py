@@ -37,6 +37,14 @@ class _Recording:
 
 
 @pytest.mark.unit
+
+async def connected(pub, within_s: float = 30.0) -> None:
+    """Wait until the publisher's producer is up (the broker may take a moment to give a fresh topic a leader)."""
+    for _ in range(int(within_s / 0.05)):
+        if pub.state == "connected":
+            return
+        await asyncio.sleep(0.05)
+
 def test_a_response_head_leaves_with_its_body_or_at_the_end_of_the_loop_turn():
     from serving.http_protocol import CoalescingTransport
 
@@ -137,10 +145,7 @@ def test_handed_over_transactions_reach_kafka_in_answer_order_and_degraded_ones_
         pub = Publisher(services["bootstrap"], send_timeout_s=5, on_failure=reasons.append, linger_ms=20)
         await pub.start()
         try:
-            for _ in range(600):
-                if pub.state == "connected":
-                    break
-                await asyncio.sleep(0.05)
+            await connected(pub)
             outcomes = [await pub.publish(topic, keys[i % 8], b"a%d" % i, wait=False) for i in range(40)]
             assert outcomes == [PUBLISHED] * 40 and len(pub._pending) == 40, "handed over, flushed later"
             assert await pub.publish(topic, keys[0], b"waited", wait=True) == PUBLISHED  # the 40 went first
@@ -265,10 +270,7 @@ def test_overlapping_flushes_keep_a_cards_order(services, make_topic):
         pub = Publisher(services["bootstrap"], send_timeout_s=10, linger_ms=1)
         await pub.start()
         try:
-            for _ in range(600):
-                if pub.state == "connected":
-                    break
-                await asyncio.sleep(0.05)
+            await connected(pub)
             for i in range(n):
                 assert await pub.publish(topic, b"card", b"%03d" % i + b"x" * 9_000, wait=False) == PUBLISHED
                 if i % 3 == 2:
