@@ -229,7 +229,6 @@ for c = 1, #order do
   local pending -- txn_id -> record, for a txn_id repeated within this batch (created when one may be)
   if nf > 2 then pending = {} end
   local new_oldest, new_oldest_s
-  local lo, hi -- the card's event times here (a duplicate's stored one), for the windows returned
   local j = 1
   i = head[card]
   while i do
@@ -237,24 +236,16 @@ for c = 1, #order do
     local txn, ts_s, cents = ev[4 * i - 2], ev[4 * i - 1], ev[4 * i]
     local rec = (pending and pending[txn]) or (not dropped and got[j])
     if rec then
-      local _, _, prev_seq, prev_flag, prev_ts = find(rec, '^([^|]*)|[^|]*|([^|]*)|(.*)$')
+      local _, _, prev_seq, prev_cents, prev_flag, prev_ts = find(rec, '^([^|]*)|([^|]*)|([^|]*)|(.*)$')
       out[2 * i - 1] = (prev_flag == 'L') and 3 or 2
       out[2 * i] = tonumber(prev_seq)
       if nw > 0 then
         recs[i] = rec
-        local _, _, c = find(rec, '^[^|]*|([^|]*)|')
-        local t = tonumber(prev_ts)
-        et[i], es[i], ec[i] = t, tonumber(prev_seq), tonumber(c)
-        if (not lo) or t < lo then lo = t end
-        if (not hi) or t > hi then hi = t end
+        et[i], es[i], ec[i] = tonumber(prev_ts), tonumber(prev_seq), tonumber(prev_cents)
       end
     else
       local ts = tonumber(ts_s)
-      if nw > 0 then
-        recs[i] = false
-        if (not lo) or ts < lo then lo = ts end
-        if (not hi) or ts > hi then hi = ts end
-      end
+      if nw > 0 then recs[i] = false end
       local seq, seq_s = last_seq + 1, nil
       if now_us >= seq then seq, seq_s = now_us, now_us_s else seq_s = fmt('%d', seq) end
       local flag = 'A'
