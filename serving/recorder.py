@@ -2,7 +2,10 @@
 
 Reason codes are the features with the largest XGBoost per-feature contributions (`pred_contribs`) for the very
 row and model that produced the answer, computed for many answers at once in a background task every `flush_s`,
-not per request (in a thread: XGBoost releases the GIL). Two kinds, `VELOCITY_SERVE_REASON_METHOD`:
+not per request. Only XGBoost's computation runs in a thread (it releases the GIL); the Python part (picking the top
+features, building the records) stays on the event loop in small batches (every 50 ms): a thread running Python
+holds the GIL, and the loop then waits up to the interpreter's switch interval (5 ms) for it, which showed in the
+answers' latency tail. Two kinds, `VELOCITY_SERVE_REASON_METHOD`:
 
 - `approx` (default): XGBoost's approximate contributions (`approx_contribs=True`, the Saabas attribution: each
   split's change of the expected value along the row's path, credited to the split's feature). Like SHAP values
@@ -33,15 +36,21 @@ log = logging.getLogger(__name__)
 REASON_METHODS = ("approx", "exact")
 
 
-def reason_codes(model, rows: np.ndarray, top: int = 3, method: str = "approx") -> list[list[dict]]:
-    """Per row, the `top` features by absolute contribution to the margin: name, contribution, value."""
+def contributions(model, rows: np.ndarray, method: str = "approx") -> np.ndarray:
+    """Per row, XGBoost's per-feature contributions to the margin (the bias column dropped). XGBoost computes them
+    without the GIL, so this is the part worth running in a thread."""
     import xgboost as xgb
 
     if method not in REASON_METHODS:
         raise ValueError(f"reason method {method!r}: one of {REASON_METHODS}")
     data = xgb.DMatrix(rows, feature_names=list(model.features), nthread=1)
     contribs = model.booster.predict(data, pred_contribs=True, approx_contribs=method == "approx")
-    per_feature = contribs[:, :-1]  # the last column is the bias
+    return contribs[:, :-1]  # the last column is the bias
+
+
+def top_reasons(model, rows: np.ndarray, per_feature: np.ndarray, top: int = 3) -> list[list[dict]]:
+    """Per row, the `top` features by absolute contribution: name, contribution, value (Python work: run it on
+    the event loop, in small batches, not in a thread that would hold the GIL against the loop)."""
     order = np.argsort(-np.abs(per_feature), axis=1, kind="stable")[:, :top]
     picked = np.take_along_axis(per_feature, order, axis=1).tolist()
     values = np.take_along_axis(np.asarray(rows, dtype=np.float32), order, axis=1).tolist()
@@ -50,10 +59,15 @@ def reason_codes(model, rows: np.ndarray, top: int = 3, method: str = "approx") 
             for o, cs, vs in zip(order.tolist(), picked, values, strict=True)]
 
 
+def reason_codes(model, rows: np.ndarray, top: int = 3, method: str = "approx") -> list[list[dict]]:
+    """Per row, the `top` features by absolute contribution to the margin: name, contribution, value."""
+    return top_reasons(model, rows, contributions(model, rows, method), top)
+
+
 class ScoreRecorder:
     """Buffers served answers; a background task explains them in bulk and produces them to `scores`."""
 
-    def __init__(self, publisher: Publisher, topic: str, *, flush_s: float = 0.2, max_pending: int = 20_000,
+    def __init__(self, publisher: Publisher, topic: str, *, flush_s: float = 0.05, max_pending: int = 20_000,
                  top: int = 3, method: str = "approx", on_drop: Callable[[int], None] | None = None) -> None:
         if method not in REASON_METHODS:
             raise ValueError(f"reason method {method!r}: one of {REASON_METHODS}")
@@ -92,8 +106,9 @@ class ScoreRecorder:
             try:
                 # In a thread: XGBoost computes without the GIL, so requests are served meanwhile (on the event
                 # loop, ~2-5 ms of contributions every flush would sit in the latency tail).
-                reasons = await asyncio.to_thread(reason_codes, model, np.vstack([s.row for s, _ in items]),
-                                                  self.top, self.method)
+                rows = np.vstack([s.row for s, _ in items])
+                per_feature = await asyncio.to_thread(contributions, model, rows, self.method)
+                reasons = top_reasons(model, rows, per_feature, self.top)
             except Exception:
                 log.exception("reason codes for model %s", model.version)
                 reasons = [[] for _ in items]
