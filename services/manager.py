@@ -184,10 +184,10 @@ def kafka_up(cfg: ServiceConfig, echo=print) -> str:
         cluster_id = uuid.uuid4().bytes  # KRaft wants a base64url 16-byte id
         import base64
 
-        cid = base64.urlsafe_b64encode(cluster_id).decode().rstrip("=")
+        cid = base64.urlsafe_b64encode(cluster_id).decode().rstrip("=")  # may start with "-": pass it as --opt=value
         res = subprocess.run(
             ["java", "-cp", classpath, f"-Dlog4j.configuration=file:{(cfg.kafka_dir / 'log4j.properties').resolve()}",
-             "kafka.tools.StorageTool", "format", "-t", cid, "-c", str(props.resolve())],
+             "kafka.tools.StorageTool", "format", f"--cluster-id={cid}", "-c", str(props.resolve())],
             capture_output=True, text=True,
         )
         if res.returncode != 0:

@@ -85,7 +85,7 @@ class SaslBroker:
         for name, password in {ADMIN[0]: ADMIN[1], **self.users}.items():
             scram += ["--add-scram", f"SCRAM-SHA-256=[name={name},password={password}]"]
         res = subprocess.run(["java", "-cp", cp, f"-Dlog4j.configuration=file:{log4j.resolve()}",
-                              "kafka.tools.StorageTool", "format", "-t", cid, "-c", str(props.resolve()), *scram],
+                              "kafka.tools.StorageTool", "format", f"--cluster-id={cid}", "-c", str(props.resolve()), *scram],
                              capture_output=True, text=True, timeout=120)
         if res.returncode != 0:
             raise RuntimeError(f"kafka-storage format failed: {res.stdout}{res.stderr}")
