@@ -168,6 +168,22 @@ def _log4j_properties(cfg: ServiceConfig) -> str:
     ])
 
 
+def format_kraft_storage(classpath: str, log4j: Path, props: Path, extra: tuple[str, ...] = (),
+                         timeout: float | None = None) -> subprocess.CompletedProcess:
+    """Format a KRaft broker's storage under a new random cluster id (Kafka's StorageTool; `extra` e.g. SCRAM users).
+
+    The id is base64url and starts with "-" one time in 64, so it is passed as `--cluster-id=ID`: as a separate
+    argument the tool's parser takes it for an option and refuses to format."""
+    import base64
+
+    cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")  # KRaft wants a base64url 16-byte id
+    return subprocess.run(
+        ["java", "-cp", classpath, f"-Dlog4j.configuration=file:{log4j.resolve()}",
+         "kafka.tools.StorageTool", "format", f"--cluster-id={cid}", "-c", str(props.resolve()), *extra],
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
 def kafka_up(cfg: ServiceConfig, echo=print) -> str:
     pid_file = cfg.kafka_dir / "kafka.pid"
     if port_open(cfg.kafka_port):
@@ -181,15 +197,7 @@ def kafka_up(cfg: ServiceConfig, echo=print) -> str:
     classpath = f"{jars.resolve()}/*"
     data = cfg.kafka_dir / "data"
     if not (data / "meta.properties").exists():
-        cluster_id = uuid.uuid4().bytes  # KRaft wants a base64url 16-byte id
-        import base64
-
-        cid = base64.urlsafe_b64encode(cluster_id).decode().rstrip("=")  # may start with "-": pass it as --opt=value
-        res = subprocess.run(
-            ["java", "-cp", classpath, f"-Dlog4j.configuration=file:{(cfg.kafka_dir / 'log4j.properties').resolve()}",
-             "kafka.tools.StorageTool", "format", f"--cluster-id={cid}", "-c", str(props.resolve())],
-            capture_output=True, text=True,
-        )
+        res = format_kraft_storage(classpath, cfg.kafka_dir / "log4j.properties", props)
         if res.returncode != 0:
             raise ServiceError(f"formatting Kafka storage failed:\n{res.stdout}{res.stderr}")
     log = cfg.logs_dir / "kafka.out"

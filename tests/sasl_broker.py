@@ -6,7 +6,6 @@ is formatted (`kafka-storage format --add-scram`), so the broker needs no runnin
 
 from __future__ import annotations
 
-import base64
 import os
 import subprocess
 import time
@@ -67,7 +66,7 @@ class SaslBroker:
         ])
 
     def start(self) -> SaslBroker:
-        from services.manager import ServiceConfig, ensure_kafka_jars
+        from services.manager import ServiceConfig, ensure_kafka_jars, format_kraft_storage
 
         jars = ensure_kafka_jars(ServiceConfig(run_dir=self.folder, jars_dir=Path(
             os.environ.get("VELOCITY_RUN_DIR", REPO / ".velocity")) / "kafka-jars-3.9.1"))
@@ -80,13 +79,10 @@ class SaslBroker:
                          "log4j.appender.file.layout=org.apache.log4j.PatternLayout\n"
                          "log4j.appender.file.layout.ConversionPattern=[%d] %p %m (%c)%n\n")
         cp = f"{jars.resolve()}/*"
-        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         scram = []
         for name, password in {ADMIN[0]: ADMIN[1], **self.users}.items():
             scram += ["--add-scram", f"SCRAM-SHA-256=[name={name},password={password}]"]
-        res = subprocess.run(["java", "-cp", cp, f"-Dlog4j.configuration=file:{log4j.resolve()}",
-                              "kafka.tools.StorageTool", "format", f"--cluster-id={cid}", "-c", str(props.resolve()), *scram],
-                             capture_output=True, text=True, timeout=120)
+        res = format_kraft_storage(cp, log4j, props, tuple(scram), timeout=120)
         if res.returncode != 0:
             raise RuntimeError(f"kafka-storage format failed: {res.stdout}{res.stderr}")
         with open(self.folder / "kafka.out", "ab") as out:
