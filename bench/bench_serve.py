@@ -700,6 +700,7 @@ def components(args) -> None:
 
     from featurestore.config import RedisSettings
     from featurestore.entity import EntityKeyer
+    from featurestore.event_time import event_time_values
     from featurestore.ratios import compute_ratios
     from serving.fastpredict import compiled_trees, row_predictor
     from serving.recorder import reason_codes
@@ -766,6 +767,7 @@ def components(args) -> None:
     def fold():
         online = fold_read(reply, txn.txn_id, txn.ts, txn.amount_cents)
         values = {"amount": txn.amount, **online.values}
+        values.update(event_time_values(txn.ts))
         values.update(compute_ratios(values))
         return values
 

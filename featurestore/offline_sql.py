@@ -237,9 +237,9 @@ def key_columns(registry: Registry = REGISTRY) -> tuple[str, ...]:
 
 def training_columns(registry: Registry = REGISTRY) -> tuple[str, ...]:
     """The training set's schema, from the declarations: keys, label, every group's features, the snapshot used,
-    the ratios."""
+    the event-time features, the ratios."""
     return ("txn_id", *key_columns(registry), "ts", "amount", "fraud_label", *registry.group_features,
-            "snapshot_cutoff_ms", *(r.name for r in registry.ratios))
+            "snapshot_cutoff_ms", *registry.event_time_features, *(r.name for r in registry.ratios))
 
 
 TRAINING_COLUMNS = training_columns()

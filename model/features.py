@@ -41,7 +41,7 @@ def all_features() -> tuple[str, ...]:
 def candidate_groups() -> tuple[CandidateGroup, ...]:
     """The features beyond the base inputs, one candidate per block of declared groups that share an entity and a
     source (the card's stream windows, the card's nightly windows, the merchant's nightly windows...), in
-    declaration order. Blocks, not single groups: windows of one entity work together (a merchant's last day
+    declaration order, then the event-time features, then the ratios. Blocks, not single groups: windows of one entity work together (a merchant's last day
     against its month shows a compromise that neither shows alone, which a group-by-group greedy pass misses), and
     one fit per block keeps `velocity train` within its time however many windows are declared."""
     base = set(base_features())
@@ -53,6 +53,9 @@ def candidate_groups() -> tuple[CandidateGroup, ...]:
         extra = tuple(f for g in groups for f in g.feature_names if f not in base)
         if extra:
             out.append(CandidateGroup(" + ".join(g.name for g in groups), extra))
+    event_time = tuple(e.name for e in defs.EVENT_TIME_FEATURES if e.name not in base)
+    if event_time:
+        out.append(CandidateGroup("event time", event_time))
     ratios = tuple(r.name for r in defs.RATIO_FEATURES if r.name not in base)
     if ratios:
         out.append(CandidateGroup("ratios", ratios))
@@ -97,6 +100,9 @@ def _signature(name: str) -> dict | None:
         for feat in group.features:
             if feat.name == name:
                 return {"kind": "aggregate", "group": _group_signature(group), "feature": dataclasses.asdict(feat)}
+    for part in defs.EVENT_TIME_FEATURES:
+        if part.name == name:
+            return {"kind": "event_time", "feature": dataclasses.asdict(part)}
     for ratio in defs.RATIO_FEATURES:
         if ratio.name == name:
             return {"kind": "ratio", "numerator": _signature(ratio.numerator),

@@ -20,6 +20,7 @@ import numpy as np
 
 from featurestore.definitions import REGISTRY, Registry
 from featurestore.events import Transaction
+from featurestore.event_time import event_time_values
 from featurestore.ratios import compute_ratios
 from featurestore.windows import in_window
 from serving.models import ModelWatcher, ServingModel
@@ -81,6 +82,7 @@ class Scorer:
         self._batch_groups = tuple(g.name for g in registry.batch_groups)
         self._all_features = registry.all_features
         self._ratios = registry.ratios
+        self._event_time = registry.event_time
 
     async def _replies(self, requests: Sequence[tuple]) -> list:
         reader = self.reader
@@ -105,6 +107,7 @@ class Scorer:
         """Every feature and ratio by name (NaN where missing), the fold, and each group's age in ms."""
         online = fold_read(reply, txn.txn_id, txn.ts, txn.amount_cents, self.registry)
         values = {"amount": txn.amount, **online.values}
+        values.update(event_time_values(txn.ts, self._event_time))
         values.update(compute_ratios(values, self._ratios))
         return values, online, self._ages(online, newest_counted_ts(reply, txn.txn_id), at_ms, 0)
 

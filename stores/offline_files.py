@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from featurestore import offline_sql as sql
 from featurestore.definitions import REGISTRY, Registry
 from featurestore.entity import EntityKeyer
+from featurestore.event_time import event_time_columns
 from featurestore.ratios import compute_ratio_columns
 
 DAY_MS = 86_400_000
@@ -216,7 +217,9 @@ def read_night(offline_dir: Path, day: dt.date, registry: Registry = REGISTRY) -
 
 
 def add_ratios(frame: pd.DataFrame, registry: Registry = REGISTRY) -> pd.DataFrame:
-    """The ratio columns, by the one function the scorer also calls."""
+    """The event-time and ratio columns, by the functions the scorer also calls."""
+    for name, values in event_time_columns(frame["ts"].to_numpy(), registry.event_time).items():
+        frame[name] = values
     for name, values in compute_ratio_columns(frame, registry.ratios).items():
         frame[name] = values
     return frame

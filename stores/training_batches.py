@@ -1,5 +1,5 @@
 """Training rows finished batch by batch in Arrow, for both engines' writers (DuckDB's Parquet file, Spark's
-`mapInArrow`): the ratio columns by the one shared function (`featurestore.ratios`), the columns in the training
+`mapInArrow`): the ratio and event-time columns by the shared functions (`featurestore.ratios`, `.event_time`), the columns in the training
 schema's order and types. Only the ratios' operands become NumPy arrays; the string columns (ids, keys) never
 become Python objects, which was most of a seed-scale training set's conversion time."""
 
@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from featurestore.definitions import REGISTRY, Registry
+from featurestore.event_time import event_time_columns
 from featurestore.ratios import compute_ratio_columns
 
 
@@ -18,6 +19,7 @@ def finish_training_batch(batch: pa.RecordBatch, schema: pa.Schema, registry: Re
     operands = {n for r in registry.ratios for n in (r.numerator, r.denominator)}
     numbers = {n: batch.column(n).to_numpy(zero_copy_only=False) for n in operands}
     ratios = compute_ratio_columns(numbers, registry.ratios)
+    ratios.update(event_time_columns(batch.column("ts").to_numpy(zero_copy_only=False), registry.event_time))
     columns = [pa.array(ratios[f.name], f.type, from_pandas=True) if f.name in ratios
                else _nan_as_null(batch.column(f.name).cast(f.type)) for f in schema]
     return pa.RecordBatch.from_arrays(columns, schema=schema)

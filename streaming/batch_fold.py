@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from featurestore.definitions import Registry
 from featurestore.events import Transaction
+from featurestore.event_time import event_time_values
 from featurestore.ratios import compute_ratios
 from featurestore.windows import WindowAggregate, in_window
 from stores.online_snapshots import SnapshotFold, group_values
@@ -129,6 +130,7 @@ class BatchFold:
         self.nightly = NightlyFold(registry)
         self.batch_groups = tuple(g.name for g in registry.batch_groups)
         self.ratios = registry.ratios
+        self.event_time = registry.event_time
 
     def fold(self, txns: Sequence[Transaction], reads: Sequence[EventRead], hashes: dict,
              at_ms: int) -> list[tuple[dict[str, float], dict]]:
@@ -143,6 +145,7 @@ class BatchFold:
                 values.update(WindowAggregate(stats[o], stats[o + 1], stats[o + 2], stats[o + 3]).values(group))
             got = self.nightly.fold(read.nights, hashes)
             values.update(got[0])
+            values.update(event_time_values(txn.ts, self.event_time))
             values.update(compute_ratios(values, self.ratios))
             newest = stats[0]  # stores.redis_online.newest_counted_ts, folded by the apply script
             ages = {group.name: 0 if newest is None or not in_window(newest, t, window) else max(0, at_ms - newest)

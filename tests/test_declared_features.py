@@ -114,7 +114,8 @@ def test_schema_comes_from_the_declarations():
         "num_trans_last_1m", "num_trans_last_1w", "avg_amt_last_1w",
         "num_trans_last_1d", "avg_amt_last_1d", "num_trans_last_30d", "avg_amt_last_30d",  # card spending (issue 16)
         *(f"merchant_{s}_{d}d" for d in (1, 7, 30) for s in ("num_trans", "fraud_count", "fraud_rate")),
-        "snapshot_cutoff_ms", "amt_ratio1", "amt_ratio2", "count_ratio")
+        "snapshot_cutoff_ms", "hour_of_day",  # the transaction's hour (UTC), an event-time feature
+        "amt_ratio1", "amt_ratio2", "count_ratio")
     assert EXTENDED.version != REGISTRY.version
     with pytest.raises(ValueError, match="unique"):
         Registry(groups=(CARD_AGG_10M, replace(CARD_AGG_1W, features=CARD_AGG_10M.features)), ratios=(),
@@ -135,6 +136,8 @@ def test_readme_feature_table_matches_the_declarations():
             assert group.name in table[a.name] and a.function in table[a.name], (a.name, table[a.name])
     for r in REGISTRY.ratios:
         assert r.name in table and r.numerator in table[r.name] and r.denominator in table[r.name]
+    for e in REGISTRY.event_time:
+        assert e.name in table and "event time" in table[e.name], f"README's feature table lacks {e.name}"
 
 
 @pytest.mark.unit

@@ -147,7 +147,8 @@ def test_feature_order_follows_the_declarations() -> None:
         feats.ordered(["no_such_feature"])
     groups = feats.candidate_groups()  # blocks of the groups of one entity and source, in declaration order
     named = [n for g in groups for n in g.name.split(" + ")]
-    assert sorted(named) == sorted(g.name for g in defs.FEATURE_GROUPS)
+    assert sorted(named) == sorted([*(g.name for g in defs.FEATURE_GROUPS), "event time"])
+    assert groups[-1] == feats.CandidateGroup("event time", ("hour_of_day",))  # after every group's block
     assert groups[0].name.split(" + ")[0] == defs.FEATURE_GROUPS[0].name
 
 

@@ -185,9 +185,10 @@ def test_every_declared_group_is_a_candidate_and_merchant_features_are_found_by_
     monkeypatch.setattr(defs, "FEATURE_GROUPS", groups)
     monkeypatch.setattr(defs, "ALL_FEATURES", reg.all_features)
     names = [g.name for g in feats.candidate_groups()]
-    # every group, in blocks of one entity and source, in declaration order (the ratios are base inputs)
+    # every group, in blocks of one entity and source, in declaration order, then the event-time features (the
+    # ratios are base inputs)
     assert names == ["card_agg_10m + card_agg_1m", "card_agg_1w + card_agg_1d + card_agg_30d + card_spend_2d",
-                     "merchant_agg_1d + merchant_agg_7d + merchant_agg_30d + shop_risk_3d"]
+                     "merchant_agg_1d + merchant_agg_7d + merchant_agg_30d + shop_risk_3d", "event time"]
     assert feats.candidate_groups()[1].features == ("num_trans_last_1w", "avg_amt_last_1w", "num_trans_last_1d",
                                                     "avg_amt_last_1d", "num_trans_last_30d", "avg_amt_last_30d",
                                                     "card_spend_2d")

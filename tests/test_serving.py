@@ -8,6 +8,7 @@ own prediction of the row; every bad body against its 4xx and field; outages aga
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import math
 import os
@@ -300,6 +301,7 @@ def test_every_bad_body_gets_its_4xx_naming_the_field(stack):
 
 @pytest.mark.integration
 def test_features_equal_oracle_and_training_path_and_score_equals_booster(stack, redis_settings):
+    from featurestore.event_time import event_time_values
     from featurestore.ratios import compute_ratios
     from featurestore.state import EventWrite
     from stores.redis_online import OnlineStore
@@ -323,14 +325,15 @@ def test_features_equal_oracle_and_training_path_and_score_equals_booster(stack,
     count, cents = unseen_window(history, card, t, 1234, REGISTRY.longest_stream_window_ms)
     n1w, s1w = stats[card]
     oracle = {"amount": 12.34, "num_trans_last_10m": count, "avg_amt_last_10m": cents / 100 / count,
-              "num_trans_last_1w": n1w, "avg_amt_last_1w": s1w / 100 / n1w}
+              "num_trans_last_1w": n1w, "avg_amt_last_1w": s1w / 100 / n1w,
+              "hour_of_day": float(dt.datetime.fromtimestamp(t / 1000, dt.timezone.utc).hour)}
     oracle.update(compute_ratios(oracle))
     assert count == 5  # the event at exactly t - 10 min counts, the one at t - 11 min does not
     assert set(answer["features"]) == set(REGISTRY.all_features)
     assert all(same(answer["features"][k], v) for k, v in oracle.items()), (answer["features"], oracle)
     # The training code path for the same transaction gives the same vector.
     online = store.read_features(card, "probe-1", t, 1234)
-    path = {"amount": 12.34, **online.values}
+    path = {"amount": 12.34, **online.values, **event_time_values(t)}
     path.update(compute_ratios(path))
     assert all(same(answer["features"][k], path[k]) for k in REGISTRY.all_features)
     # The score is the booster's prediction of the row in the model's order; the decision follows the threshold.
