@@ -112,11 +112,12 @@ class ArchiveWriter:
             roll_spool(path, self.root)
 
 
-def roll_spool(spool: Path, root: Path) -> int:
+def roll_spool(spool: Path, root: Path, *, use_threads: bool = True) -> int:
     """Turn one spool file into Parquet files, one per event date, then delete it. Returns rows rolled (0 when
-    another roller claimed the spool first: it rolls the same rows)."""
+    another roller claimed the spool first: it rolls the same rows). `use_threads=False` parses on the calling
+    thread only (a worker's background roll: Arrow's pool would take every core from the hot path)."""
     try:
-        table = read_spool(spool)
+        table = read_spool(spool, use_threads=use_threads)
     except FileNotFoundError:
         return 0
     if table.num_rows:
@@ -137,7 +138,7 @@ def roll_spool(spool: Path, root: Path) -> int:
     return table.num_rows
 
 
-def read_spool(spool: Path) -> pa.Table:
+def read_spool(spool: Path, *, use_threads: bool = True) -> pa.Table:
     """Read a spool, ignoring a torn last line left by a killed writer."""
     raw = spool.read_bytes()
     if raw and not raw.endswith(b"\n"):
@@ -145,7 +146,8 @@ def read_spool(spool: Path) -> pa.Table:
     if not raw:
         return ARCHIVE_SCHEMA.empty_table()
     opts = pajson.ParseOptions(explicit_schema=ARCHIVE_SCHEMA, unexpected_field_behavior="ignore")
-    table = pajson.read_json(pa.BufferReader(raw), parse_options=opts)
+    table = pajson.read_json(pa.BufferReader(raw), parse_options=opts,
+                             read_options=pajson.ReadOptions(use_threads=use_threads))
     return table.select(list(ARCHIVE_COLUMNS)).cast(ARCHIVE_SCHEMA)
 
 

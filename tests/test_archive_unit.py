@@ -4,6 +4,7 @@ tests/test_faults.py). Now both finish and the archive holds each row once."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 import orjson
@@ -58,3 +59,26 @@ def test_a_spool_another_roller_claimed_is_not_an_error(tmp_path):
     root, spool = spool_with(3, tmp_path)
     spool.rename(spool.with_name("123-abc-def.recovering9"))
     assert roll_spool(spool, root) == 0
+
+
+def test_the_single_threaded_roll_writes_what_the_threaded_one_writes(tmp_path):
+    root, spool = spool_with(500, tmp_path / "a")
+    threaded = roll_spool(spool, root)
+    root_b, spool_b = spool_with(500, tmp_path / "b")
+    assert roll_spool(spool_b, root_b, use_threads=False) == threaded == 500
+    frame_a, frame_b = (read_archive(p).sort_values("txn_id").reset_index(drop=True) for p in (tmp_path / "a",
+                                                                                             tmp_path / "b"))
+    assert frame_a.equals(frame_b) and len(frame_b) == 500
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread priority is a Linux feature")
+def test_the_worker_rolls_on_a_thread_of_lower_priority_than_its_own():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from streaming.batch_sink import ROLL_NICENESS, _lower_priority
+
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    with ThreadPoolExecutor(1, initializer=_lower_priority) as roller:
+        assert roller.submit(niceness).result() == min(19, niceness() + ROLL_NICENESS) > niceness()
