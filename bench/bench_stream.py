@@ -12,7 +12,9 @@ worker process (scoring off: this is the aggregation figure), and time from its 
 last (sustained events/s, one process); then one more ceiling run of the current script, so drift in the
 machine's speed shows. The ratio is the worker against the median of the current script's ceiling runs.
 Phase 2 (freshness): a paced producer sends live events (Kafka timestamp = send time) at a fixed rate; the
-worker's own metric reports event-produced -> visible-in-Redis p99 over the run.
+worker's own metric reports event-produced -> visible-in-Redis p99 over the run. Then the reference: the same
+producer at the same rate into another topic read by a bare consumer in its own process (`bench.kafka_freshness`,
+no processing): Kafka's own share of the freshness on the day's machine.
 """
 
 from __future__ import annotations
@@ -185,10 +187,37 @@ def clean_up(topic: str, prefix: str, offline: Path) -> None:
     client.close()
     admin = KafkaAdminClient(bootstrap_servers=BOOT)
     try:
-        admin.delete_topics([topic, f"{topic}.dlq", f"{topic}.warmup"])
+        admin.delete_topics([topic, f"{topic}.dlq", f"{topic}.warmup", f"{topic}.kafka-only"])
     finally:
         admin.close()
     shutil.rmtree(offline / "archive", ignore_errors=True)  # worker.log stays for a look afterwards
+
+
+def send_live(live: KafkaProducer, topic: str, rate: int, seconds: int, keyer: EntityKeyer, cards: int) -> float:
+    """Live events at `rate`/s for `seconds` (timestamp = send time); returns the seconds the sends took."""
+    gen = messages(rate * seconds, cards, int(time.time() * 1000), keyer, live=True)
+    start = time.perf_counter()
+    for i, (k, v, _) in enumerate(gen):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        live.send(topic, key=k, value=v)  # timestamp = now (CreateTime)
+    live.flush()
+    return time.perf_counter() - start
+
+
+def kafka_only_freshness(live: KafkaProducer, topic: str, rate: int, seconds: int, keyer: EntityKeyer,
+                         cards: int) -> dict:
+    """`send_live` into `topic` while `bench.kafka_freshness` reads it in its own process: Kafka's latency alone."""
+    n = rate * seconds
+    probe = subprocess.Popen([sys.executable, "-m", "bench.kafka_freshness", "--topic", topic, "--count", str(n)],
+                             stdout=subprocess.PIPE, text=True, cwd=REPO)
+    if probe.stdout.readline().strip() != "ready":
+        probe.kill()
+        raise SystemExit("the Kafka-only freshness probe did not start")
+    send_live(live, topic, rate, seconds, keyer, cards)
+    out, _ = probe.communicate(timeout=120)
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -209,7 +238,7 @@ def main() -> None:
     topic, prefix = f"bench.stream.{run}", f"bench:{run}"
     offline = REPO / "bench" / "out" / f"stream-{run}"
     offline.mkdir(parents=True, exist_ok=True)
-    ensure_topics(BOOT, {topic: 4, f"{topic}.dlq": 4, f"{topic}.warmup": 1})
+    ensure_topics(BOOT, {topic: 4, f"{topic}.dlq": 4, f"{topic}.warmup": 1, f"{topic}.kafka-only": 4})
     keyer = EntityKeyer(SECRET)
     print(f"load average at start: {load_average()}", flush=True)
 
@@ -277,16 +306,7 @@ def main() -> None:
         # A new producer's first sends wait for metadata and a connection while their timestamps are already set:
         # warm it up on a side topic so that wait is not counted as the worker's freshness.
         live.send(f"{topic}.warmup", value=b"warm-up").get(timeout=30)
-        gen = messages(args.rate * args.seconds, args.cards, int(time.time() * 1000), keyer, live=True)
-        start = time.perf_counter()
-        for i, (k, v, _) in enumerate(gen):
-            due = start + i / args.rate
-            delay = due - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-            live.send(topic, key=k, value=v)  # timestamp = now (CreateTime)
-        live.flush()
-        sent_s = time.perf_counter() - start
+        sent_s = send_live(live, topic, args.rate, args.seconds, keyer, args.cards)
         target = args.events + args.rate * args.seconds
         end = time.monotonic() + 60
         while metric(args.port, "velocity_stream_events_total") < target and time.monotonic() < end:
@@ -298,6 +318,12 @@ def main() -> None:
                    re.finditer(r'velocity_stream_freshness_seconds_bucket\{le="([0-9.e+-]+)"\} ([0-9.e+]+)', text)}
         print(f"freshness p99 (all {args.rate * args.seconds:,} live events): {p99:.1f} ms at {args.rate * args.seconds / sent_s:,.0f}/s "
               f"achieved send rate; histogram: {json.dumps(buckets)}")
+        # The worker stays up but idle (its topic is drained): the reference has the machine as the worker had it.
+        ref = kafka_only_freshness(live, f"{topic}.kafka-only", args.rate, args.seconds, keyer, args.cards)
+        print(f"reference, Kafka alone (same producer and rate, a bare consumer process, no worker): p50 "
+              f"{ref.get('p50')} ms, p90 {ref.get('p90')} ms, p99 {ref.get('p99')} ms, max {ref.get('max')} ms over "
+              f"{ref.get('n', 0):,} events; the worker's p99 is {p99 / ref['p99']:.1f}x it" if ref.get("p99") else
+              f"reference, Kafka alone: no events measured ({ref})")
         if not args.no_record:
             update(stream_tps=round(tps), stream_freshness_p99_ms_at_5k=round(p99, 1),
                    stream_redis_ceiling_tps=round(ceiling), stream_vs_redis_ceiling=round(tps / ceiling, 2))
