@@ -41,9 +41,10 @@ def all_features() -> tuple[str, ...]:
 def candidate_groups() -> tuple[CandidateGroup, ...]:
     """The features beyond the base inputs, one candidate per block of declared groups that share an entity and a
     source (the card's stream windows, the card's nightly windows, the merchant's nightly windows...), in
-    declaration order, then the event-time features, then the ratios. Blocks, not single groups: windows of one entity work together (a merchant's last day
-    against its month shows a compromise that neither shows alone, which a group-by-group greedy pass misses), and
-    one fit per block keeps `velocity train` within its time however many windows are declared."""
+    declaration order, then the event-time features, then the ratios. Blocks, not single groups: windows of one
+    entity work together (a merchant's last day against its month shows a compromise that neither shows alone,
+    which a group-by-group greedy pass misses), and one fit per block keeps `velocity train` within its time
+    however many windows are declared."""
     base = set(base_features())
     blocks: dict[tuple[str, str], list] = {}
     for group in defs.FEATURE_GROUPS:

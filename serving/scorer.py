@@ -19,8 +19,8 @@ from typing import Protocol
 import numpy as np
 
 from featurestore.definitions import REGISTRY, Registry
-from featurestore.events import Transaction
 from featurestore.event_time import event_time_values
+from featurestore.events import Transaction
 from featurestore.ratios import compute_ratios
 from featurestore.windows import in_window
 from serving.models import ModelWatcher, ServingModel

@@ -216,7 +216,7 @@ def read_night(offline_dir: Path, day: dt.date, registry: Registry = REGISTRY) -
     return {name: pq.read_table(p).to_pandas() for name, p in paths.items() if p.exists()}
 
 
-def add_ratios(frame: pd.DataFrame, registry: Registry = REGISTRY) -> pd.DataFrame:
+def add_derived(frame: pd.DataFrame, registry: Registry = REGISTRY) -> pd.DataFrame:
     """The event-time and ratio columns, by the functions the scorer also calls."""
     for name, values in event_time_columns(frame["ts"].to_numpy(), registry.event_time).items():
         frame[name] = values
@@ -226,12 +226,13 @@ def add_ratios(frame: pd.DataFrame, registry: Registry = REGISTRY) -> pd.DataFra
 
 
 def finish_training_frame(frame: pd.DataFrame, registry: Registry = REGISTRY) -> pd.DataFrame:
-    """Types as the schema says (batch features are float: NaN before the first snapshot), then the ratios."""
+    """Types as the schema says (batch features are float: NaN before the first snapshot), then the event-time
+    features and the ratios."""
     for name in (n for g in registry.batch_groups for n in g.feature_names):
         frame[name] = frame[name].astype("float64")
     frame["snapshot_cutoff_ms"] = frame["snapshot_cutoff_ms"].astype("Int64")
     frame["fraud_label"] = frame["fraud_label"].astype("Int8")
-    frame = add_ratios(frame, registry)
+    frame = add_derived(frame, registry)
     return frame[list(sql.training_columns(registry))].reset_index(drop=True)
 
 

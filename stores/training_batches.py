@@ -1,6 +1,6 @@
 """Training rows finished batch by batch in Arrow, for both engines' writers (DuckDB's Parquet file, Spark's
-`mapInArrow`): the ratio and event-time columns by the shared functions (`featurestore.ratios`, `.event_time`), the columns in the training
-schema's order and types. Only the ratios' operands become NumPy arrays; the string columns (ids, keys) never
+`mapInArrow`): the ratio and event-time columns by the shared functions (`featurestore.ratios`, `.event_time`),
+the columns in the training schema's order and types. Only the ratios' operands become NumPy arrays; the string columns (ids, keys) never
 become Python objects, which was most of a seed-scale training set's conversion time."""
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from featurestore.definitions import Registry
-from featurestore.events import Transaction
 from featurestore.event_time import event_time_values
+from featurestore.events import Transaction
 from featurestore.ratios import compute_ratios
 from featurestore.windows import WindowAggregate, in_window
 from stores.online_snapshots import SnapshotFold, group_values

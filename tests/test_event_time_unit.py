@@ -18,15 +18,15 @@ PARTS = (EventTimeFeature("hour", "hour_of_day"), EventTimeFeature("weekday", "d
 
 def calendar(ts_ms: int) -> dict[str, float]:
     """What a wall clock in UTC shows at the event time, Monday = 0."""
-    at = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(milliseconds=ts_ms)
+    at = dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(milliseconds=ts_ms)
     return {"hour": float(at.hour), "weekday": float(at.weekday())}
 
 
 def edge_times() -> list[int]:
     """Each side of hour and midnight boundaries, a leap day, the year 2038, and random instants."""
     out = []
-    for day in (dt.datetime(2020, 2, 29, tzinfo=dt.timezone.utc), dt.datetime(2026, 12, 1, tzinfo=dt.timezone.utc),
-                dt.datetime(2038, 1, 19, 3, tzinfo=dt.timezone.utc), dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)):
+    for day in (dt.datetime(2020, 2, 29, tzinfo=dt.UTC), dt.datetime(2026, 12, 1, tzinfo=dt.UTC),
+                dt.datetime(2038, 1, 19, 3, tzinfo=dt.UTC), dt.datetime(1970, 1, 1, tzinfo=dt.UTC)):
         ms = int(day.timestamp()) * 1000
         out += [ms, ms + 1, ms + 3_599_999, ms + 3_600_000, ms + 86_399_999, ms + 86_400_000]
     rng = np.random.default_rng(7)

@@ -326,7 +326,7 @@ def test_features_equal_oracle_and_training_path_and_score_equals_booster(stack,
     n1w, s1w = stats[card]
     oracle = {"amount": 12.34, "num_trans_last_10m": count, "avg_amt_last_10m": cents / 100 / count,
               "num_trans_last_1w": n1w, "avg_amt_last_1w": s1w / 100 / n1w,
-              "hour_of_day": float(dt.datetime.fromtimestamp(t / 1000, dt.timezone.utc).hour)}
+              "hour_of_day": float(dt.datetime.fromtimestamp(t / 1000, dt.UTC).hour)}
     oracle.update(compute_ratios(oracle))
     assert count == 5  # the event at exactly t - 10 min counts, the one at t - 11 min does not
     assert set(answer["features"]) == set(REGISTRY.all_features)
