@@ -123,6 +123,10 @@ def register(app: typer.Typer) -> None:
         compare_features: bool = typer.Option(False, "--compare-features", help="Also refit the chosen feature set "
                                               "without each feature beyond the original four, one at a time, and "
                                               "report what each one adds (one more fit per feature)."),
+        event_time: bool = typer.Option(True, "--event-time/--no-event-time", help="Let the event-time features "
+                                        "(the hour of day, UTC) compete as a block like the feature groups. "
+                                        "--no-event-time: a model that does not read the clock, whose decisions do "
+                                        "not depend on when a transaction happens (`velocity demo` uses it)."),
         max_fpr: float = typer.Option(0.005, help="Threshold rule: the lowest threshold whose validation "
                                       "false-positive rate is at most this (0.005 = 0.5% of legitimate "
                                       "transactions flagged)."),
@@ -180,7 +184,7 @@ def register(app: typer.Typer) -> None:
             secret=settings.entity_secret, allowed_lateness_ms=settings.allowed_lateness_ms,
             start=parse_date(start, "--start"), end=parse_date(end, "--end"), val_days=val_days, test_days=test_days,
             device=device, tune_trials=tune, compare_imbalance=compare_imbalance,
-            compare_features=compare_features, rule=ThresholdRule(max_fpr),
+            compare_features=compare_features, event_time=event_time, rule=ThresholdRule(max_fpr),
             seed=seed, make_current=use, fraud_kinds=fraud_kinds, labels_as_of_ms=as_of_ms)
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -38,13 +38,14 @@ def all_features() -> tuple[str, ...]:
     return tuple(defs.ALL_FEATURES)
 
 
-def candidate_groups() -> tuple[CandidateGroup, ...]:
+def candidate_groups(event_time: bool = True) -> tuple[CandidateGroup, ...]:
     """The features beyond the base inputs, one candidate per block of declared groups that share an entity and a
     source (the card's stream windows, the card's nightly windows, the merchant's nightly windows...), in
     declaration order, then the event-time features, then the ratios. Blocks, not single groups: windows of one
     entity work together (a merchant's last day against its month shows a compromise that neither shows alone,
     which a group-by-group greedy pass misses), and one fit per block keeps `velocity train` within its time
-    however many windows are declared."""
+    however many windows are declared. `event_time=False` leaves the event-time features out: a model that does not
+    read the clock."""
     base = set(base_features())
     blocks: dict[tuple[str, str], list] = {}
     for group in defs.FEATURE_GROUPS:
@@ -54,9 +55,9 @@ def candidate_groups() -> tuple[CandidateGroup, ...]:
         extra = tuple(f for g in groups for f in g.feature_names if f not in base)
         if extra:
             out.append(CandidateGroup(" + ".join(g.name for g in groups), extra))
-    event_time = tuple(e.name for e in defs.EVENT_TIME_FEATURES if e.name not in base)
-    if event_time:
-        out.append(CandidateGroup("event time", event_time))
+    parts = tuple(e.name for e in defs.EVENT_TIME_FEATURES if e.name not in base) if event_time else ()
+    if parts:
+        out.append(CandidateGroup("event time", parts))
     ratios = tuple(r.name for r in defs.RATIO_FEATURES if r.name not in base)
     if ratios:
         out.append(CandidateGroup("ratios", ratios))

@@ -58,6 +58,8 @@ class TrainOptions:
     tune_trials: int = 0
     compare_imbalance: bool = False
     compare_features: bool = False
+    #: Whether the event-time features (the hour of day) are candidates; False: a model that does not read the clock.
+    event_time: bool = True
     rule: ThresholdRule = field(default_factory=ThresholdRule)
     seed: int = 0
     max_rounds: int = MAX_ROUNDS
@@ -206,7 +208,7 @@ def train(opts: TrainOptions, progress: Progress | None = None, status=None) -> 
         imbalance, imbalance_source, remembered = _remembered_imbalance(opts.models_dir)
         comparison = remembered
 
-    selection = select_features(trainer, DEFAULT_PARAMS, imbalance)
+    selection = select_features(trainer, DEFAULT_PARAMS, imbalance, event_time=opts.event_time)
     t = lap("feature_selection", t)
     final: Fit = selection.fit
     ablation = None

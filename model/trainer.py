@@ -315,17 +315,19 @@ class FeatureSelection:
     rule: str
 
 
-def select_features(trainer: Trainer, params: dict, imbalance: Imbalance) -> FeatureSelection:
+def select_features(trainer: Trainer, params: dict, imbalance: Imbalance, *, event_time: bool = True
+                    ) -> FeatureSelection:
     """Start from the declared model features (the original four); add each block of other feature groups (the
     groups of one entity and source: `features.candidate_groups`), in declaration order, only if it raises
-    validation AUC-PR by at least MIN_GAIN over the set kept so far. The last kept fit is the model."""
+    validation AUC-PR by at least MIN_GAIN over the set kept so far. The last kept fit is the model.
+    `event_time=False`: the event-time features are not candidates (`velocity train --no-event-time`)."""
     kept = trainer.fit("features: declared four" if len(feats.base_features()) == 4 else "features: declared",
                        feats.base_features(), params, imbalance)
     rows = [{"features": "declared model features (" + ", ".join(kept.features) + ")", "added": "",
              "val_aucpr": kept.val_aucpr, "gain": None, "kept": True, "rounds": kept.rounds,
              "seconds": kept.seconds}]
     fits = [kept]
-    for group in feats.candidate_groups():
+    for group in feats.candidate_groups(event_time):
         cand = feats.ordered(set(kept.features) | set(group.features))
         fit = trainer.fit(f"features: +{group.name}", cand, params, imbalance)
         fits.append(fit)
@@ -337,7 +339,8 @@ def select_features(trainer: Trainer, params: dict, imbalance: Imbalance) -> Fea
         if ok:
             kept = fit
     rule = (f"a block of feature groups (those of one entity and source) is added, in declaration order, only if it "
-            f"raises validation AUC-PR by >= {MIN_GAIN} over the features kept so far")
+            f"raises validation AUC-PR by >= {MIN_GAIN} over the features kept so far"
+            + ("" if event_time else "; the event-time features are not candidates (--no-event-time)"))
     return FeatureSelection(kept, rows, fits, rule)
 
 

@@ -558,3 +558,11 @@ def test_training_target_is_the_latest_label_known_at_training_time(store, tmp_p
     assert y[fraud.txn_id] == 0 and y[legit.txn_id] == 1 and y[legit2.txn_id] == 0
     assert int(data.y.sum()) == int(h.fraud_label.sum())  # one fraud un-labeled, one legitimate labeled fraud
     assert data.target.versions_after == 1 and data.target.changed == 2
+
+
+@pytest.mark.unit
+def test_no_event_time_leaves_the_hour_out_of_the_candidates() -> None:
+    with_clock = [g.name for g in feats.candidate_groups()]
+    without = [g.name for g in feats.candidate_groups(event_time=False)]
+    assert "event time" in with_clock and without == [n for n in with_clock if n != "event time"]
+    assert not any("hour_of_day" in g.features for g in feats.candidate_groups(event_time=False))
