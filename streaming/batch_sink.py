@@ -299,7 +299,7 @@ class BatchSink:
         if self._roller is None:
             self._roller = ThreadPoolExecutor(1, thread_name_prefix="archive-roll", initializer=_lower_priority)
         work = functools.partial(roll_spool, spool, self.archive.root, use_threads=False)
-        task = asyncio.ensure_future(asyncio.get_running_loop().run_in_executor(self._roller, work))
+        task = asyncio.get_running_loop().run_in_executor(self._roller, work)
         self._rolls.add(task)
         task.add_done_callback(self._rolls.discard)
 
