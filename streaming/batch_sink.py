@@ -78,10 +78,11 @@ class RedisWatch:
     Emptied Redis (restarted without persistence, or flushed): the worker keeps a marker key
     `<prefix>:meta:instance` (an id and a creation time, no TTL) in the online store. It is created at the first
     write and read again after every outage and otherwise at most every `check_every_s`, on the write path (one
-    GET every few seconds, never an extra round trip per batch). A marker that is gone, or that differs from the
-    one this worker saw (another worker found it gone and re-created it), means the windows and 1-week snapshots
-    are gone: an ERROR says so and how to rebuild, the metric velocity_stream_redis_data_lost_total counts it,
-    and the marker is re-created.
+    GET every few seconds, never an extra round trip per batch). A write inside the interval has the check run at
+    the interval's end, so the last burst before a quiet spell is checked too. A marker that is gone, or that
+    differs from the one this worker saw (another worker found it gone and re-created it), means the windows and
+    1-week snapshots are gone: an ERROR says so and how to rebuild, the metric velocity_stream_redis_data_lost_total
+    counts it, and the marker is re-created.
     """
 
     def __init__(self, store: AsyncOnlineStore, *, check_every_s: float = 5.0, log_every_s: float = 30.0) -> None:
@@ -95,6 +96,7 @@ class RedisWatch:
         self._down_since: float | None = None  # monotonic start of the current outage's first failed attempt
         self._failures = 0  # failed attempts in the current outage
         self._logged_at = 0.0
+        self._deferred: asyncio.Task | None = None  # the check due after a write that came inside the interval
 
     def failed(self, exc: BaseException, attempt_s: float, next_delay_s: float) -> None:
         """One write attempt failed after `attempt_s` seconds; the next starts in `next_delay_s` seconds."""
@@ -126,6 +128,19 @@ class RedisWatch:
             self._next_check = 0.0
         if time.monotonic() >= self._next_check:
             await self.check()
+        elif self._next_check != float("inf") and (self._deferred is None or self._deferred.done()):
+            # A write inside the interval is still followed by a check within it, even if no write comes after:
+            # a burst that lands on an emptied Redis is reported then, not at the next burst, however late.
+            self._deferred = asyncio.create_task(self._check_when_due())
+
+    async def _check_when_due(self) -> None:
+        while (wait := self._next_check - time.monotonic()) > 0:
+            await asyncio.sleep(wait)
+        await self.check()
+
+    def close(self) -> None:
+        if self._deferred is not None:
+            self._deferred.cancel()
 
     def _new_marker(self) -> bytes:
         return orjson.dumps({"id": uuid.uuid4().hex[:16], "created_ms": int(time.time() * 1000),
@@ -304,6 +319,7 @@ class BatchSink:
         task.add_done_callback(self._rolls.discard)
 
     async def close(self) -> None:
+        self.redis_watch.close()
         if self._rolls:
             await asyncio.gather(*self._rolls, return_exceptions=True)
         if self._roller is not None:

@@ -614,3 +614,33 @@ def test_an_emptied_redis_is_noticed_without_an_error_by_every_worker(private_re
     assert (a.redis_watch.losses, b.redis_watch.losses) == (1, 1)
     assert _sample("velocity_stream_redis_data_lost_total") - lost0 == 2
     client.close()
+
+
+@pytest.mark.integration
+def test_a_burst_that_lands_on_an_emptied_redis_is_reported_without_a_later_write(private_redis, caplog):
+    """The marker check is due every `check_every_s` on the write path; a write inside the interval must still be
+    followed by a check at the interval's end, or a worker that goes quiet after it never notices the loss."""
+    import redis
+
+    prefix = f"test:{uuid.uuid4().hex[:8]}"
+    client = redis.Redis(port=private_redis.port)
+    caplog.set_level(logging.INFO, logger="streaming.batch_sink")
+
+    async def scenario():
+        agg = _batch_sink(private_redis.port, prefix)
+        agg.redis_watch.check_every_s = 0.5
+        await agg.write_online(agg.prepare(_messages(3)))  # checks: the marker is created
+        client.flushall()
+        await agg.write_online(agg.prepare(_messages(3, 10)))  # inside the interval: not checked now
+        noticed_at_once = agg.redis_watch.losses
+        await asyncio.sleep(1.0)  # no more writes
+        losses = agg.redis_watch.losses
+        await agg.close()
+        return noticed_at_once, losses
+
+    noticed_at_once, losses = asyncio.run(scenario())
+    assert (noticed_at_once, losses) == (0, 1)
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "is gone" in errors[0] and "velocity features rebuild" in errors[0], errors
+    assert client.get(f"{prefix}:meta:instance") is not None, "the marker is re-created"
+    client.close()
