@@ -1,14 +1,16 @@
 """Every batch group's nightly snapshots as one SQL text, generated from the declarations, run by DuckDB and Spark.
 
 Inputs: `events` (one row per distinct txn_id, late ones included: `offline_sql.EVENT_COLUMNS`), `nights(day,
-cutoff_ms)` (the cut-offs to compute, `day` = the cut-off's UTC day number) and `labels(txn_id, fraud_label,
-labeled_at)` (every label version, possibly none).
+cutoff_ms)` (the cut-offs to compute, `day` = the cut-off's UTC day number), `calendar(day)` (every day number from
+the first night minus the longest batch window to the last night: `calendar_days`) and `labels(txn_id,
+fraud_label, labeled_at)` (every label version, possibly none).
 
 For cut-off C a group covers the transactions with ts in [C - window, C), per entity key (SPEC section 4). The
 method, per entity (card, merchant):
 - statistics per (entity, day) once (count, cents sum/min/max);
-- one probe row per entity and night it can have data for; a RANGE frame over days `[D - W, D - 1]` at the probe
-  of night D gives each group's window, every group of the entity in the same SELECT (one pass over the days);
+- one probe row per entity and calendar day it can have data for; at the probe of night D, each group's window
+  over days `[D - W, D - 1]` is a difference of two running totals (min and max: a RANGE frame), every group of
+  the entity in the same SELECT (one pass over the days);
 - `known_fraud` depends on the cut-off, not only on the day: only transactions with a fraud label version can be
   known frauds, so those few are expanded into the nights whose window holds them and where their latest version
   with labeled_at <= C is fraud (fraud wins a tie), then counted per (entity, night) and group window.
@@ -65,19 +67,36 @@ def known_fraud_sql(registry: Registry, source: str, nights: str, labels: str) -
     """
 
 
-def entity_sql(registry: Registry, entity: str, source: str, nights: str, labels: str) -> str:
+def entity_sql(registry: Registry, entity: str, source: str, nights: str, labels: str,
+               calendar: str = "calendar") -> str:
     """One entity's groups for every night: (entity, entity_key, cutoff_ms, every group's stats and features),
-    with NULLs in the columns of the other entities' groups."""
+    with NULLs in the columns of the other entities' groups.
+
+    Rows per entity key: its daily statistics (kind 1) and one probe per calendar day it can have data for (kind
+    0, statistics empty). Count and sums are differences of running totals: at the probe of day D, the total of
+    the days before D (probes sort before the same day's statistics), minus the same total W probes earlier,
+    i.e. at day D - W (the calendar is dense). Min and max, which do not subtract, take a RANGE frame over
+    days [D - W, D - 1]. Only the probes of `nights` are kept."""
     mine = [g for g in registry.batch_groups if g.entity == entity]
     col = mine[0].entity_column
     stats = [k for k in AMOUNT_STATS if any(k in g.stats for g in mine) or k == "n"]
+    additive = [k for k in stats if FRAME_OF[k] == "SUM"]
     longest_days = max(g.window_ms for g in mine) // DAY_MS
     day_stats = ", ".join(f"{AMOUNT_STATS[k]} AS {k}" for k in stats)
-    probe_stats = ", ".join("0" if k in ("n", "s") else "CAST(NULL AS BIGINT)" for k in stats)
-    frames = []
+    probe_stats = ", ".join("0" if k in additive else "CAST(NULL AS BIGINT)" for k in stats)
+    running = ", ".join(f"SUM({k}) OVER (PARTITION BY k ORDER BY day, kind ROWS UNBOUNDED PRECEDING) AS total_{k}"
+                        for k in additive)
+    extremes, frames = [], []
     for g in mine:
-        rng = f"OVER (PARTITION BY k ORDER BY day RANGE BETWEEN {g.window_ms // DAY_MS} PRECEDING AND 1 PRECEDING)"
-        frames += [f"{FRAME_OF[k]}({k}) {rng} AS {stat_column(g, k)}" for k in window_stats(g) if k in AMOUNT_STATS]
+        days = g.window_ms // DAY_MS
+        for k in window_stats(g):
+            if k in additive:
+                frames.append(f"total_{k} - COALESCE(LAG(total_{k}, {days}) OVER (PARTITION BY k ORDER BY day), 0) "
+                              f"AS {stat_column(g, k)}")
+            elif k in AMOUNT_STATS:
+                rng = f"OVER (PARTITION BY k ORDER BY day RANGE BETWEEN {days} PRECEDING AND 1 PRECEDING)"
+                extremes.append(f"{FRAME_OF[k]}({k}) {rng} AS {stat_column(g, k)}")
+                frames.append(stat_column(g, k))
     fraud_groups = [g for g in mine if reads_fraud(g)]
     fraud_join = ""
     if fraud_groups:
@@ -85,7 +104,7 @@ def entity_sql(registry: Registry, entity: str, source: str, nights: str, labels
                            f"{stat_column(g, 'f')}" for g in fraud_groups)
         fraud_join = f"""LEFT JOIN (SELECT {col} AS k, cutoff_ms, {counts}
                    FROM ({known_fraud_sql(registry, source, nights, labels)}) kf GROUP BY {col}, cutoff_ms) kf
-          ON kf.k = w.k AND kf.cutoff_ms = w.cutoff_ms"""
+          ON kf.k = w.k AND kf.cutoff_ms = n.cutoff_ms"""
     out = []
     for g in registry.batch_groups:
         if g.entity != entity:
@@ -102,29 +121,41 @@ def entity_sql(registry: Registry, entity: str, source: str, nights: str, labels
             out.append(f"{value} AS {a.name}")
     present = " OR ".join(f"w.{stat_column(g, 'n')} > 0" for g in mine)
     return f"""
-    SELECT '{entity}' AS entity, w.k AS entity_key, CAST(w.cutoff_ms AS BIGINT) AS cutoff_ms, {', '.join(out)}
+    SELECT '{entity}' AS entity, w.k AS entity_key, CAST(n.cutoff_ms AS BIGINT) AS cutoff_ms, {', '.join(out)}
     FROM (
-        SELECT k, cutoff_ms, {', '.join(frames)}
+        SELECT k, day, {', '.join(frames)}
         FROM (
-            SELECT k, day, {', '.join(stats)}, CAST(NULL AS BIGINT) AS cutoff_ms
-            FROM (SELECT {col} AS k, {day_of('ts')} AS day, {day_stats} FROM {source} GROUP BY 1, 2) d
-            UNION ALL
-            SELECT s.k, n.day, {probe_stats}, n.cutoff_ms
-            FROM (SELECT {col} AS k, MIN({day_of('ts')}) AS lo, MAX({day_of('ts')}) AS hi FROM {source} GROUP BY 1) s
-            JOIN {nights} n ON n.day > s.lo AND n.day <= s.hi + {int(longest_days)}
-        ) r
+            SELECT k, day, kind, {', '.join([running, *extremes])}
+            FROM (
+                SELECT {col} AS k, {day_of('ts')} AS day, 1 AS kind, {day_stats}
+                FROM {source} GROUP BY 1, 2
+                UNION ALL
+                SELECT s.k, c.day, 0 AS kind, {probe_stats}
+                FROM (SELECT {col} AS k, MIN({day_of('ts')}) AS lo, MAX({day_of('ts')}) AS hi FROM {source} GROUP BY 1) s
+                JOIN {calendar} c ON c.day > s.lo AND c.day <= s.hi + {int(longest_days)}
+            ) r
+        ) t WHERE kind = 0
     ) w
+    JOIN {nights} n ON n.day = w.day
     {fraud_join}
-    WHERE w.cutoff_ms IS NOT NULL AND ({present})
+    WHERE {present}
     """
 
 
 def snapshots_sql(registry: Registry = REGISTRY, source: str = "events", nights: str = "nights",
-                  labels: str = "labels") -> str:
+                  labels: str = "labels", calendar: str = "calendar") -> str:
     """Every batch group's snapshot for every night of `nights`, in one statement (see the module docstring),
     ordered by entity, cut-off and entity key (the engines sort faster than the driver)."""
-    union = "\nUNION ALL\n".join(entity_sql(registry, e, source, nights, labels) for e in entities(registry))
+    union = "\nUNION ALL\n".join(entity_sql(registry, e, source, nights, labels, calendar)
+                                 for e in entities(registry))
     return f"SELECT * FROM ({union}) u ORDER BY entity, cutoff_ms, entity_key"
+
+
+def calendar_days(nights: list[int], registry: Registry = REGISTRY) -> list[int]:
+    """The `calendar` relation's day numbers for the night day numbers `nights`: dense, from the first night minus
+    the longest batch window to the last night (the running totals' differences read the day D - W)."""
+    longest = max(g.window_ms for g in registry.batch_groups) // DAY_MS
+    return list(range(min(nights) - longest, max(nights) + 1))
 
 
 def wide_columns(registry: Registry) -> tuple[str, ...]:

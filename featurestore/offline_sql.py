@@ -255,24 +255,49 @@ def asof_views(k: int) -> tuple[str, str]:
     return f"snap_days__{k}", f"snap_cutoffs__{k}"
 
 
+def _snapshots_side_by_side(groups: tuple[FeatureGroup, ...]) -> str:
+    """The snapshot rows of batch groups that share an entity and a publication history, one row per (entity
+    key, cut-off) with each group's statistics as `<group>__<stat>` (NULL where the key is absent from that
+    group's snapshot): the training rows then join one relation per entity, not one per group."""
+    col = groups[0].entity_column
+    names = [(g, k) for g in groups for k in g.stats]
+    parts = []
+    for g in groups:
+        cells = [f"{SNAPSHOT_STATS[k]} AS {h.name}__{k}" if h is g else f"CAST(NULL AS BIGINT) AS {h.name}__{k}"
+                 for h, k in names]
+        parts.append(f"SELECT {col}, cutoff_ms, {', '.join(cells)} FROM {snap_view(g)}")
+    union = "\n        UNION ALL\n        ".join(parts)
+    picked = ", ".join(f"MAX({g.name}__{k}) AS {g.name}__{k}" for g, k in names)
+    return f"""(SELECT {col}, cutoff_ms, {picked} FROM (
+        {union}
+    ) u GROUP BY {col}, cutoff_ms)"""
+
+
 def training_select_sql(features: str, registry: Registry = REGISTRY, asof_sets: tuple[int, ...] | None = None) -> str:
     """Stream and batch groups side by side. Each batch group is joined on its entity at its visible cut-off
     (`asof_sets[j]`: which publication history the j-th batch group follows, its cut-off column `asof<k>`); an entity
     absent from that snapshot gets the declared default (no transaction in its window: counts and sums 0, means
-    missing), no snapshot at all leaves the group missing (NaN), exactly as the online read does."""
+    missing), no snapshot at all leaves the group missing (NaN), exactly as the online read does. Groups of one
+    entity and history are joined as one relation (`_snapshots_side_by_side`)."""
     groups = registry.batch_groups
     asof_sets = asof_sets or tuple(range(len(groups)))
     nan = "CAST('NaN' AS DOUBLE)"
-    batch, joins = [], []
-    for j, (g, k) in enumerate(zip(groups, asof_sets, strict=True)):
-        a = f"s{j}"
-        stat = {key: (f"COALESCE({a}.{col}, 0)" if key in ("n", "s", "f") else f"{a}.{col}")
-                for key, col in SNAPSHOT_STATS.items()}
-        batch += [f"CASE WHEN f.asof{k} IS NULL THEN {nan} ELSE CAST("
-                  f"{value_sql(x.function, stat['n'], stat['s'], stat['mn'], stat['mx'], stat['f'], x.column)}"
-                  f" AS DOUBLE) END AS {x.name}" for x in g.features]
-        joins.append(f"LEFT JOIN {snap_view(g)} {a} ON {a}.cutoff_ms = f.asof{k} "
-                     f"AND {a}.{g.entity_column} = f.{g.entity_column}")
+    buckets: dict[tuple[str, int], list[FeatureGroup]] = {}
+    for g, k in zip(groups, asof_sets, strict=True):
+        buckets.setdefault((g.entity_column, k), []).append(g)
+    alias = {(col, k): f"s{j}" for j, (col, k) in enumerate(buckets)}
+    batch = []
+    for g, k in zip(groups, asof_sets, strict=True):
+        a = alias[g.entity_column, k]
+        stat = {key: (f"COALESCE({a}.{g.name}__{key}, 0)" if key in ("n", "s", "f") else f"{a}.{g.name}__{key}")
+                for key in SNAPSHOT_STATS if key in g.stats}
+        for x in g.features:
+            value = value_sql(x.function, stat.get("n", "0"), stat.get("s", "0"), stat.get("mn"), stat.get("mx"),
+                              stat.get("f", "0"), x.column)
+            batch.append(f"CASE WHEN f.asof{k} IS NULL THEN {nan} ELSE CAST({value} AS DOUBLE) END AS {x.name}")
+    joins = [f"LEFT JOIN {_snapshots_side_by_side(tuple(members))} {alias[col, k]} "
+             f"ON {alias[col, k]}.cutoff_ms = f.asof{k} AND {alias[col, k]}.{col} = f.{col}"
+             for (col, k), members in buckets.items()]
     stream = [f"f.{name}" for g in registry.stream_groups for name in g.feature_names]
     keys = ", ".join(f"f.{c}" for c in key_columns(registry))
     first = f"f.asof{asof_sets[0]}" if groups else "CAST(NULL AS BIGINT)"

@@ -7,6 +7,8 @@ import contextlib
 import datetime as dt
 import os
 import uuid
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import duckdb
@@ -22,6 +24,7 @@ from stores.offline_files import (
     OfflineError,
     archived_labels,
     asof_plan,
+    calendar_table,
     cutoff_ms_of,
     events_from_history,
     finish_training_frame,
@@ -31,6 +34,9 @@ from stores.offline_files import (
     split_snapshots,
 )
 from stores.training_batches import finish_training_batch
+
+#: Finished training batches that may wait for the Parquet writer thread (memory: a few batches of ~120k rows).
+WRITE_AHEAD = 2
 
 
 def load_events(con: duckdb.DuckDBPyConnection, *, offline_dir: Path, history: Path | None, secret: str,
@@ -77,9 +83,10 @@ def snapshots_duckdb(con: duckdb.DuckDBPyConnection, days: list[dt.date],
                      registry: Registry = REGISTRY) -> list[tuple[dt.date, dict[str, pd.DataFrame]]]:
     """Every batch group's snapshot for every night of `days`, in one statement (`batch_sql`)."""
     con.register("nights", nights_table(days))
+    con.register("calendar", calendar_table(days, registry))
     result = con.sql(batch_sql.snapshots_sql(registry)).arrow()
     table = result.read_all() if hasattr(result, "read_all") else result
-    return split_snapshots(table.to_pandas(), days, registry)
+    return split_snapshots(table, days, registry)
 
 
 def events_span(con: duckdb.DuckDBPyConnection) -> tuple[int, int]:
@@ -146,15 +153,23 @@ def write_training_set_duckdb(con: duckdb.DuckDBPyConnection, offline_dir: Path,
     rows, writer = 0, None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        for batch in reader:
-            if not batch.num_rows:
-                continue
-            if writer is None:  # the schema of the frame path, from one finished row
-                schema = pa.Schema.from_pandas(
-                    finish_training_frame(batch.slice(0, 1).to_pandas(), registry), preserve_index=False)
-                writer = pq.ParquetWriter(tmp, schema)
-            writer.write_batch(finish_training_batch(batch, schema, registry))
-            rows += batch.num_rows
+        # Parquet encoding (most of the time, and it releases the GIL) runs on its own thread, in order, while
+        # this one fetches and finishes the next batches; at most `WRITE_AHEAD` finished batches wait.
+        with ThreadPoolExecutor(1, thread_name_prefix="training-write") as pool:
+            pending: deque[Future] = deque()
+            for batch in reader:
+                if not batch.num_rows:
+                    continue
+                if writer is None:  # the schema of the frame path, from one finished row
+                    schema = pa.Schema.from_pandas(
+                        finish_training_frame(batch.slice(0, 1).to_pandas(), registry), preserve_index=False)
+                    writer = pq.ParquetWriter(tmp, schema)
+                pending.append(pool.submit(writer.write_batch, finish_training_batch(batch, schema, registry)))
+                rows += batch.num_rows
+                while len(pending) > WRITE_AHEAD:
+                    pending.popleft().result()
+            for done in pending:
+                done.result()
         if writer is None:
             return 0  # nothing to write (the caller says so)
         writer.close()

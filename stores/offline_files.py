@@ -113,11 +113,16 @@ def write_snapshot_file(frame: pd.DataFrame | pa.Table, offline_dir: Path, day: 
 def snapshot_publications(offline_dir: Path, group: str = SNAPSHOT_GROUP) -> dict[int, int]:
     """cut-off ms -> published ms of every snapshot of `group` in the offline store (an empty snapshot: nothing
     to join)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def read(path: Path) -> pa.Table:
+        return pq.read_table(path, columns=["cutoff_ms", "published_ms"])
+
     out = {}
-    for path in read_snapshots(offline_dir, group):
-        table = pq.read_table(path, columns=["cutoff_ms", "published_ms"])
-        if table.num_rows:
-            out[int(table["cutoff_ms"][0].as_py())] = int(table["published_ms"][0].as_py())
+    with ThreadPoolExecutor(4, thread_name_prefix="snapshot-read") as pool:  # a backfill's nights are many files
+        for table in pool.map(read, read_snapshots(offline_dir, group)):
+            if table.num_rows:
+                out[int(table["cutoff_ms"][0].as_py())] = int(table["published_ms"][0].as_py())
     return out
 
 
@@ -159,24 +164,41 @@ def nights_table(days: list[dt.date]) -> pd.DataFrame:
     return pd.DataFrame({"day": cutoffs // DAY_MS, "cutoff_ms": cutoffs})
 
 
-def split_snapshots(frame: pd.DataFrame, days: list[dt.date],
+def calendar_table(days: list[dt.date], registry: Registry = REGISTRY) -> pd.DataFrame:
+    """`calendar(day)` for the run dates `days` (`batch_sql.calendar_days`)."""
+    from featurestore.batch_sql import calendar_days
+
+    nights = [cutoff_ms_of(d) // DAY_MS for d in days]
+    return pd.DataFrame({"day": np.array(calendar_days(nights, registry), dtype=np.int64)})
+
+
+def split_snapshots(wide: pa.Table | pd.DataFrame, days: list[dt.date],
                     registry: Registry = REGISTRY) -> list[tuple[dt.date, dict[str, pd.DataFrame]]]:
     """The wide result of `batch_sql.snapshots_sql` as one frame per night and batch group, in `days` order:
     the group's entity column, its statistics (`offline_sql.SNAPSHOT_STATS`, integers), its features and
     `cutoff_ms`, sorted by entity key; a group's rows are the entities with a transaction in its window (a night
-    without any gets an empty frame)."""
+    without any gets an empty frame).
+
+    Each group's rows and columns are picked in Arrow and become one frame; nights are slices of it (the wide
+    result, mostly other groups' empty columns, never becomes a frame)."""
+    import pyarrow.compute as pc
+
     from featurestore.batch_sql import stat_column
 
+    table = wide if isinstance(wide, pa.Table) else pa.Table.from_pandas(wide, preserve_index=False)
     per_group = {}
-    of_entity = {e: (frame["entity"] == e).to_numpy() for e in dict.fromkeys(g.entity for g in registry.batch_groups)}
+    of_entity = {e: pc.equal(table["entity"], e) for e in dict.fromkeys(g.entity for g in registry.batch_groups)}
     for g in registry.batch_groups:
-        keep = of_entity[g.entity] & (frame[stat_column(g, "n")].fillna(0) > 0).to_numpy()
-        cols = {"entity_key": g.entity_column, **{stat_column(g, k): sql.SNAPSHOT_STATS[k] for k in g.stats}}
+        keep = pc.and_(of_entity[g.entity], pc.fill_null(pc.greater(table[stat_column(g, "n")], 0), False))
+        names = {"entity_key": g.entity_column, **{stat_column(g, k): sql.SNAPSHOT_STATS[k] for k in g.stats}}
+        types = {sql.SNAPSHOT_STATS[k]: pa.int64() for k in g.stats}
+        types |= {a.name: pa.int64() if a.function == "count" else pa.float64() for a in g.features}
+        types |= {"cutoff_ms": pa.int64(), g.entity_column: pa.string()}
         # Only this group's columns are taken, in the engine's order.
-        out = frame.loc[keep, [*cols, *g.feature_names, "cutoff_ms"]].rename(columns=cols).reset_index(drop=True)
-        types = {sql.SNAPSHOT_STATS[k]: "int64" for k in g.stats}
-        types |= {a.name: "int64" if a.function == "count" else "float64" for a in g.features}
-        out = out.astype({**types, "cutoff_ms": "int64"})
+        picked = table.select([*names, *g.feature_names, "cutoff_ms"]).filter(keep)
+        picked = picked.rename_columns([names.get(c, c) for c in picked.column_names])
+        picked = picked.cast(pa.schema([(c, types[c]) for c in picked.column_names]))
+        out = picked.to_pandas()
         cutoffs = out["cutoff_ms"].to_numpy()
         if len(cutoffs) and not (np.diff(cutoffs) >= 0).all():  # an engine that did not sort: sort here
             out = out.sort_values(["cutoff_ms", g.entity_column], kind="stable").reset_index(drop=True)

@@ -24,6 +24,7 @@ from stores.offline_files import (
     OfflineError,
     archived_labels,
     asof_plan,
+    calendar_table,
     finish_training_frame,
     nights_table,
     pan_keys,
@@ -169,7 +170,8 @@ def snapshots(spark, days: list[dt.date],
     """Every batch group's snapshot for every night of `days`, in one statement (same SQL as DuckDB); one row per
     entity and night reaches the driver."""
     spark.createDataFrame(nights_table(days), "day long, cutoff_ms long").createOrReplaceTempView("nights")
-    return split_snapshots(spark.sql(batch_sql.snapshots_sql(registry)).toPandas(), days, registry)
+    spark.createDataFrame(calendar_table(days, registry), "day long").createOrReplaceTempView("calendar")
+    return split_snapshots(spark.sql(batch_sql.snapshots_sql(registry)).toArrow(), days, registry)
 
 
 def _training_types(registry: Registry) -> dict[str, str]:

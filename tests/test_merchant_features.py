@@ -191,6 +191,36 @@ def test_snapshots_of_every_group_and_night_equal_the_oracle(data, duckdb_run):
 
 
 @pytest.mark.unit
+def test_scattered_nights_run_alone_equal_the_oracle(data, tmp_path):
+    """Nights asked for one by one, with gaps (not a whole range), read the same windows: a window's count and sums
+    are differences of running totals over a calendar that reaches a whole window back from the first night."""
+    rows, store = data
+    txns, labels = oracle_inputs(rows, store, EntityKeyer(SECRET))
+    write_labels(tmp_path, store)
+    history = write_history(rows, tmp_path / "history.parquet")
+    eng = open_engine("duckdb", offline_dir=tmp_path, history=history, secret=SECRET, registry=REG)
+    scattered = [NIGHTS[0], NIGHTS[6], NIGHTS[29], EDGE_NIGHT, NIGHTS[-1]]
+    try:
+        nights = eng.snapshots(scattered)
+        alone = eng.snapshots([EDGE_NIGHT])
+    finally:
+        eng.close()
+    assert [d for d, _ in nights] == scattered
+    checked = 0
+    for day, frames in [*nights, *alone]:
+        for g in REG.batch_groups:
+            want = group_oracle(g, txns, labels, cutoff_ms_of(day))
+            got = frames[g.name].set_index(g.entity_column)
+            assert set(got.index) == set(want), (g.name, day)
+            for key, agg in want.items():
+                for stat, column in (("n", "count"), ("s", "sum_cents"), ("f", "fraud_count")):
+                    if stat in g.stats:
+                        checked += 1
+                        assert got.loc[key, column] == agg[column], (g.name, day, key, column)
+    assert checked > 300
+
+
+@pytest.mark.unit
 def test_hand_made_cases_edges_labels_and_absence(duckdb_run):
     """The oracle's answers for the hand-made cases, spelled out."""
     _, nights, _ = duckdb_run
