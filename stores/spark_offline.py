@@ -171,7 +171,7 @@ def snapshots(spark, days: list[dt.date],
     entity and night reaches the driver."""
     spark.createDataFrame(nights_table(days), "day long, cutoff_ms long").createOrReplaceTempView("nights")
     spark.createDataFrame(calendar_table(days, registry), "day long").createOrReplaceTempView("calendar")
-    return split_snapshots(spark.sql(batch_sql.snapshots_sql(registry)).toArrow(), days, registry)
+    return split_snapshots(spark.sql(batch_sql.snapshots_sql(registry)).toPandas(), days, registry)
 
 
 def _training_types(registry: Registry) -> dict[str, str]:
