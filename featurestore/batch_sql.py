@@ -154,6 +154,8 @@ def snapshots_sql(registry: Registry = REGISTRY, source: str = "events", nights:
 def calendar_days(nights: list[int], registry: Registry = REGISTRY) -> list[int]:
     """The `calendar` relation's day numbers for the night day numbers `nights`: dense, from the first night minus
     the longest batch window to the last night (the running totals' differences read the day D - W)."""
+    if not nights:
+        return []
     longest = max(g.window_ms for g in registry.batch_groups) // DAY_MS
     return list(range(min(nights) - longest, max(nights) + 1))
 

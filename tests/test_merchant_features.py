@@ -221,6 +221,15 @@ def test_scattered_nights_run_alone_equal_the_oracle(data, tmp_path):
 
 
 @pytest.mark.unit
+def test_the_calendar_reaches_the_longest_window_back_and_is_dense():
+    from featurestore.batch_sql import calendar_days
+
+    longest = max(g.window_ms for g in REG.batch_groups) // DAY  # 30 days: merchant_agg_30d
+    assert calendar_days([100, 140, 102], REG) == list(range(100 - longest, 141))
+    assert calendar_days([], REG) == []
+
+
+@pytest.mark.unit
 def test_hand_made_cases_edges_labels_and_absence(duckdb_run):
     """The oracle's answers for the hand-made cases, spelled out."""
     _, nights, _ = duckdb_run
