@@ -18,6 +18,7 @@ from batch.quality import QualityLimits
 from featurestore.definitions import DEFAULT_ALLOWED_LATENESS_MS, REGISTRY, FeatureGroup, Registry
 from featurestore.offline_sql import SNAPSHOT_STATS
 from stores.offline_files import (
+    FILE_THREADS,
     OfflineError,
     cutoff_ms_of,
     first_publication,
@@ -28,8 +29,6 @@ from stores.offline_files import (
 
 log = logging.getLogger(__name__)
 DAY_MS = 86_400_000
-#: Snapshot files written at once (per night, one per batch group).
-WRITE_THREADS = 4
 
 
 class Engine(Protocol):
@@ -181,7 +180,7 @@ def run_snapshots(engine: Engine, days: list[dt.date], *, offline_dir: Path, onl
     # A night's files are written side by side (Parquet encoding releases the GIL): a backfill writes
     # nights x groups small files, and one at a time that was a third of its wall time. Redis gets a night
     # only once all its files are in place, as before.
-    with ThreadPoolExecutor(min(len(names), WRITE_THREADS), thread_name_prefix="snapshot-write") as pool:
+    with ThreadPoolExecutor(min(len(names), FILE_THREADS), thread_name_prefix="snapshot-write") as pool:
         for day, frames in nights:
             progress(f"writing {day}")
             at = first_publication(offline_dir, day, names, published(day))

@@ -17,6 +17,7 @@ import contextlib
 import datetime as dt
 import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,8 @@ from featurestore.ratios import compute_ratio_columns
 
 DAY_MS = 86_400_000
 SNAPSHOT_GROUP = "card_agg_1w"
+#: Snapshot files read or written at once: a backfill is nights x groups small files, and Parquet releases the GIL.
+FILE_THREADS = 4
 
 
 class OfflineError(ValueError):
@@ -113,13 +116,11 @@ def write_snapshot_file(frame: pd.DataFrame | pa.Table, offline_dir: Path, day: 
 def snapshot_publications(offline_dir: Path, group: str = SNAPSHOT_GROUP) -> dict[int, int]:
     """cut-off ms -> published ms of every snapshot of `group` in the offline store (an empty snapshot: nothing
     to join)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     def read(path: Path) -> pa.Table:
         return pq.read_table(path, columns=["cutoff_ms", "published_ms"])
 
     out = {}
-    with ThreadPoolExecutor(4, thread_name_prefix="snapshot-read") as pool:  # a backfill's nights are many files
+    with ThreadPoolExecutor(FILE_THREADS, thread_name_prefix="snapshot-read") as pool:
         for table in pool.map(read, read_snapshots(offline_dir, group)):
             if table.num_rows:
                 out[int(table["cutoff_ms"][0].as_py())] = int(table["published_ms"][0].as_py())
