@@ -2,8 +2,8 @@
 
 Inputs: `events` (one row per distinct txn_id, late ones included: `offline_sql.EVENT_COLUMNS`), `nights(day,
 cutoff_ms)` (the cut-offs to compute, `day` = the cut-off's UTC day number), `calendar(day)` (every day number from
-the first night minus the longest batch window to the last night: `calendar_days`) and `labels(txn_id,
-fraud_label, labeled_at)` (every label version, possibly none).
+each night back the longest batch window: `calendar_days`) and `labels(txn_id, fraud_label, labeled_at)` (every
+label version, possibly none).
 
 For cut-off C a group covers the transactions with ts in [C - window, C), per entity key (SPEC section 4). The
 method, per entity (card, merchant):
@@ -75,7 +75,8 @@ def entity_sql(registry: Registry, entity: str, source: str, nights: str, labels
     Rows per entity key: its daily statistics (kind 1) and one probe per calendar day it can have data for (kind
     0, statistics empty). Count and sums are differences of running totals: at the probe of day D, the total of
     the days before D (probes sort before the same day's statistics), minus the same total W probes earlier,
-    i.e. at day D - W (the calendar is dense). Min and max, which do not subtract, take a RANGE frame over
+    i.e. at day D - W (the calendar holds every day of [D - W, D]; an earlier probe a window or more back is
+    never reached). Min and max, which do not subtract, take a RANGE frame over
     days [D - W, D - 1]. Only the probes of `nights` are kept."""
     mine = [g for g in registry.batch_groups if g.entity == entity]
     col = mine[0].entity_column
@@ -152,12 +153,12 @@ def snapshots_sql(registry: Registry = REGISTRY, source: str = "events", nights:
 
 
 def calendar_days(nights: list[int], registry: Registry = REGISTRY) -> list[int]:
-    """The `calendar` relation's day numbers for the night day numbers `nights`: dense, from the first night minus
-    the longest batch window to the last night (the running totals' differences read the day D - W)."""
-    if not nights:
-        return []
+    """The `calendar` relation's day numbers for the night day numbers `nights`: every day from each night back
+    the longest batch window, so the days [D - W, D] are dense for every night D and window W (the running
+    totals' difference at D reads the probe W days back), and a few nights years apart cost a few windows of
+    probes, not every day between them."""
     longest = max(g.window_ms for g in registry.batch_groups) // DAY_MS
-    return list(range(min(nights) - longest, max(nights) + 1))
+    return sorted({d for night in nights for d in range(night - longest, night + 1)})
 
 
 def wide_columns(registry: Registry) -> tuple[str, ...]:

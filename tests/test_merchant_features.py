@@ -193,7 +193,7 @@ def test_snapshots_of_every_group_and_night_equal_the_oracle(data, duckdb_run):
 @pytest.mark.unit
 def test_scattered_nights_run_alone_equal_the_oracle(data, tmp_path):
     """Nights asked for one by one, with gaps (not a whole range), read the same windows: a window's count and sums
-    are differences of running totals over a calendar that reaches a whole window back from the first night."""
+    are differences of running totals over a calendar that reaches a whole window back from each night."""
     rows, store = data
     txns, labels = oracle_inputs(rows, store, EntityKeyer(SECRET))
     write_labels(tmp_path, store)
@@ -203,11 +203,12 @@ def test_scattered_nights_run_alone_equal_the_oracle(data, tmp_path):
     try:
         nights = eng.snapshots(scattered)
         alone = eng.snapshots([EDGE_NIGHT])
+        apart = eng.snapshots([NIGHTS[0], NIGHTS[-1]])  # further apart than the longest window: two calendar runs
     finally:
         eng.close()
     assert [d for d, _ in nights] == scattered
     checked = 0
-    for day, frames in [*nights, *alone]:
+    for day, frames in [*nights, *alone, *apart]:
         for g in REG.batch_groups:
             want = group_oracle(g, txns, labels, cutoff_ms_of(day))
             got = frames[g.name].set_index(g.entity_column)
@@ -221,12 +222,14 @@ def test_scattered_nights_run_alone_equal_the_oracle(data, tmp_path):
 
 
 @pytest.mark.unit
-def test_the_calendar_reaches_the_longest_window_back_and_is_dense():
+def test_the_calendar_holds_each_nights_longest_window_and_nothing_between_distant_nights():
     from featurestore.batch_sql import calendar_days
 
     longest = max(g.window_ms for g in REG.batch_groups) // DAY  # 30 days: merchant_agg_30d
-    assert calendar_days([100, 140, 102], REG) == list(range(100 - longest, 141))
+    assert calendar_days([100, 140, 102], REG) == [*range(100 - longest, 103), *range(140 - longest, 141)]
     assert calendar_days([], REG) == []
+    far = calendar_days([0, 3_000_000], REG)  # two nights ~8,000 years apart: two windows, not every day between
+    assert far == [*range(-longest, 1), *range(3_000_000 - longest, 3_000_001)]
 
 
 @pytest.mark.unit
