@@ -277,6 +277,17 @@ def test_spark_and_duckdb_agree_row_for_row(spark_and_duckdb):
 
 
 @pytest.mark.integration
+def test_the_spark_driver_runs_the_parallel_collector():
+    """The option reaches the JVM: PySpark starts it with the session's driver settings (G1 is the default)."""
+    from stores.spark_offline import spark_session
+
+    spark = spark_session("local[2]")
+    beans = spark.sparkContext._jvm.java.lang.management.ManagementFactory.getGarbageCollectorMXBeans()
+    names = {bean.getName() for bean in beans}
+    assert names == {"PS Scavenge", "PS MarkSweep"}, names
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("problem", ["duplicate id", "negative amount", "NaN amount", "empty card"])
 def test_spark_checks_a_history_like_every_reader_without_collecting_it(tmp_path, problem):
     """The executors check the rows (the driver reads only the footer), with the messages DuckDB gives."""
