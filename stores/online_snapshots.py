@@ -158,6 +158,8 @@ def write_night(store, cutoff_ms: int, rows_by_group: Mapping[str, Rows] | Itera
     entries = store.snapshot_entries()
     is_latest = not entries or cutoff_ms >= max(entries)
     ttl_s = KEEP_LATEST_S if is_latest else superseded_ttl_s
+    # A fresh id for every publication, a rerun too: a night's hashes never change under their id once the index
+    # names it, and stream workers keep the hashes they have read on that promise (streaming.stream_reads).
     snap_id = f"{cutoff_ms}.{uuid.uuid4().hex[:8]}"
     keys = store.keys
     tags: dict[str, None] = {}  # every entity written (ordered set)

@@ -5,8 +5,9 @@ Per transaction it computes what `Scorer.features` computes from that transactio
 group's values from the window statistics the apply script folded (`streaming.stream_reads.apply_with_stats`) by
 `featurestore.windows.WindowAggregate.values`, the nightly groups by the statements of the store's
 `SnapshotFold.fold` (`NightlyFold`), the ratios with `featurestore.ratios.compute_ratios`. What is shared is not
-repeated: each entity hash is parsed once per batch and each group of a night folded once per entity (a busy
-merchant's groups once per batch). tests/test_stream_reads.py checks the result equals `Scorer.features` on the
+repeated: each group of a night is folded once per entity and kept while its hash is (`streaming.stream_reads.
+SnapshotHashes`: a night's hashes never change under its snapshot id), so a card's nightly features are folded once,
+not on every one of its transactions. tests/test_stream_reads.py checks the result equals `Scorer.features` on the
 read script's replies.
 """
 
@@ -25,9 +26,9 @@ from streaming.stream_reads import EventRead
 
 class NightlyFold:
     """`SnapshotFold.fold` (the store's fold of the nightly groups) for reads whose nights name their entity hashes,
-    each hash parsed once and each group's values computed once per (night, entity) in a batch: a busy merchant's
-    groups are folded once, not once per transaction. Same statements, in the same order, as SnapshotFold.fold;
-    tests/test_stream_reads.py checks both agree."""
+    each group's values computed once per (night, entity) while the hashes are kept (`SnapshotHashes`): a card's
+    and a busy merchant's groups are folded once, not once per transaction. Same statements, in the same order, as
+    SnapshotFold.fold; tests/test_stream_reads.py checks both agree."""
 
     def __init__(self, registry: Registry) -> None:
         ref = SnapshotFold(registry)
@@ -37,20 +38,22 @@ class NightlyFold:
         self.fields_b = {name: {k: v.encode() for k, v in f.items()} for name, f in ref.fields.items()}
         self.card_groups = tuple(g for g in self.groups if not g[2])
         self.merchant_groups = tuple(g for g in self.groups if g[2])
-        self._parsed: dict = {}
         self._parts: dict = {}
         self._groups: dict = {}
         self._hashes: dict | None = None
+        self._generation = -1
 
     def fold(self, nights: tuple, hashes: dict) -> tuple[dict, dict]:
         """(values, cut-off per group) for `nights` of (cut-off, "g1,g2", card hash key or None, merchant hash key
-        or None), the hashes' flat contents in `hashes` (one batch's: the caches follow it).
+        or None), the hashes' contents (field -> raw value) in `hashes` (`SnapshotHashes`, or one batch's dict:
+        what is folded from them is kept as long as they are).
 
         The card's groups depend on the nights and the card's hashes only, the merchant's on the nights, the
-        merchant's hashes and whether the card's were read: each part is folded once per batch for each such key
-        (every transaction of a busy merchant shares its part)."""
-        if hashes is not self._hashes:
-            self._hashes, self._parsed, self._groups, self._parts = hashes, {}, {}, {}
+        merchant's hashes and whether the card's were read: each part is folded once for each such key (every
+        transaction of a card, and of a busy merchant, shares its part)."""
+        generation = getattr(hashes, "generation", None)
+        if hashes is not self._hashes or generation != self._generation:
+            self._hashes, self._generation, self._groups, self._parts = hashes, generation, {}, {}
         parts = self._parts
         kc = ("c", *((c, held, ck) for c, held, ck, _ in nights))
         card = parts.get(kc)
@@ -97,9 +100,7 @@ class NightlyFold:
         key = mk if merchant else ck
         if key is None:  # expired (unknown here), or no merchant asked for
             return self.nan[name], (None if merchant and ck is not None else cutoff)
-        got = self._parsed.get(key)
-        if got is None:
-            got = self._parsed[key] = _fields(self._hashes[key])
+        got = self._hashes[key]
         if type(next(iter(got), b"")) is bytes:  # the hash's field names as Redis sent them (bytes): no decoding
             f = self.fields_b[name]
         if not any(f[s] in got for s in stats_of):
@@ -107,12 +108,6 @@ class NightlyFold:
         agg = WindowAggregate(_int(got, f["n"], 0), _int(got, f["s"], 0), _int(got, f["mn"], None),
                               _int(got, f["mx"], None), _int(got, f["f"], 0))
         return group_values(g, agg), cutoff
-
-
-def _fields(flat) -> dict:
-    """A hash's flat field/value list as a dict of the raw values (`_int` converts the ones used, as `_flat`)."""
-    it = iter(flat or ())
-    return dict(zip(it, it, strict=True))
 
 
 def _int(got: dict, field, default):

@@ -7,8 +7,10 @@ stream groups' window lengths) folds each transaction's windows itself, right af
 per transaction only the statistics (count, sum, min, max per window, and the newest counted event time) plus each
 duplicate's stored record: what travels and what Python does per transaction no longer grows with the window. The
 nights are resolved here from one read of the snapshot index per batch, by the read script's own rule, and the
-entity hashes they need are fetched once per batch. tests/test_stream_reads.py checks every transaction's features
-and ages against the read script's reply folded by the scorer.
+entity hashes they need that an earlier batch has not fetched are fetched once per batch: a night's hash never
+changes under its snapshot id (a rerun of the night publishes a new id; `stores.online_snapshots`), so the worker
+keeps the hashes it has read (`SnapshotHashes`, bounded). tests/test_stream_reads.py checks every transaction's
+features and ages against the read script's reply folded by the scorer.
 
 Single Redis node only (`usable`): under Redis Cluster the index has a copy per master and the merchant lives on
 its own node; the worker keeps the per-transaction read there.
@@ -33,6 +35,34 @@ HGETALL_SCRIPT = b"local out = {} for i = 1, #ARGV do out[i] = redis.call('HGETA
 HGETALL_CHUNK = 4_000
 #: The read script walks at most this many cut-offs at or before t (its ZREVRANGEBYSCORE ... LIMIT 0 64).
 MAX_CANDIDATES = 64
+#: Snapshot hashes a stream worker keeps between batches (~1-2 KB each with what is folded from them): a card's
+#: and its merchant's nightly hashes are read from Redis once, not on every transaction of the card.
+SNAPSHOT_CACHE_KEYS = 50_000
+
+
+class SnapshotHashes(dict):
+    """Parsed nightly snapshot hashes by key (field -> raw value), kept across batches.
+
+    Safe to keep because a key names one publication: `write_snapshot` writes every hash of a night under a fresh
+    snapshot id before the index names it, and never writes them again (a rerun publishes a new id; only TTLs
+    change). Whether a night is visible or expired is decided per batch from the index, as before. Bounded: when
+    a batch's new keys would pass `limit` the cache starts over, and `generation` counts those restarts (what is
+    folded from the hashes is dropped with them, `streaming.batch_fold.NightlyFold`).
+    """
+
+    def __init__(self, limit: int = SNAPSHOT_CACHE_KEYS) -> None:
+        super().__init__()
+        self.limit = limit
+        self.generation = 0
+
+    def missing(self, wanted: Sequence[str]) -> list[str]:
+        """The keys of `wanted` to fetch; makes room for them first (all of them when the cache starts over)."""
+        new = [k for k in wanted if k not in self]
+        if new and len(self) + len(new) > self.limit:
+            self.clear()
+            self.generation += 1
+            new = list(wanted)
+        return new
 
 
 def usable(store) -> bool:
@@ -166,10 +196,12 @@ class BatchReplies:
         self.reader = reader if hasattr(reader, "connection") else None
         self.registry = store.registry
         self.fold = SnapshotFold(self.registry)
+        self.hashes = SnapshotHashes()
 
     async def gather(self, txns: Sequence, cents: Sequence[int], applied: Sequence[Applied],
-                     per_event: Sequence) -> tuple[list[EventRead], dict]:
-        """Per transaction what its read holds, the nights naming their entity hashes; and those hashes (flat)."""
+                     per_event: Sequence) -> tuple[list[EventRead], SnapshotHashes]:
+        """Per transaction what its read holds, the nights naming their entity hashes; and the hashes (parsed,
+        `SnapshotHashes`: those this batch names and those earlier batches read)."""
         index = await NightIndex.read(self._run, self.store.keys, self.fold)
         keys = self.store.keys
         reads_merchant = self.fold.reads_merchant
@@ -195,10 +227,12 @@ class BatchReplies:
                     wanted[mk] = None
                 nights.append((cutoff, held, ck, mk))
             out.append(EventRead(stored, ts, stats, latest, tuple(nights), expired))
-        hashes = {}
-        if wanted:
-            names = list(wanted)
-            hashes = dict(zip(names, await self._hgetall(names), strict=True))
+        hashes = self.hashes
+        names = hashes.missing(list(wanted))
+        if names:
+            for name, flat in zip(names, await self._hgetall(names), strict=True):
+                it = iter(flat or ())
+                hashes[name] = dict(zip(it, it, strict=True))  # field -> raw value, as Redis sent them
         return out, hashes
 
     async def _hgetall(self, names: list[str]) -> list:

@@ -88,24 +88,46 @@ def same(a: float, b: float) -> bool:
     return a == b
 
 
-@pytest.mark.parametrize(("lean", "registry"), [(True, REG), (False, REG), (True, ALL_STATS)],
-                         ids=["lean-connection", "redis-py", "sum-min-max"])
-def test_batch_replies_fold_to_the_online_reads(redis_settings, key_prefix, lean, registry):
+def republish_first_night(store: OnlineStore, cards: list[str], merchants: list[str], version: int) -> None:
+    """Night 1 run again with other figures: a new snapshot id replaces the one the index named."""
+    rows = {g.name: [(k, {"n": 50 + version + i, "s": 99 * (version + 1) + i, "mn": 7 + version, "mx": 990, "f": 1})
+                     for i, k in enumerate(merchants[:-1] if g.entity == "merchant" else cards[:-1])]
+            for g in REG.batch_groups}
+    store.write_snapshot(D0 + 1 * DAY_MS, rows, published_ms=D0 + 1 * DAY_MS)
+
+
+@pytest.mark.parametrize(("lean", "registry", "case"),
+                         [(True, REG, "kept"), (False, REG, "kept"), (True, ALL_STATS, "kept"),
+                          (True, REG, "republished, small cache")],
+                         ids=["lean-connection", "redis-py", "sum-min-max", "republished-small-cache"])
+def test_batch_replies_fold_to_the_online_reads(redis_settings, key_prefix, lean, registry, case):
+    """Also across batches: the snapshot hashes one batch read serve the next ones (`SnapshotHashes`), a night run
+    again between batches is read anew (its new snapshot id), and a cache too small for a batch starts over."""
     cards = [f"{c:032x}" for c in range(6)]
     merchants = ["m-a", "m-b", "m-{x}", "m-absent"]
     sync = OnlineStore(redis_settings, prefix=key_prefix, registry=REG)
     nights(sync, cards, merchants)
-    sync.close()
 
     async def run() -> list[str]:
         store = AsyncOnlineStore(redis_settings, prefix=key_prefix, registry=registry, retention_ms=60 * DAY_MS)
         reader = ScriptReader(redis_settings, key_prefix, registry) if lean else None
         replies = BatchReplies(store, reader)
+        fetched, fetch = [], replies._hgetall
+
+        async def counted(names):
+            fetched.append(len(names))
+            return await fetch(names)
+
+        replies._hgetall = counted
+        if case != "kept":
+            replies.hashes.limit = 3  # fewer than one batch names: every batch starts the cache over
         fold, scorer = BatchFold(registry), Scorer(store, None, registry=registry)
         bad, compared, kinds = [], 0, set()
         seen = {"counts": set(), "cutoffs": set(), "merchant": set()}
         try:
-            for batch in batches(cards, merchants):
+            for b, batch in enumerate(batches(cards, merchants)):
+                if case != "kept" and b:
+                    republish_first_night(sync, cards, merchants, b)
                 applied, per_event = await apply_with_stats(store, pack_writes(batch), fold.windows_ms)
                 reads, hashes = await replies.gather(batch, [t.amount_cents for t in batch], applied, per_event)
                 # What the API's read gives each transaction right after the batch, folded by the scorer.
@@ -136,10 +158,17 @@ def test_batch_replies_fold_to_the_online_reads(redis_settings, key_prefix, lean
         assert max(seen["counts"]) >= 5 and len(seen["cutoffs"]) == 2 and seen["merchant"] == {True, False}, seen
         if registry is ALL_STATS:  # the extra aggregations were compared, on windows holding several amounts
             assert {"sum_amt_card_agg_1m", "min_amt_card_agg_10m", "max_amt_card_agg_10m"} <= set(want_values)
-        return bad
+        return bad, fetched, replies.hashes.generation
 
-    bad = asyncio.run(run())
+    try:
+        bad, fetched, generation = asyncio.run(run())
+    finally:
+        sync.close()
     assert not bad, f"{len(bad)} differences, e.g. {bad[:5]}"
+    if case == "kept":  # later batches fetched only what the first did not (the same nights and entities)
+        assert fetched[0] > 0 and sum(fetched[1:]) == 0, fetched
+    else:  # every batch fetched again: night 1 has a new id each time, and the cache started over
+        assert len(fetched) == 4 and min(fetched) > 3 and generation >= 3, (fetched, generation)
 
 
 def random_batches(seed: int, cards: list[str]) -> list[tuple[bool, list[Transaction]]]:
