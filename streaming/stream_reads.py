@@ -70,12 +70,14 @@ def usable(store) -> bool:
     return not getattr(store, "cluster", False)
 
 
-async def apply_with_stats(store, packed: list[str], windows_ms: Sequence[int]) -> tuple[list[Applied], list]:
+async def apply_with_stats(store, packed: list[str], windows_ms: Sequence[int],
+                           busy_members: int | None = None) -> tuple[list[Applied], list]:
     """`AsyncOnlineStore.apply_packed`, also returning per event (its window statistics, its stored record or None).
 
     The same script and arguments as the store's apply, plus the window lengths (the apply's reply then carries
     each event's statistics: [newest counted ts or None, then count, sum, min, max in cents per window]), in calls
-    of at most APPLY_CHUNK events."""
+    of at most APPLY_CHUNK events. `busy_members`: the apply script's BUSY (from how many members a card's window
+    statistics are kept between batches rather than read afresh; None: the script's default)."""
     applied: list[Applied] = []
     per_event: list = []
     step = 4 * APPLY_CHUNK
@@ -83,7 +85,8 @@ async def apply_with_stats(store, packed: list[str], windows_ms: Sequence[int]) 
     for i in range(0, len(packed), step):
         chunk = packed[i:i + step]
         args = apply_args(store.keys.prefix, chunk, store.lateness, store.retention, store.ttl_s)
-        statuses, stats, recs = await store._apply(keys=[], args=[*args, spec])
+        extra = [spec] if busy_members is None else [spec, int(busy_members)]
+        statuses, stats, recs = await store._apply(keys=[], args=[*args, *extra])
         applied.extend(applied_outcomes(statuses))
         per_event.extend(zip(stats, recs, strict=True))
     return applied, per_event

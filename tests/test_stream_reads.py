@@ -209,11 +209,14 @@ def random_batches(seed: int, cards: list[str]) -> list[tuple[bool, list[Transac
     return out
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_window_statistics_moved_on_from_the_cache_equal_the_read(redis_settings, key_prefix, seed):
+@pytest.mark.parametrize(("seed", "busy"), [(1, 1), (2, 1), (1, 4), (2, 4), (1, None)],
+                         ids=["cached-1", "cached-2", "switching-1", "switching-2", "default-quiet"])
+def test_window_statistics_moved_on_from_the_cache_equal_the_read(redis_settings, key_prefix, seed, busy):
     """The apply script's per-card cache (p:agg) carries each card's statistics from batch to batch; whatever the
     stream does, whoever else writes the card meanwhile, and whatever windows the worker declares (every third
-    batch in the other order), each transaction's statistics equal the read's."""
+    batch in the other order), each transaction's statistics equal the read's. With BUSY 1 every card keeps the
+    cache; with 4 cards go back and forth between the cache and reading afresh; with the default (32) these quiet
+    cards are read afresh."""
     cards = [f"{c:032x}" for c in range(5)]
 
     async def run() -> list[str]:
@@ -221,7 +224,7 @@ def test_window_statistics_moved_on_from_the_cache_equal_the_read(redis_settings
         replies, folds = BatchReplies(store, None), (BatchFold(ALL_STATS), BatchFold(REVERSED))
         assert folds[0].windows_ms != folds[1].windows_ms
         scorer = Scorer(store, None, registry=ALL_STATS)
-        bad, compared, cached = [], 0, 0
+        bad, compared, cached, sizes = [], 0, 0, []
         try:
             for b, (with_stats, batch) in enumerate(random_batches(seed, cards)):
                 if b == 17:
@@ -238,10 +241,12 @@ def test_window_statistics_moved_on_from_the_cache_equal_the_read(redis_settings
                     continue
                 cached += sum([await store.redis.exists(f"{key_prefix}:agg:{{{c}}}") for c in cards])
                 fold = folds[b % 3 == 2]
-                applied, per_event = await apply_with_stats(store, pack_writes(batch), fold.windows_ms)
+                applied, per_event = await apply_with_stats(store, pack_writes(batch), fold.windows_ms, busy)
                 reads, hashes = await replies.gather(batch, [t.amount_cents for t in batch], applied, per_event)
                 want = await store.read_replies([(t.card, t.txn_id, t.ts, t.merchant) for t in batch])
                 at = D0 + 40 * DAY_MS
+                for stats, _ in per_event:  # members of the longest window besides the event itself
+                    sizes.append(max(stats[1], stats[5]) - 1)
                 for t, (values, ages), w in zip(batch, fold.fold(batch, reads, hashes, at), want, strict=True):
                     want_values, _, want_ages = scorer.features(t, w, at)
                     compared += 1
@@ -251,8 +256,12 @@ def test_window_statistics_moved_on_from_the_cache_equal_the_read(redis_settings
                             if not same(values.get(n), v)]
         finally:
             await store.close()
-        assert compared > 300 and cached > 50, (compared, cached)
-        return bad
+        assert compared > 300, compared
+        return bad, cached, sizes
 
-    bad = asyncio.run(run())
+    bad, cached, sizes = asyncio.run(run())
     assert not bad, f"{len(bad)} differences, e.g. {bad[:5]}"
+    if busy == 1:  # the cache was there to be moved on from, batch after batch
+        assert cached > 50, cached
+    elif busy == 4:  # windows on both sides of the threshold: cards switched between the two ways
+        assert sum(n >= busy for n in sizes) > 50 and sum(n < busy for n in sizes) > 50, sorted(sizes)

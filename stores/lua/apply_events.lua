@@ -38,13 +38,17 @@
 -- leaves the event itself out) with ts in [t - window, t]; newest is the largest such member ts within the longest
 -- window, false when none counts (what the scorer's feature ages use). t, seq and cents are a duplicate's stored
 -- ones. tests/test_stream_reads.py checks them against the read script's reply folded by the scorer in Python.
--- Cost: each new event's members are not re-read. p:agg:{<card>} (a STRING, written in this mode only) keeps the
--- members' statistics as of the card's last arrival: "windows|seq|zcard|t|newest|count|sum|min|max|nmin|nmax|..."
+-- Cost: a quiet card's window (few members: most cards, most of the time) is read afresh for each event, one
+-- ZRANGEBYSCORE. A busy card (BUSY members or more in its longest window around the batch's events, or BUSY of its
+-- events in the batch) does not re-read each new event's members: p:agg:{<card>} (a STRING, written in this mode
+-- only, for busy cards) keeps the members' statistics as of the card's last arrival: "windows|seq|zcard|t|newest|count|sum|min|max|nmin|nmax|..."
 -- (nmin/nmax: how many members hold the min/max). The next
 -- arrival at t' >= t moves each window by the members entering (t, t'] and leaving [t - w, t' - w) (the last member
 -- holding the minimum or maximum leaving makes that window be re-read); an arrival before t, a duplicate, a changed
 -- card (its seq or member count not the recorded ones: another writer, a scoring-off batch, a rebuild, a merge)
--- or a trim re-reads [t - longest, t]. So a busy card costs a few members per event, not its whole window.
+-- or a trim re-reads [t - longest, t]. So a busy card costs a few members per event, not its whole window. For a
+-- quiet card the cache cost more than it saved (reading, checking, formatting and writing it back: 87 against 48 us
+-- of Redis CPU per event at seed scale, bench/RESULTS.md). ARGV[9]: BUSY (default 32; tests set it low).
 local p = ARGV[1]
 local lateness = tonumber(ARGV[2])
 local retention = tonumber(ARGV[3])
@@ -94,6 +98,9 @@ end
 -- hold the min and the max (min/max nil when empty): a member leaving that held the min (max) makes the window be
 -- re-read only when no other member holds it, so tied amounts cost nothing.
 local S = 6
+-- A card whose longest window (around its events of the batch) holds at least BUSY members, or with BUSY events
+-- in the batch, keeps the cache; a quieter one is read afresh (see Cost). ARGV[9] overrides the default.
+local BUSY = tonumber(ARGV[9] or '') or 32
 -- The on-time members of wk with ts in [lo, hi] (an exclusive bound is given as '(' .. n) that arrived before seq
 -- s, as {ts, cents} pairs in ts order.
 local function members(wk, lo, hi, s)
@@ -195,10 +202,18 @@ for c = 1, #order do
   local card = order[c]
   local hk, wk, ak = p .. ':card:{' .. card .. '}', p .. ':win:{' .. card .. '}', p .. ':agg:{' .. card .. '}'
   local i, nf = head[card], 1
+  local lo_t, hi_t -- the span of the card's event times in this batch (nw > 0: is its window busy?)
   while i do
     nf = nf + 1; fields[nf] = ev[4 * i - 2]
+    if nw > 0 then
+      local x = tonumber(ev[4 * i - 1])
+      if not lo_t or x < lo_t then lo_t = x end
+      if not hi_t or x > hi_t then hi_t = x end
+    end
     i = nxt[i]
   end
+  -- A busy card's statistics move on from its cache; a quiet one's are read afresh (see Cost).
+  local busy = nw > 0 and nf - 1 >= BUSY
   -- One call: the card's state and the stored record of each of its txn_ids in this batch.
   local got = many('HMGET', hk, fields, nf)
   local last_seq, last_seq_s, newest, newest_s, oldest, oldest_s, trimmed, trimmed_s = 0
@@ -207,7 +222,11 @@ for c = 1, #order do
   if got[1] then
     local _, _, a, b, o, t = find(got[1], '^([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
     last_seq = tonumber(a) or 0
-    if nw > 0 then cached = {call('GET', ak), a, call('ZCARD', wk)} end
+    if nw > 0 then
+      local zcard = call('ZCARD', wk)
+      busy = busy or (zcard >= BUSY and call('ZCOUNT', wk, lo_t - wmax, hi_t) >= BUSY)
+      if busy then cached = {call('GET', ak), a, zcard} end
+    end
     newest, newest_s = tonumber(b), b
     oldest, oldest_s = tonumber(o), o
     trimmed, trimmed_s = tonumber(t), t
@@ -309,16 +328,18 @@ for c = 1, #order do
         st, nwst = window_stats(wk, t, s, nil)
       else
         st, nwst = window_stats(wk, t, s, C)
-        -- The cache for the next arrival: these members, plus this event where it counts for others.
-        local next_st = {}
-        for k = 1, S * nw do next_st[k] = st[k] end
-        local n_newest = nwst
-        if out[2 * i - 1] == 0 then
-          for w = 1, nw do put(next_st, w, x) end
-          n_newest = t
+        if busy then
+          -- The cache for the next arrival: these members, plus this event where it counts for others.
+          local next_st = {}
+          for k = 1, S * nw do next_st[k] = st[k] end
+          local n_newest = nwst
+          if out[2 * i - 1] == 0 then
+            for w = 1, nw do put(next_st, w, x) end
+            n_newest = t
+          end
+          C = {t = t, st = next_st, newest = n_newest}
+          moved, last = true, s
         end
-        C = {t = t, st = next_st, newest = n_newest}
-        moved, last = true, s
       end
       local o = {nwst or false}
       for w = 1, nw do
