@@ -38,6 +38,10 @@ DEFAULT_ENTITY_SECRET = "velocity-local-dev-secret"
 _DIGITS = re.compile(r"(?<![0-9])[0-9](?:[ -]?[0-9]){12,}(?![0-9])")
 #: The cheap pre-check: no 13 digits in a row (separators allowed), nothing to mask (most text never gets further).
 _RUN13 = re.compile(r"[0-9](?:[ -]?[0-9]){12}").search
+#: What every such run contains, a digit and 12 digits or separators, found ~5x faster (one character-class
+#: repeat instead of a group per digit): a hex id spends ~0.5 us here instead of ~2.8 us in `_RUN13`, and the
+#: stream worker checks three fields of every event.
+_MAYBE_RUN13 = re.compile(r"[0-9][0-9 -]{12}").search
 _GROUP = re.compile(r"[0-9]+")
 
 log = logging.getLogger(__name__)
@@ -232,7 +236,7 @@ def mask_pan(pan: str) -> str:
 
 def has_digit_run(text: str) -> bool:
     """The cheap pre-check of `redact_pans`: does `text` hold a run of at least 13 digits?"""
-    return len(text) >= 13 and _RUN13(text) is not None
+    return len(text) >= 13 and _MAYBE_RUN13(text) is not None and _RUN13(text) is not None
 
 
 def redact_pans(text: str, tag: Callable[[str], str] | None = None) -> str:
@@ -242,7 +246,7 @@ def redact_pans(text: str, tag: Callable[[str], str] | None = None) -> str:
     ids stay unique after masking (two PANs with the same last 4 digits would otherwise mask to the same id), and
     nothing about the PAN can be read from them without the secret.
     """
-    if len(text) < 13 or _RUN13(text) is None:
+    if not has_digit_run(text):
         return text
     out, at = [], 0
     for m in _DIGITS.finditer(text):
