@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from operator import itemgetter
 
 import numpy as np
 import orjson
@@ -69,10 +70,10 @@ class StreamScorer:
         model = scorer._model()
         at = now_ms()
         names = model.features
-        rows = np.empty((len(reads), len(names)), dtype=np.float32)
         computed = self.fold.fold(batch.txns, reads, hashes, at)
-        for j, (values, _) in enumerate(computed):
-            rows[j] = [values[name] for name in names]
+        row_of = itemgetter(*names)  # one tuple per row in C, one array for the batch (a row at a time: ~1 us more)
+        rows = np.array([row_of(values) for values, _ in computed], dtype=np.float32).reshape(len(computed),
+                                                                                             len(names))
         raw = model.booster.inplace_predict(rows)
         scores = model.calibrate(raw) if model.calibrate is not None else raw
         return [Scored(scorer._answer(t, model, float(s), v, a), model, rows[j:j + 1])
