@@ -92,6 +92,15 @@ def test_legitimate_rows_untouched_by_fraud():
 
 
 @pytest.mark.unit
+def test_distinct_ids_are_counted_across_chunks_without_nulls():
+    from stores.history import distinct_count
+
+    column = pa.chunked_array([["a", "b", None, "c"], ["c", "d"], [], ["a", None, "e"]])
+    assert distinct_count(column) == len({"a", "b", "c", "d", "e"})
+    assert distinct_count(pa.chunked_array([[f"t{i}" for i in range(3000)]] * 2)) == 3000
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize("problem", ["missing", "not_parquet", "missing_column", "dup_ids", "negative"])
 def test_bad_input_files_give_clear_errors(tmp_path, small, problem):
     path = tmp_path / "h.parquet"
