@@ -41,14 +41,15 @@
 -- Cost: a quiet card's window (few members: most cards, most of the time) is read afresh for each event, one
 -- ZRANGEBYSCORE. A busy card (BUSY members or more in its longest window around the batch's events, or BUSY of its
 -- events in the batch) does not re-read each new event's members: p:agg:{<card>} (a STRING, written in this mode
--- only, for busy cards) keeps the members' statistics as of the card's last arrival: "windows|seq|zcard|t|newest|count|sum|min|max|nmin|nmax|..."
--- (nmin/nmax: how many members hold the min/max). The next
--- arrival at t' >= t moves each window by the members entering (t, t'] and leaving [t - w, t' - w) (the last member
--- holding the minimum or maximum leaving makes that window be re-read); an arrival before t, a duplicate, a changed
--- card (its seq or member count not the recorded ones: another writer, a scoring-off batch, a rebuild, a merge)
--- or a trim re-reads [t - longest, t]. So a busy card costs a few members per event, not its whole window. For a
--- quiet card the cache cost more than it saved (reading, checking, formatting and writing it back: 87 against 48 us
--- of Redis CPU per event at seed scale, bench/RESULTS.md). ARGV[9]: BUSY (default 32; tests set it low).
+-- only, for busy cards) keeps the members' statistics as of the card's last arrival:
+-- "windows|seq|zcard|t|newest|count|sum|min|max|nmin|nmax|..." (nmin/nmax: how many members hold the min/max).
+-- The next arrival at t' >= t moves each window by the members entering (t, t'] and leaving [t - w, t' - w) (the
+-- last member holding the minimum or maximum leaving makes that window be re-read); an arrival before t, a
+-- duplicate, a changed card (its seq or member count not the recorded ones: another writer, a scoring-off batch, a
+-- rebuild, a merge) or a trim re-reads [t - longest, t]. So a busy card costs a few members per event, not its
+-- whole window. For a quiet card the cache cost more than it saved (reading, checking, formatting and writing it
+-- back: 87 against 48 us of Redis CPU per event at seed scale, bench/RESULTS.md). ARGV[9]: BUSY (default 32; tests
+-- set it low).
 local p = ARGV[1]
 local lateness = tonumber(ARGV[2])
 local retention = tonumber(ARGV[3])
