@@ -24,7 +24,9 @@ import hmac
 import logging
 import re
 import sys
+from bisect import bisect_right
 from collections.abc import Callable, Mapping
+from itertools import accumulate
 
 ENTITY_KEY_LEN = 32
 #: Highest key version accepted: `kN.` keeps a short, fixed-form prefix (N in 2..999, no leading zero).
@@ -267,27 +269,46 @@ def redact_pans(text: str, tag: Callable[[str], str] | None = None) -> str:
 def _pan_spans(run: str, offset: int) -> list[tuple[int, int]]:
     """The PAN-like spans of one candidate run (digits, maybe grouped): the whole run when it is 13-19 plain
     digits with a valid Luhn digit (a longer plain run is an id, not a PAN); for a grouped one, the longest
-    Luhn-valid sequences of whole groups holding 13-19 digits, left to right, not overlapping."""
+    Luhn-valid sequences of whole groups holding 13-19 digits, left to right, not overlapping.
+
+    A grouped run's Luhn sums come from prefix sums of its digits, so each candidate costs O(1): a dead letter of
+    64 KiB of "1-1-1-..." took ~1.5 s when each candidate's digits were joined and checked afresh.
+    """
     if run.isdigit():
         return [(offset, offset + len(run))] if len(run) <= 19 and luhn_valid(run) else []
-    groups = [(g.start(), g.end()) for g in _GROUP.finditer(run)]
+    bounds = [(g.start(), g.end()) for g in _GROUP.finditer(run)]
+    ends = list(accumulate(b - a for a, b in bounds))  # digit position where each group ends
+    sums = _luhn_prefix_sums(run.replace(" ", "").replace("-", ""))
     spans, i = [], 0
-    while i < len(groups):
-        best, n = None, 0
-        for j in range(i, len(groups)):
-            n += groups[j][1] - groups[j][0]
-            if n > 19:
+    while i < len(bounds):
+        first = ends[i - 1] if i else 0
+        j = bisect_right(ends, first + 19, i) - 1  # the last group keeping the sequence within 19 digits
+        while j >= i and ends[j] - first >= 13:
+            end = ends[j]
+            row = sums[(end - 1) & 1]  # a digit is doubled when its distance from the check digit is odd
+            if (row[end] - row[first]) % 10 == 0:
                 break
-            if n >= 13:
-                digits = "".join(run[a:b] for a, b in groups[i:j + 1])
-                if luhn_valid(digits):
-                    best = j
-        if best is None:
+            j -= 1
+        else:
             i += 1
             continue
-        spans.append((offset + groups[i][0], offset + groups[best][1]))
-        i = best + 1
+        spans.append((offset + bounds[i][0], offset + bounds[j][1]))
+        i = j + 1
     return spans
+
+
+def _luhn_prefix_sums(digits: str) -> tuple[list[int], list[int]]:
+    """Two prefix sums of Luhn terms: row p counts a digit at an even position as is and at an odd one doubled
+    when p is 0, the other way round when p is 1; a sequence ending at position e is summed by row e % 2."""
+    rows: tuple[list[int], list[int]] = ([0], [0])
+    as_is, doubled = rows[0][0], rows[1][0]
+    for k, ch in enumerate(digits):
+        d = ord(ch) - 48
+        twice = d * 2 - 9 if d > 4 else d * 2
+        as_is, doubled = (as_is + d, doubled + twice) if not k & 1 else (as_is + twice, doubled + d)
+        rows[0].append(as_is)
+        rows[1].append(doubled)
+    return rows
 
 
 def redact_pans_bytes(data: bytes) -> bytes:

@@ -112,3 +112,78 @@ def test_the_digit_run_pre_check_finds_exactly_the_runs(text):
     from featurestore.entity import has_digit_run
 
     assert has_digit_run(text) == digit_run_of_13(text), text
+
+
+def luhn_ok(digits: str) -> bool:
+    """The Luhn check from its definition: from the right, every second digit doubled (minus 9 above 9)."""
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch) * (2 if i % 2 else 1)
+        total += d - 9 if d > 9 else d
+    return total % 10 == 0
+
+
+def masked_by_rule(run: str) -> str:
+    """A run of digit groups masked as the rule says, by brute force: plain digits are a PAN when 13-19 long and
+    Luhn-valid; in a grouped run, from the leftmost group on, the longest sequence of whole groups holding 13-19
+    digits that is Luhn-valid is a PAN (its digits but the last 4 become `*`) and the search goes on after it;
+    a group that starts none is passed over."""
+    groups = run.replace("-", " ").split(" ")
+    seps = [c for c in run if c in " -"]
+    masked = list(groups)
+    if len(groups) == 1:
+        starts_at = [0] if 13 <= len(run) <= 19 and luhn_ok(run) else []
+        ends_at = {0: 0}
+    else:
+        starts_at, ends_at, i = [], {}, 0
+        while i < len(groups):
+            found = None
+            for j in range(i, len(groups)):
+                digits = "".join(groups[i:j + 1])
+                if 13 <= len(digits) <= 19 and luhn_ok(digits):
+                    found = j
+            if found is None:
+                i += 1
+            else:
+                starts_at.append(i)
+                ends_at[i] = found
+                i = found + 1
+    for i in starts_at:
+        keep = 4  # the last 4 digits of the span stay, wherever the groups split them
+        for g in range(ends_at[i], i - 1, -1):
+            n = len(masked[g])
+            shown = min(keep, n)
+            masked[g] = "*" * (n - shown) + masked[g][n - shown:]
+            keep -= shown
+    return masked[0] + "".join(s + g for s, g in zip(seps, masked[1:], strict=True))
+
+
+@settings(max_examples=2000, deadline=None)
+@given(sizes=st.lists(st.integers(1, 7), min_size=1, max_size=14), seps=st.lists(st.sampled_from(" -"), min_size=1),
+       seed=st.integers(0, 2**32 - 1))
+def test_grouped_runs_are_masked_as_the_rule_says(sizes, seps, seed):
+    """Which spans of a grouped run are masked equals the brute-force reading of the rule (the masker sums Luhn
+    terms from prefix sums, which a wrong parity or an off-by-one group would break)."""
+    import random
+
+    rng = random.Random(seed)
+    groups = ["".join(rng.choice("0123456789") for _ in range(n)) for n in sizes]
+    run = groups[0] + "".join(seps[k % len(seps)] + g for k, g in enumerate(groups[1:]))
+    assert redact_pans(f"<{run}>") == f"<{masked_by_rule(run)}>", run
+
+
+def test_a_hostile_run_of_tiny_groups_is_masked_quickly():
+    """A dead letter of 1 MB of "1-1-1-..." is bounded work. No 13-19 ones pass the Luhn check, so a candidate span
+    starts at every group and none ends the search early: each costs constant time (the masker took ~1.5 s per such
+    dead letter when each candidate's digits were joined and checked afresh)."""
+    import time
+
+    from featurestore.events import DLQ_MAX_VALUE_BYTES
+
+    assert not any(luhn_ok("1" * n) for n in range(13, 20))
+    value = b"1-" * 500_000
+    start = time.perf_counter()
+    _, copy, _ = dead_letter(value, None, reason="r", detail="d", topic="t", partition=0, offset=1)
+    elapsed = time.perf_counter() - start
+    assert copy == value[:DLQ_MAX_VALUE_BYTES]
+    assert elapsed < 0.5, f"{elapsed:.2f} s for one dead letter"
