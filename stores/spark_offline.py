@@ -35,17 +35,11 @@ from stores.offline_files import (
 from stores.training_batches import finish_training_batch
 
 LABELS_DDL = "txn_id string, fraud_label int, labeled_at long"
-#: The driver JVM's collector (`VELOCITY_SPARK_DRIVER_JAVA_OPTIONS` replaces these options). In `local[...]` the
-#: driver runs every task, and a batch job wants throughput, not short pauses: the parallel collector took the
-#: seed-scale backfill + training set from 229-230 s to 200-206 s on `local[2]` (G1, the JVM default; bench/RESULTS.md).
-DRIVER_JAVA_OPTIONS = "-XX:+UseParallelGC"
-
-
 def spark_session(master: str = "local[*]", app: str = "velocity-batch"):
     os.environ.setdefault("PYSPARK_PYTHON", os.sys.executable)
     from pyspark.sql import SparkSession
 
-    from stores.spark_cluster import executor_conf
+    from stores.spark_cluster import driver_conf, executor_conf
 
     return _quiet(
         SparkSession.builder.master(master).appName(app)
@@ -54,8 +48,7 @@ def spark_session(master: str = "local[*]", app: str = "velocity-batch"):
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.shuffle.partitions", "8")
         .config("spark.driver.memory", os.environ.get("VELOCITY_SPARK_DRIVER_MEMORY", "3g"))
-        .config("spark.driver.extraJavaOptions", os.environ.get("VELOCITY_SPARK_DRIVER_JAVA_OPTIONS",
-                                                                DRIVER_JAVA_OPTIONS))
+        .config(map=driver_conf(master))  # the local driver's collector, kept with the user's own options
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.sql.ansi.enabled", "false")
         .config(map=executor_conf(master))  # executors' memory, Python and timeouts on a cluster master
