@@ -278,13 +278,15 @@ def test_spark_and_duckdb_agree_row_for_row(spark_and_duckdb):
 
 @pytest.mark.integration
 def test_the_spark_driver_runs_the_parallel_collector():
-    """The option reaches the JVM: PySpark starts it with the session's driver settings (G1 is the default)."""
+    """The option reaches the JVM: PySpark starts it with the session's driver settings (G1 is the default). The
+    cache is kept uncompressed (Spark compresses it by default)."""
     from stores.spark_offline import spark_session
 
     spark = spark_session("local[2]")
     beans = spark.sparkContext._jvm.java.lang.management.ManagementFactory.getGarbageCollectorMXBeans()
     names = {bean.getName() for bean in beans}
     assert names == {"PS Scavenge", "PS MarkSweep"}, names
+    assert spark.conf.get("spark.sql.inMemoryColumnarStorage.compressed") == "false"
 
 
 @pytest.mark.integration
