@@ -279,7 +279,7 @@ def test_spark_and_duckdb_agree_row_for_row(spark_and_duckdb):
 @pytest.mark.integration
 def test_the_spark_driver_runs_the_parallel_collector():
     """The option reaches the JVM: PySpark starts it with the session's driver settings (G1 is the default). The
-    cache is kept uncompressed (Spark compresses it by default)."""
+    cache is kept uncompressed (Spark compresses it by default), and tables up to 256 MB are broadcast."""
     from stores.spark_offline import spark_session
 
     spark = spark_session("local[2]")
@@ -287,6 +287,7 @@ def test_the_spark_driver_runs_the_parallel_collector():
     names = {bean.getName() for bean in beans}
     assert names == {"PS Scavenge", "PS MarkSweep"}, names
     assert spark.conf.get("spark.sql.inMemoryColumnarStorage.compressed") == "false"
+    assert spark.conf.get("spark.sql.autoBroadcastJoinThreshold") in ("256m", str(256 << 20))
 
 
 @pytest.mark.integration

@@ -53,3 +53,13 @@ def test_a_cluster_driver_gets_no_collector_from_velocity(master):
     """Its tasks run in executors; its options stay the cluster's."""
     assert driver_conf(master, {}) == {}
     assert executor_conf(master, {})["spark.task.maxFailures"] == "8"
+
+
+def test_a_local_master_broadcasts_tables_up_to_256_mb(tmp_path):
+    from stores.spark_cluster import local_join_conf
+
+    assert local_join_conf("local[2]", {}) == {"spark.sql.autoBroadcastJoinThreshold": "256m"}
+    assert local_join_conf("spark://h:7077", {}) == {}
+    assert local_join_conf("local-cluster[2,1,1024]", {}) == {}
+    mine = conf_dir(tmp_path, "spark.sql.autoBroadcastJoinThreshold -1\n")
+    assert local_join_conf("local[2]", mine) == {}  # the user's choice stays (spark-defaults.conf)
