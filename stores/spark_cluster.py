@@ -5,6 +5,9 @@ same Python (the training set runs Velocity's own code in `mapInArrow`), and sur
 shared cores an executor can take a minute to register, and with Spark's default timeouts the master then
 gives up ("Master removed our application: FAILED"). These settings are merged into every session
 (`stores.spark_offline.spark_session`); `VELOCITY_SPARK_*` environment variables override them.
+
+A local master gets its own few: the driver runs every task there, so its collector and join strategy are chosen
+for a batch job's throughput, added to what the user's `spark-defaults.conf` says rather than replacing it.
 """
 
 from __future__ import annotations

@@ -35,6 +35,8 @@ from stores.offline_files import (
 from stores.training_batches import finish_training_batch
 
 LABELS_DDL = "txn_id string, fraud_label int, labeled_at long"
+
+
 def spark_session(master: str = "local[*]", app: str = "velocity-batch"):
     os.environ.setdefault("PYSPARK_PYTHON", os.sys.executable)
     from pyspark.sql import SparkSession
