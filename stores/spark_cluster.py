@@ -36,18 +36,23 @@ LOCAL_DRIVER_JAVA_OPTIONS = "-XX:+UseParallelGC"
 _GC_CHOICE = re.compile(r"-XX:\+Use\w*GC\b")
 
 
+#: One `key value` line of a Java properties file (spark-defaults.conf): the key ends at whitespace, `=` or `:`.
+_PROPERTY = re.compile(r"([^\s=:]+)\s*(?:[=:]\s*|\s+|$)(.*)")
+
+
 def spark_defaults(env: dict[str, str] | None = None) -> dict[str, str]:
-    """The user's `spark-defaults.conf` (in `SPARK_CONF_DIR`, else `SPARK_HOME/conf`), as spark-submit reads it;
-    empty when there is none."""
+    """The user's `spark-defaults.conf` (in `SPARK_CONF_DIR`, else `SPARK_HOME/conf`), as spark-submit reads it
+    (`key value`, `key=value` or `key: value`; `#` and `!` start comments); empty when there is none or it cannot
+    be read (Spark then says so itself)."""
     env = os.environ if env is None else env
     conf_dir = env.get("SPARK_CONF_DIR") or (os.path.join(env["SPARK_HOME"], "conf") if env.get("SPARK_HOME") else "")
     try:
-        with open(os.path.join(conf_dir, "spark-defaults.conf"), encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        with open(os.path.join(conf_dir, "spark-defaults.conf"), encoding="utf-8", errors="replace") as f:
+            lines = [line.strip() for line in f.read().splitlines()]
     except OSError:
         return {}
-    pairs = (line.strip().split(None, 1) for line in lines if line.strip() and not line.lstrip().startswith("#"))
-    return {kv[0]: kv[1].strip() if len(kv) > 1 else "" for kv in pairs}
+    found = (_PROPERTY.fullmatch(line) for line in lines if line and line[0] not in "#!")
+    return {m.group(1): m.group(2).strip() for m in found if m}
 
 
 def driver_conf(master: str, env: dict[str, str] | None = None) -> dict[str, str]:

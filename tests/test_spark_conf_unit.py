@@ -63,3 +63,19 @@ def test_a_local_master_broadcasts_tables_up_to_256_mb(tmp_path):
     assert local_join_conf("local-cluster[2,1,1024]", {}) == {}
     mine = conf_dir(tmp_path, "spark.sql.autoBroadcastJoinThreshold -1\n")
     assert local_join_conf("local[2]", mine) == {}  # the user's choice stays (spark-defaults.conf)
+
+
+@pytest.mark.parametrize("line", ["spark.driver.extraJavaOptions=-XX:+UseG1GC", "spark.driver.extraJavaOptions: -XX:+UseG1GC",
+                                  "  spark.driver.extraJavaOptions = -XX:+UseG1GC  "])
+def test_every_properties_separator_is_read(tmp_path, line):
+    """spark-submit reads the file as Java properties: `=` and `:` separate a key too."""
+    assert driver_conf("local[2]", conf_dir(tmp_path, f"! a comment\n{line}\n")) == {}
+
+
+def test_an_unreadable_or_odd_defaults_file_is_no_error(tmp_path):
+    (tmp_path / "spark-defaults.conf").write_bytes(b"\xff\xfe garbage \x00\nspark.driver.extraJavaOptions -Dk=\xe9\n")
+    assert driver_conf("local[2]", {"SPARK_CONF_DIR": str(tmp_path)}) == {
+        "spark.driver.extraJavaOptions": "-Dk=\ufffd -XX:+UseParallelGC"}
+    (tmp_path / "spark-defaults.conf").unlink()
+    (tmp_path / "spark-defaults.conf").mkdir()  # a folder where the file should be
+    assert driver_conf("local[2]", {"SPARK_CONF_DIR": str(tmp_path)}) == {KEY: "-XX:+UseParallelGC"}
