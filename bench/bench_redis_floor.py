@@ -6,8 +6,8 @@ a card's events of a batch (HMGET the state and txn records, ZADD the window mem
 over two keys (`p:win:{card}`, `p:card:{card}`; `stores/lua/apply_events.lua`). `FLOOR_SCRIPT` below makes the same
 three calls per event with the same key and value shapes and no logic at all (no lateness, no idempotency, no
 retention, no TTL): no script on this layout can cost Redis less, so the two figures say how much the script's own
-logic costs and how far the layout itself lets the ceiling go. Same events, batches and arguments as the ceiling:
-100,000 events over 10,000 cards, 50 ms apart, batches of 2,000, alternating runs.
+logic costs and how far the layout itself lets the ceiling go. The ceiling's sizes: 100,000 events over 10,000 cards
+(drawn at random), 50 ms apart, batches of 2,000; alternating runs, each over fresh keys.
 
     .venv/bin/python -m bench.bench_redis_floor [--events 100000 --rounds 2]
 """
@@ -22,6 +22,7 @@ import uuid
 
 import redis
 
+from bench.bench_stream import redis_cpu_s
 from featurestore.config import RedisSettings
 from stores.redis_online import _script, apply_args, delete_prefix
 
@@ -41,11 +42,6 @@ for i = 1, #ev / 4 do
 end
 return out
 """
-
-
-def redis_cpu_s(client: redis.Redis) -> float:
-    info = client.info("cpu")
-    return info["used_cpu_user"] + info["used_cpu_sys"]
 
 
 def run(client: redis.Redis, script: str, events: int, cards: int, batch: int = 2000) -> tuple[float, float]:
