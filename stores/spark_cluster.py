@@ -1,7 +1,7 @@
 """Spark settings for a master with real executor JVMs (`local-cluster[...]`, standalone, YARN, Kubernetes).
 
 `local[*]` runs everything in the driver; a cluster master adds executors that must fit their worker, find the
-same Python (the training set runs Velocity's own code in `mapInArrow`), and survive a loaded machine: on two
+same Python (the training set runs Velocity's own code in an Arrow UDF), and survive a loaded machine: on two
 shared cores an executor can take a minute to register, and with Spark's default timeouts the master then
 gives up ("Master removed our application: FAILED"). These settings are merged into every session
 (`stores.spark_offline.spark_session`); `VELOCITY_SPARK_*` environment variables override them.

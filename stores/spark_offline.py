@@ -32,7 +32,7 @@ from stores.offline_files import (
     snapshot_tables,
     split_snapshots,
 )
-from stores.training_batches import finish_training_batch
+from stores.training_batches import derived_columns, derived_inputs
 
 LABELS_DDL = "txn_id string, fraud_label int, labeled_at long"
 
@@ -189,17 +189,12 @@ def _training_types(registry: Registry) -> dict[str, str]:
     return {c: types.get(c, "double") for c in sql.training_columns(registry)}
 
 
-def training_schema(registry: Registry = REGISTRY) -> str:
-    """The training set's Spark schema, from the declarations (`offline_sql.training_columns`)."""
-    return ", ".join(f"{c} {t}" for c, t in _training_types(registry).items())
-
-
-#: How `mapInArrow` hands each Spark type to Python and expects it back (strings as `string`, Spark's default).
+#: Each Spark type as Arrow (strings as `string`, Spark's default), for the derived features' UDF.
 ARROW_TYPES = {"string": pa.string(), "long": pa.int64(), "double": pa.float64(), "tinyint": pa.int8()}
 
 
 def training_arrow_schema(registry: Registry = REGISTRY) -> pa.Schema:
-    """`training_schema` as the Arrow schema `mapInArrow` must return."""
+    """The training set's schema in Arrow types, from the declarations (`offline_sql.training_columns`)."""
     return pa.schema([(c, ARROW_TYPES[t]) for c, t in _training_types(registry).items()])
 
 
@@ -252,7 +247,38 @@ def training_frame(spark, offline_dir: Path, start_ms: int, end_ms: int, registr
     cached[-1].count()  # materialize f10; then pass 1 is no longer needed
     for frame in cached[:-1]:
         frame.unpersist()
-    arrow_schema = training_arrow_schema(registry)
-    # The ratios by the shared function, in Arrow: the string columns never become Python objects.
-    return spark.sql(sql.training_sql("f10", registry, sets)).mapInArrow(
-        lambda batches: (finish_training_batch(b, arrow_schema, registry) for b in batches), training_schema(registry))
+    return with_derived(spark.sql(sql.training_sql("f10", registry, sets)), registry)
+
+
+def with_derived(query, registry: Registry = REGISTRY):
+    """The training query's rows as the training schema: the ratios and event-time features by the shared
+    functions (`stores.training_batches.derived_columns`), the other columns cast, a missing float null.
+
+    Only the derived features' inputs cross to Python (one Arrow UDF returning them as one struct): handing
+    every column through `mapInArrow` and back cost 2-9 s more of a seed-scale training set on `local[2]`
+    (bench/RESULTS.md).
+    """
+    from pyspark.sql import functions as F
+    from pyspark.sql.functions import arrow_udf
+
+    types, arrow_schema = _training_types(registry), training_arrow_schema(registry)
+    names = [*registry.event_time_features, *(r.name for r in registry.ratios)]
+    inputs = derived_inputs(registry)
+
+    def derive(*columns: pa.Array) -> pa.Array:
+        out = derived_columns(dict(zip(inputs, columns, strict=True)), arrow_schema, registry)
+        return pa.StructArray.from_arrays([out[n] for n in names], names=names)
+
+    struct = "struct<" + ", ".join(f"{n}: {types[n]}" for n in names) + ">"
+    derived = arrow_udf(derive, struct)(*inputs)  # a scalar UDF: the type hints say so
+    frame = query.withColumn("__derived", derived)
+    columns = []
+    for name, kind in types.items():
+        if name in names:
+            columns.append(F.col(f"__derived.{name}").alias(name))
+            continue
+        column = F.col(name).cast(kind)
+        if kind == "double":  # NaN -> null, as finish_training_batch writes a missing float
+            column = F.when(F.isnan(column), F.lit(None)).otherwise(column)
+        columns.append(column.alias(name))
+    return frame.select(*columns)

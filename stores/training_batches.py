@@ -1,7 +1,9 @@
-"""Training rows finished batch by batch in Arrow, for both engines' writers (DuckDB's Parquet file, Spark's
-`mapInArrow`): the ratio and event-time columns by the shared functions (`featurestore.ratios`, `.event_time`),
-the columns in the training schema's order and types. Only the ratios' operands become NumPy arrays; the string columns (ids, keys) never
-become Python objects, which was most of a seed-scale training set's conversion time."""
+"""Training rows finished in Arrow for both engines: the ratio and event-time columns by the shared functions
+(`featurestore.ratios`, `.event_time`), from the same inputs (`derived_inputs`, `derived_columns`). DuckDB's writer
+finishes whole batches (`finish_training_batch`: every column in the training schema's order and types); Spark
+hands only the inputs to one Arrow UDF (`stores.spark_offline.with_derived`). Only the ratios' operands become
+NumPy arrays; the string columns (ids, keys) never become Python objects, which was most of a seed-scale training
+set's conversion time."""
 
 from __future__ import annotations
 
@@ -16,13 +18,26 @@ from featurestore.ratios import compute_ratio_columns
 def finish_training_batch(batch: pa.RecordBatch, schema: pa.Schema, registry: Registry = REGISTRY) -> pa.RecordBatch:
     """`batch` (the training query's columns) with the ratios added, as `schema` (names, order and types of
     `offline_sql.training_columns`), as `offline_files.finish_training_frame` does for a frame."""
-    operands = {n for r in registry.ratios for n in (r.numerator, r.denominator)}
-    numbers = {n: batch.column(n).to_numpy(zero_copy_only=False) for n in operands}
-    ratios = compute_ratio_columns(numbers, registry.ratios)
-    ratios.update(event_time_columns(batch.column("ts").to_numpy(zero_copy_only=False), registry.event_time))
-    columns = [pa.array(ratios[f.name], f.type, from_pandas=True) if f.name in ratios
-               else _nan_as_null(batch.column(f.name).cast(f.type)) for f in schema]
+    derived = derived_columns({n: batch.column(n) for n in derived_inputs(registry)}, schema, registry)
+    columns = [derived[f.name] if f.name in derived else _nan_as_null(batch.column(f.name).cast(f.type))
+               for f in schema]
     return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def derived_inputs(registry: Registry = REGISTRY) -> list[str]:
+    """The training query's columns the derived features are computed from: the ratios' operands and `ts`."""
+    operands = {n for r in registry.ratios for n in (r.numerator, r.denominator)}
+    return [*sorted(operands), "ts"]
+
+
+def derived_columns(inputs: dict[str, pa.Array], schema: pa.Schema,
+                    registry: Registry = REGISTRY) -> dict[str, pa.Array]:
+    """The ratio and event-time columns (a missing value null, as `schema` types them), by the shared functions,
+    from `derived_inputs`' columns."""
+    numbers = {n: inputs[n].to_numpy(zero_copy_only=False) for n in derived_inputs(registry)}
+    values = compute_ratio_columns(numbers, registry.ratios)
+    values.update(event_time_columns(numbers["ts"], registry.event_time))
+    return {name: pa.array(v, schema.field(name).type, from_pandas=True) for name, v in values.items()}
 
 
 def _nan_as_null(column: pa.Array) -> pa.Array:
@@ -30,3 +45,4 @@ def _nan_as_null(column: pa.Array) -> pa.Array:
     if not pa.types.is_floating(column.type):
         return column
     return pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
+
