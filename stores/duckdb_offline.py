@@ -33,7 +33,7 @@ from stores.offline_files import (
     snapshot_tables,
     split_snapshots,
 )
-from stores.training_batches import finish_training_batch
+from stores.training_batches import dictionary_columns, finish_training_batch
 
 #: Finished training batches that may wait for the Parquet writer thread (memory: a few batches of ~120k rows).
 WRITE_AHEAD = 2
@@ -163,8 +163,10 @@ def write_training_set_duckdb(con: duckdb.DuckDBPyConnection, offline_dir: Path,
                 if writer is None:  # the schema of the frame path, from one finished row
                     schema = pa.Schema.from_pandas(
                         finish_training_frame(batch.slice(0, 1).to_pandas(), registry), preserve_index=False)
-                    writer = pq.ParquetWriter(tmp, schema)
-                pending.append(pool.submit(writer.write_batch, finish_training_batch(batch, schema, registry)))
+                finished = finish_training_batch(batch, schema, registry)
+                if writer is None:  # dictionaries only for the columns that repeat, judged on the first batch
+                    writer = pq.ParquetWriter(tmp, schema, use_dictionary=dictionary_columns(finished))
+                pending.append(pool.submit(writer.write_batch, finished))
                 rows += batch.num_rows
                 while len(pending) > WRITE_AHEAD:
                     pending.popleft().result()

@@ -54,3 +54,25 @@ def test_streamed_writer_errors_are_clear_and_leave_nothing(engine, tmp_path):
     with pytest.raises(OfflineError, match=r"no transactions in \[2021-01-01, 2021-01-05\)"):
         build_training_set(eng, dt.date(2021, 1, 1), dt.date(2021, 1, 5), tmp_path / "none.parquet")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
+
+
+def _dictionary_encoded(path) -> dict[str, bool]:
+    """Per column of the file's first row group: is it dictionary-encoded?"""
+    group = pq.ParquetFile(path).metadata.row_group(0)
+    return {group.column(i).path_in_schema: any("DICTIONARY" in e for e in group.column(i).encodings)
+            for i in range(group.num_columns)}
+
+
+@pytest.mark.unit
+def test_only_the_columns_that_repeat_get_a_parquet_dictionary(engine):
+    eng, root = engine
+    out = root / "encodings.parquet"
+    build_training_set(eng, dt.date(2020, 1, 1), dt.date(2020, 2, 1), out)
+    encoded = _dictionary_encoded(out)
+    table = pq.read_table(out)
+    for name in ("txn_id", "ts"):  # mostly distinct values: a dictionary would only cost
+        assert len(table[name].unique()) >= table.num_rows / 2
+        assert not encoded[name], name
+    for name in ("card", "merchant", "fraud_label", "num_trans_last_10m"):  # few values, many rows
+        assert len(table[name].unique()) < table.num_rows / 2
+        assert encoded[name], name
