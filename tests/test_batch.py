@@ -277,6 +277,28 @@ def test_spark_and_duckdb_agree_row_for_row(spark_and_duckdb):
 
 
 @pytest.mark.integration
+def test_a_registry_without_derived_features_trains_alike_on_both_engines(history_file, tmp_path):
+    """No ratio and no event-time feature declared (an empty derived struct, which Spark prunes): each engine
+    writes exactly the declared columns, and they agree."""
+    from featurestore.definitions import REGISTRY, Registry
+    from featurestore.offline_sql import training_columns
+
+    plain = Registry(groups=REGISTRY.groups, ratios=(), model_features=("amount",))
+    a, b = cutoff_ms_of(dt.date(2020, 1, 1)), cutoff_ms_of(dt.date(2020, 2, 1))
+    frames = {}
+    for name in ("duckdb", "spark"):
+        eng = open_engine(name, offline_dir=tmp_path / name, history=history_file, secret=SECRET, master="local[2]",
+                          registry=plain)
+        run_snapshots(eng, DAYS, offline_dir=tmp_path / name, quality=None)
+        frames[name] = eng.training_set(a, b)
+        eng.close()
+    assert list(frames["spark"].columns) == list(training_columns(plain))
+    assert not {"amt_ratio1", "hour_of_day"} & set(frames["spark"].columns)
+    assert len(frames["spark"]) > 100
+    pd.testing.assert_frame_equal(frames["duckdb"], frames["spark"], check_exact=False, rtol=1e-9, atol=0)
+
+
+@pytest.mark.integration
 def test_the_spark_driver_runs_the_parallel_collector():
     """The option reaches the JVM: PySpark starts it with the session's driver settings (G1 is the default). The
     cache is kept uncompressed (Spark compresses it by default), and tables up to 256 MB are broadcast."""
