@@ -255,8 +255,8 @@ def with_derived(query, registry: Registry = REGISTRY):
     functions (`stores.training_batches.derived_columns`), the other columns cast, a missing float null.
 
     Only the derived features' inputs cross to Python (one Arrow UDF returning them as one struct): handing
-    every column through `mapInArrow` and back cost 2-9 s more of a seed-scale training set on `local[2]`
-    (bench/RESULTS.md).
+    every column through `mapInArrow` and back cost 1-8 s more of a seed-scale training set on `local[2]` (three
+    alternating pairs, bench/RESULTS.md).
     """
     from pyspark.sql import functions as F
     from pyspark.sql.functions import arrow_udf
