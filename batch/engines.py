@@ -41,9 +41,9 @@ class Engine(Protocol):
     registry: Registry
     span: tuple[int, int]  # first and last event time loaded
 
-    def snapshots(self, days: list[dt.date]) -> list[tuple[dt.date, dict[str, pd.DataFrame]]]:
-        """Every night of `days` in one pass: per night, one frame per batch group (its entity column, then its
-        statistics named by `offline_sql.SNAPSHOT_STATS`, its features, `cutoff_ms`)."""
+    def snapshots(self, days: list[dt.date]) -> list[tuple[dt.date, dict[str, pa.Table]]]:
+        """Every night of `days` in one pass: per night, one Arrow table per batch group (its entity column, then
+        its statistics named by `offline_sql.SNAPSHOT_STATS`, its features, `cutoff_ms`)."""
 
     def training_set(self, start_ms: int, end_ms: int) -> pd.DataFrame:
         """Point-in-time rows for transactions with ts in [start_ms, end_ms)."""
@@ -71,7 +71,7 @@ class DuckDBEngine:
                                    allowed_lateness_ms=allowed_lateness_ms)
         self.span = duckdb_offline.events_span(self._con)
 
-    def snapshots(self, days: list[dt.date]) -> list[tuple[dt.date, dict[str, pd.DataFrame]]]:
+    def snapshots(self, days: list[dt.date]) -> list[tuple[dt.date, dict[str, pa.Table]]]:
         return self._sql.snapshots_duckdb(self._con, days, self.registry)
 
     def training_set(self, start_ms: int, end_ms: int) -> pd.DataFrame:
@@ -99,7 +99,7 @@ class SparkEngine:
                                   allowed_lateness_ms=allowed_lateness_ms)
         self.span = tuple(self._spark.sql("SELECT MIN(ts), MAX(ts) FROM events").first())
 
-    def snapshots(self, days: list[dt.date]) -> list[tuple[dt.date, dict[str, pd.DataFrame]]]:
+    def snapshots(self, days: list[dt.date]) -> list[tuple[dt.date, dict[str, pa.Table]]]:
         return self._job.snapshots(self._spark, days, self.registry)
 
     def training_set(self, start_ms: int, end_ms: int) -> pd.DataFrame:
@@ -176,52 +176,37 @@ def run_snapshots(engine: Engine, days: list[dt.date], *, offline_dir: Path, onl
         check_groups(nights, previous, groups, data_start_ms=lo, limits=quality)
     written = []
     names = [g.name for g in groups]
-    tables = _as_arrow(nights, names)
     # A night's files are written side by side (Parquet encoding releases the GIL): a backfill writes
     # nights x groups small files, and one at a time that was a third of its wall time. Redis gets a night
     # only once all its files are in place, as before.
     with ThreadPoolExecutor(min(len(names), FILE_THREADS), thread_name_prefix="snapshot-write") as pool:
-        for day, frames in nights:
+        for day, tables in nights:
             progress(f"writing {day}")
             at = first_publication(offline_dir, day, names, published(day))
-            for done in [pool.submit(write_snapshot_file, tables[day, n], offline_dir, day, at, n) for n in names]:
+            for done in [pool.submit(write_snapshot_file, tables[n], offline_dir, day, at, n) for n in names]:
                 done.result()
             if online is not None:
-                publish_online(online, day, frames, at, engine.registry)
-            written.append((day, len(frames[names[0]])))
+                publish_online(online, day, tables, at, engine.registry)
+            written.append((day, tables[names[0]].num_rows))
     return written
 
 
-def _as_arrow(nights: list[tuple[dt.date, dict[str, pd.DataFrame]]], names: list[str]) -> dict[tuple, pa.Table]:
-    """Each night's frame of each group as Arrow, converted once per group rather than once per file (a
-    conversion's fixed cost, times nights x groups, was most of a backfill's writing time)."""
-    out = {}
-    for name in names:
-        parts = [frames[name] for _, frames in nights]
-        whole = pa.Table.from_pandas(pd.concat(parts, ignore_index=True), preserve_index=False)
-        start = 0
-        for (day, _), part in zip(nights, parts, strict=True):
-            out[day, name] = whole.slice(start, len(part))
-            start += len(part)
-    return out
-
-
-def publish_online(online, day: dt.date, frames: Mapping[str, pd.DataFrame] | pd.DataFrame, published_ms: int,
+def publish_online(online, day: dt.date, tables: Mapping[str, pa.Table] | pa.Table, published_ms: int,
                    registry: Registry = REGISTRY) -> None:
-    """Materialize one night's snapshot frames (group name -> frame) in the online store, every group at once:
+    """Materialize one night's snapshot tables (group name -> table) in the online store, every group at once:
     the batch job's publish step, also what `velocity features rebuild` calls to restore snapshots from the
-    offline store (one path, so both agree). A lone frame is the first batch group's (the legacy layout)."""
-    if isinstance(frames, pd.DataFrame):
-        frames = {registry.batch_groups[0].name: frames}
-    rows = {g.name: snapshot_rows(frames[g.name], g) for g in registry.batch_groups if g.name in frames}
+    offline store (one path, so both agree). A lone table is the first batch group's (the legacy layout)."""
+    if isinstance(tables, pa.Table):
+        tables = {registry.batch_groups[0].name: tables}
+    rows = {g.name: snapshot_rows(tables[g.name], g) for g in registry.batch_groups if g.name in tables}
     online.write_snapshot(cutoff_ms_of(day), rows, published_ms=published_ms)
 
 
-def snapshot_rows(frame: pd.DataFrame, group: FeatureGroup) -> Iterator[tuple[str, dict[str, int]]]:
+def snapshot_rows(table: pa.Table, group: FeatureGroup) -> Iterator[tuple[str, dict[str, int]]]:
     """(entity key, statistics) per row, for the online store: the statistics its read folds into the features,
     keyed by `definitions.STAT_ORDER` names."""
-    stats = {k: frame[SNAPSHOT_STATS[k]].to_numpy() for k in group.stats}
-    for i, key in enumerate(frame[group.entity_column]):
+    stats = {k: table[SNAPSHOT_STATS[k]].to_numpy() for k in group.stats}
+    for i, key in enumerate(table[group.entity_column].to_pylist()):
         yield key, {k: int(v[i]) for k, v in stats.items()}
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from featurestore.definitions import FeatureGroup
 from featurestore.offline_sql import SNAPSHOT_STATS
@@ -37,10 +38,31 @@ class QualityError(ValueError):
     """A night failed the gate; nothing was published."""
 
 
-def feature_values(frame: pd.DataFrame, group: FeatureGroup) -> dict[str, np.ndarray]:
+#: A night's snapshot of one group: the engines' Arrow table, or a frame of the same columns.
+Snapshot = pa.Table | pd.DataFrame
+
+
+def _columns(frame: Snapshot) -> list[str]:
+    return frame.column_names if isinstance(frame, pa.Table) else list(frame.columns)
+
+
+def _floats(frame: Snapshot, column: str) -> np.ndarray:
+    """A column as float64 (nulls NaN)."""
+    return np.asarray(frame[column], dtype="float64")
+
+
+def _median(values: np.ndarray) -> float:
+    """np.nanmedian (NaN when no value is left) without its per-call overhead: a backfill checks thousands of
+    nights."""
+    kept = values[~np.isnan(values)]
+    return float(np.median(kept)) if len(kept) else float("nan")
+
+
+def feature_values(frame: Snapshot, group: FeatureGroup) -> dict[str, np.ndarray]:
     """The group's declared features that are compared night to night (not those over known_fraud), from a
     snapshot's statistics (amounts in currency units)."""
-    col = {k: frame[v].to_numpy(dtype="float64") for k, v in SNAPSHOT_STATS.items() if v in frame.columns}
+    present = _columns(frame)
+    col = {k: _floats(frame, v) for k, v in SNAPSHOT_STATS.items() if v in present}
     n = col["n"]
     nan = np.full_like(n, np.nan)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -49,28 +71,29 @@ def feature_values(frame: pd.DataFrame, group: FeatureGroup) -> dict[str, np.nda
     return {a.name: derived[a.function] for a in group.features if a.column != "known_fraud"}
 
 
-def invalid_values(frame: pd.DataFrame, entity: str = "card") -> list[str]:
+def invalid_values(frame: Snapshot, entity: str = "card") -> list[str]:
     """Statistics no real window can have."""
     problems = []
-    n = frame[SNAPSHOT_STATS["n"]].to_numpy(dtype="float64")
+    present = _columns(frame)
+    n = _floats(frame, SNAPSHOT_STATS["n"])
     if (bad := int(np.sum(~(n >= 1)))):
         problems.append(f"{bad} {entity}(s) with a transaction count below 1")
-    if SNAPSHOT_STATS["s"] in frame.columns:
-        s = frame[SNAPSHOT_STATS["s"]].to_numpy(dtype="float64")
+    if SNAPSHOT_STATS["s"] in present:
+        s = _floats(frame, SNAPSHOT_STATS["s"])
         if (bad := int(np.sum(~((s > 0) & np.isfinite(s))))):
             problems.append(f"{bad} {entity}(s) with a non-positive or non-finite amount sum")
-    if {SNAPSHOT_STATS["mn"], SNAPSHOT_STATS["mx"]} <= set(frame.columns):
-        mn, mx = frame[SNAPSHOT_STATS["mn"]].to_numpy(dtype="float64"), frame[SNAPSHOT_STATS["mx"]].to_numpy(dtype="float64")
+    if {SNAPSHOT_STATS["mn"], SNAPSHOT_STATS["mx"]} <= set(present):
+        mn, mx = _floats(frame, SNAPSHOT_STATS["mn"]), _floats(frame, SNAPSHOT_STATS["mx"])
         if (bad := int(np.sum(~((mn > 0) & (mn <= mx))))):
             problems.append(f"{bad} {entity}(s) with min amount not in (0, max]")
-    if SNAPSHOT_STATS["f"] in frame.columns:
-        f = frame[SNAPSHOT_STATS["f"]].to_numpy(dtype="float64")
+    if SNAPSHOT_STATS["f"] in present:
+        f = _floats(frame, SNAPSHOT_STATS["f"])
         if (bad := int(np.sum(~((f >= 0) & (f <= n))))):
             problems.append(f"{bad} {entity}(s) with a known fraud count not in [0, count]")
     return problems
 
 
-def drift(frame: pd.DataFrame, previous: pd.DataFrame, group: FeatureGroup, limits: QualityLimits) -> list[str]:
+def drift(frame: Snapshot, previous: Snapshot, group: FeatureGroup, limits: QualityLimits) -> list[str]:
     """Changes against the previous night beyond the limits."""
     problems = []
     rows, prev_rows = len(frame), len(previous)
@@ -79,14 +102,14 @@ def drift(frame: pd.DataFrame, previous: pd.DataFrame, group: FeatureGroup, limi
                         f"(more than {limits.max_row_change:.0%} change)")
     now, before = feature_values(frame, group), feature_values(previous, group)
     for name, values in now.items():
-        m, p = np.nanmedian(values) if len(values) else np.nan, np.nanmedian(before[name]) if prev_rows else np.nan
+        m, p = _median(values), _median(before[name])
         if np.isfinite(m) and np.isfinite(p) and min(m, p) > 0 and max(m, p) / min(m, p) > limits.max_median_factor:
             problems.append(f"median {name} {m:.4g} against {p:.4g} the night before "
                             f"(more than {limits.max_median_factor:g}x)")
     return problems
 
 
-def night_problems(nights: Sequence[tuple[dt.date, pd.DataFrame]], previous: tuple[dt.date, pd.DataFrame] | None,
+def night_problems(nights: Sequence[tuple[dt.date, Snapshot]], previous: tuple[dt.date, Snapshot] | None,
                    group: FeatureGroup, *, data_start_ms: int, limits: QualityLimits = QualityLimits()) -> list[str]:
     """One group's failures over a run's nights in date order, each against the night before it (the run's, or
     the latest published one before the run)."""
@@ -111,14 +134,14 @@ def _refuse(failures: list[str]) -> None:
                            + " (inspect the input; rerun with --skip-quality-gate to publish anyway)")
 
 
-def check_nights(nights: Sequence[tuple[dt.date, pd.DataFrame]], previous: tuple[dt.date, pd.DataFrame] | None,
+def check_nights(nights: Sequence[tuple[dt.date, Snapshot]], previous: tuple[dt.date, Snapshot] | None,
                  group: FeatureGroup, *, data_start_ms: int, limits: QualityLimits = QualityLimits()) -> None:
     """Check one group's nights. Raises QualityError naming every failing night and check."""
     _refuse(night_problems(nights, previous, group, data_start_ms=data_start_ms, limits=limits))
 
 
-def check_groups(nights: Sequence[tuple[dt.date, Mapping[str, pd.DataFrame]]],
-                 previous: Mapping[str, tuple[dt.date, pd.DataFrame] | None], groups: Sequence[FeatureGroup], *,
+def check_groups(nights: Sequence[tuple[dt.date, Mapping[str, Snapshot]]],
+                 previous: Mapping[str, tuple[dt.date, Snapshot] | None], groups: Sequence[FeatureGroup], *,
                  data_start_ms: int, limits: QualityLimits = QualityLimits()) -> None:
     """Check every batch group of every night (`Engine.snapshots`' shape). Raises QualityError naming every
     failing group, night and check: one failure refuses the whole run."""

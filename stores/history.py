@@ -73,6 +73,23 @@ def label_time_without_label(path: Path) -> str:
             "fraud_label became known, so add fraud_label (0/1) or drop labeled_at")
 
 
+def counts_sql(source: str) -> str:
+    """The counts `check_counts` needs, over a relation of the history's rows, as one SQL text DuckDB and Spark
+    both run (the rows are checked where they are, never collected). A NaN amount is counted apart: both engines
+    order NaN above every number, so NaN > 0 holds."""
+    amount = "CAST(amount AS DOUBLE)"
+    nulls = ", ".join(f"COUNT_IF({c} IS NULL) AS null_{c}" for c in REQUIRED)
+    return (f"SELECT COUNT(*) AS n_rows, COUNT(DISTINCT txn_id) AS n_ids, "
+            f"COUNT_IF(NOT ({amount} > 0) OR isnan({amount}) OR {amount} = CAST('Infinity' AS DOUBLE)) AS n_bad, "
+            f"{nulls} FROM {source}")
+
+
+def check_count_row(path: Path, counts: dict) -> None:
+    """`check_counts` over the row `counts_sql` returned (column name -> value)."""
+    check_counts(path, rows=counts["n_rows"], nulls={c: counts[f"null_{c}"] for c in REQUIRED},
+                 bad_amounts=counts["n_bad"], distinct_ids=counts["n_ids"])
+
+
 def check_counts(path: Path, *, rows: int, nulls: dict[str, int], bad_amounts: int, distinct_ids: int) -> None:
     """The value checks, over counts any engine can compute: no rows, empty values, amounts that are not finite
     and > 0, duplicate ids."""

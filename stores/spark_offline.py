@@ -81,10 +81,10 @@ def load_events(spark, *, offline_dir: Path, history: Path | None, secret: str,
 
     if history is not None:
         from stores.history import (
-            REQUIRED,
             HistoryError,
-            check_counts,
+            check_count_row,
             check_schema,
+            counts_sql,
             label_time_without_label,
             schema_of,
         )
@@ -107,18 +107,14 @@ def load_events(spark, *, offline_dir: Path, history: Path | None, secret: str,
                 if "labeled_at" in raw.columns:
                     raise OfflineError(label_time_without_label(history))
                 raw = raw.withColumn("fraud_label", F.lit(None).cast("int"))
-            counts = raw.selectExpr(  # NaN > 0 holds in Spark (NaN sorts above every number): checked apart
-                "COUNT(*) AS rows", "COUNT(DISTINCT txn_id) AS ids",
-                "COUNT_IF(NOT (CAST(amount AS DOUBLE) > 0) OR isnan(CAST(amount AS DOUBLE)) "
-                "OR CAST(amount AS DOUBLE) = double('inf')) AS bad",
-                *[f"COUNT_IF({c} IS NULL) AS null_{c}" for c in REQUIRED]).first()
+            raw.createOrReplaceTempView("history_file")
+            counts = spark.sql(counts_sql("history_file")).first().asDict()
         except PySparkException as exc:
             first = " ".join(str(exc).split("\n", 1)[0].split())[:300]
             raise OfflineError(f"{history}: Spark cannot read it ({first}); check the file or regenerate it with "
                                "`velocity generate`") from None
         try:
-            check_counts(history, rows=counts["rows"], nulls={c: counts[f"null_{c}"] for c in REQUIRED},
-                         bad_amounts=counts["bad"], distinct_ids=counts["ids"])
+            check_count_row(history, counts)
         except HistoryError as exc:
             raise OfflineError(str(exc)) from None
         # A single file is read in order: monotonically increasing ids follow the row order (the stream order).
@@ -128,7 +124,7 @@ def load_events(spark, *, offline_dir: Path, history: Path | None, secret: str,
         ev = (raw.join(F.broadcast(keys), "cc_num")
               .select("txn_id", "card", F.col("merchant").cast("string").alias("merchant"),
                       F.col("amount").cast("double").alias("amount"),
-                      F.round(F.col("amount") * 100).cast("long").alias("amount_cents"),
+                      F.bround(F.col("amount") * 100).cast("long").alias("amount_cents"),
                       F.col("ts").cast("long").alias("ts"), F.col("fraud_label").cast("tinyint").alias("fraud_label"),
                       F.lit(False).alias("late"), "seq", F.col("ts").cast("long").alias("arrived_ms")))
         ev.createOrReplaceTempView("raw_events")  # txn_ids are unique (check_counts)
@@ -172,12 +168,12 @@ def _labels_frame(spark, offline_dir: Path):
 
 
 def snapshots(spark, days: list[dt.date],
-              registry: Registry = REGISTRY) -> list[tuple[dt.date, dict[str, pd.DataFrame]]]:
+              registry: Registry = REGISTRY) -> list[tuple[dt.date, dict[str, pa.Table]]]:
     """Every batch group's snapshot for every night of `days`, in one statement (same SQL as DuckDB); one row per
-    entity and night reaches the driver."""
+    entity and night reaches the driver, as Arrow."""
     spark.createDataFrame(nights_table(days), "day long, cutoff_ms long").createOrReplaceTempView("nights")
     spark.createDataFrame(calendar_table(days, registry), "day long").createOrReplaceTempView("calendar")
-    return split_snapshots(spark.sql(batch_sql.snapshots_sql(registry)).toPandas(), days, registry)
+    return split_snapshots(spark.sql(batch_sql.snapshots_sql(registry)).toArrow(), days, registry)
 
 
 def _training_types(registry: Registry) -> dict[str, str]:

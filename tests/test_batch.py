@@ -313,6 +313,35 @@ def test_the_spark_driver_runs_the_parallel_collector():
 
 
 @pytest.mark.integration
+def test_both_engines_round_a_half_cent_to_even_as_the_stream_does(tmp_path):
+    """An amount with a third decimal (outside SPEC section 2's two, yet accepted from a history) becomes cents
+    half to even, as the stream's Python round does, on both engines: 0.125 -> 12 and 0.625 -> 62, where a
+    half-up round gives 13 and 63. The card sums of one night's 1-week snapshot show it."""
+    ties = [0.125, 0.625, 1.125, 2.375, 10.0]  # x 100 is exact in binary: 12.5, 62.5, 112.5, 237.5, 1000
+    rows = [{**r, "amount": ties[i % len(ties)]} for i, r in enumerate(synthetic.history(n=60, disorder=0, late=0))]
+    path = tmp_path / "ties.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    night = dt.date(2020, 1, 2)
+    keyer = EntityKeyer(SECRET)
+    want: dict[str, int] = {}
+    for r in rows:
+        assert r["ts"] < cutoff_ms_of(night)
+        half_even = math.floor(r["amount"] * 100)
+        if r["amount"] * 100 - half_even > 0.5 or (r["amount"] * 100 - half_even == 0.5 and half_even % 2):
+            half_even += 1
+        want[keyer(r["cc_num"])] = want.get(keyer(r["cc_num"]), 0) + half_even
+    assert sum(want.values()) != sum(math.floor(r["amount"] * 100 + 0.5) for r in rows)  # ties change the sum
+    for engine in ("duckdb", "spark"):
+        eng = open_engine(engine, offline_dir=tmp_path / engine, history=path, secret=SECRET, master="local[2]")
+        try:
+            [(_, tables)] = eng.snapshots([night])
+        finally:
+            eng.close()
+        week = tables["card_agg_1w"].to_pandas()
+        assert dict(zip(week["card"], week["sum_cents"], strict=True)) == want, engine
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("problem", ["duplicate id", "negative amount", "NaN amount", "empty card"])
 def test_spark_checks_a_history_like_every_reader_without_collecting_it(tmp_path, problem):
     """The executors check the rows (the driver reads only the footer), with the messages DuckDB gives."""

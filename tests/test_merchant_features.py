@@ -146,11 +146,16 @@ def duckdb_run(data, tmp_path_factory):
     history = write_history(rows, root / "history.parquet")
     eng = open_engine("duckdb", offline_dir=root, history=history, secret=SECRET, registry=REG)
     assert eng.registry is REG
-    nights = eng.snapshots(NIGHTS)
+    nights = as_frames(eng.snapshots(NIGHTS))
     run_snapshots(eng, NIGHTS, offline_dir=root, published=published_at)
     frame = eng.training_set(ms(START), ms(START + dt.timedelta(days=47)))
     eng.close()
     return root, nights, frame
+
+
+def as_frames(nights):
+    """An engine's nights (Arrow tables per group) as pandas frames, for the oracle comparisons."""
+    return [(day, {name: table.to_pandas() for name, table in tables.items()}) for day, tables in nights]
 
 
 def published_at(day: dt.date) -> int:
@@ -201,9 +206,9 @@ def test_scattered_nights_run_alone_equal_the_oracle(data, tmp_path):
     eng = open_engine("duckdb", offline_dir=tmp_path, history=history, secret=SECRET, registry=REG)
     scattered = [NIGHTS[0], NIGHTS[6], NIGHTS[29], EDGE_NIGHT, NIGHTS[-1]]
     try:
-        nights = eng.snapshots(scattered)
-        alone = eng.snapshots([EDGE_NIGHT])
-        apart = eng.snapshots([NIGHTS[0], NIGHTS[-1]])  # further apart than the longest window: two calendar runs
+        nights = as_frames(eng.snapshots(scattered))
+        alone = as_frames(eng.snapshots([EDGE_NIGHT]))
+        apart = as_frames(eng.snapshots([NIGHTS[0], NIGHTS[-1]]))  # further apart than the longest window: two calendar runs
     finally:
         eng.close()
     assert [d for d, _ in nights] == scattered
@@ -289,7 +294,7 @@ def test_no_labels_at_all_counts_no_fraud(data, tmp_path):
     rows, _ = data
     history = write_history(rows, tmp_path / "h.parquet", inline_labels=False)
     eng = open_engine("duckdb", offline_dir=tmp_path, history=history, secret=SECRET, registry=REG)
-    nights = eng.snapshots([EDGE_NIGHT])
+    nights = as_frames(eng.snapshots([EDGE_NIGHT]))
     eng.close()
     txns, labels = oracle_inputs(rows, [], EntityKeyer(SECRET), inline_labels=False)
     assert labels == {}
@@ -388,7 +393,7 @@ def test_archive_source_with_the_label_store_equals_the_oracle(data, tmp_path):
     write_labels(tmp_path, store)
     nights = [EDGE_NIGHT - dt.timedelta(days=3), EDGE_NIGHT]
     eng = open_engine("duckdb", offline_dir=tmp_path, history=None, secret=SECRET, registry=REG)
-    got = dict(eng.snapshots(nights))
+    got = dict(as_frames(eng.snapshots(nights)))
     eng.close()
     txns, labels = oracle_inputs(rows, store, keyer, inline_labels=False)
     for day in nights:
