@@ -26,6 +26,7 @@ from stores.offline_files import (
     archived_labels,
     asof_plan,
     calendar_table,
+    card_numbers,
     cutoff_ms_of,
     finish_training_frame,
     nights_table,
@@ -66,7 +67,8 @@ def load_events(con: duckdb.DuckDBPyConnection, *, offline_dir: Path, history: P
                    {sql.arrival_ms_of_seq('seq')} AS arrived_ms, archived_ms
             FROM read_parquet({files!r}, union_by_name = true)""")
         con.execute(f"CREATE OR REPLACE TEMP VIEW first_events AS {sql.dedup_sql('raw_events', 'seq, archived_ms')}")
-        con.execute(f"CREATE OR REPLACE TEMP TABLE events AS {sql.arrival_order_sql('first_events')}")
+        con.execute(f"CREATE OR REPLACE TEMP TABLE events AS "
+                    f"{sql.arrival_order_sql(sql.with_card_numbers_sql('first_events'))}")
         con.register("labels", archived_labels(offline_dir))
     n = con.execute("SELECT COUNT(*) FROM events").fetchall()[0][0]  # fetchone would leave the result open
     if n == 0:
@@ -125,8 +127,9 @@ def register_history(con: duckdb.DuckDBPyConnection, history: Path, secret: str)
         first = " ".join(str(exc).split("\n", 1)[0].split())[:300]
         raise OfflineError(f"{history}: DuckDB cannot read it ({first}); check the file or regenerate it with "
                            "`velocity generate`") from None
-    con.register("card_keys", pa.table({"cc_num": pa.array(pans, pa.string()),
-                                        "card": pa.array(pan_keys(pans, secret), pa.string())}))
+    keys = pan_keys(pans, secret)
+    con.register("card_keys", pa.table({"cc_num": pa.array(pans, pa.string()), "card": pa.array(keys, pa.string()),
+                                        "card_no": pa.array(card_numbers(keys), pa.int64())}))
     label = "fraud_label" if "fraud_label" in wanted else "NULL"
     # Amounts to cents half to even, as the stream does (Python's round).
     con.execute(f"""
@@ -134,7 +137,7 @@ def register_history(con: duckdb.DuckDBPyConnection, history: Path, secret: str)
         SELECT txn_id, k.card, CAST(merchant AS VARCHAR) AS merchant, CAST(amount AS DOUBLE) AS amount,
                CAST(round_even(CAST(amount AS DOUBLE) * 100, 0) AS BIGINT) AS amount_cents, CAST(ts AS BIGINT) AS ts,
                CAST({label} AS TINYINT) AS fraud_label, FALSE AS late, CAST(seq AS BIGINT) AS seq,
-               CAST(ts AS BIGINT) AS arrived_ms
+               CAST(ts AS BIGINT) AS arrived_ms, k.card_no
         FROM history_file h JOIN card_keys k ON k.cc_num = h.cc_num""")  # txn_ids are unique (checked above)
     return inline
 

@@ -63,6 +63,12 @@ def pan_keys(pans: list[str], secret: str) -> list[str]:
     return [keyer(p) for p in pans]
 
 
+def card_numbers(keys: list[str]) -> list[int]:
+    """`card_no` for each of `keys` (`offline_sql`): one number per distinct key, 1..n in first-seen order."""
+    number: dict[str, int] = {}
+    return [number.setdefault(k, len(number) + 1) for k in keys]
+
+
 def _published_ms_of(path: Path) -> int | None:
     with contextlib.suppress(Exception):  # an unreadable or empty old file is simply replaced
         return int(pq.read_table(path, columns=["published_ms"])[0][0].as_py())

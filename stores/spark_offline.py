@@ -25,6 +25,7 @@ from stores.offline_files import (
     archived_labels,
     asof_plan,
     calendar_table,
+    card_numbers,
     finish_training_frame,
     nights_table,
     pan_keys,
@@ -120,13 +121,15 @@ def load_events(spark, *, offline_dir: Path, history: Path | None, secret: str,
         # A single file is read in order: monotonically increasing ids follow the row order (the stream order).
         raw = raw.withColumn("seq", F.monotonically_increasing_id())
         pans = [r[0] for r in raw.select("cc_num").distinct().collect()]
-        keys = spark.createDataFrame(pd.DataFrame({"cc_num": pans, "card": pan_keys(pans, secret)}))
+        cards = pan_keys(pans, secret)
+        keys = spark.createDataFrame(pd.DataFrame({"cc_num": pans, "card": cards, "card_no": card_numbers(cards)}))
         ev = (raw.join(F.broadcast(keys), "cc_num")
               .select("txn_id", "card", F.col("merchant").cast("string").alias("merchant"),
                       F.col("amount").cast("double").alias("amount"),
                       F.bround(F.col("amount") * 100).cast("long").alias("amount_cents"),
                       F.col("ts").cast("long").alias("ts"), F.col("fraud_label").cast("tinyint").alias("fraud_label"),
-                      F.lit(False).alias("late"), "seq", F.col("ts").cast("long").alias("arrived_ms")))
+                      F.lit(False).alias("late"), "seq", F.col("ts").cast("long").alias("arrived_ms"),
+                      F.col("card_no").cast("long").alias("card_no")))
         ev.createOrReplaceTempView("raw_events")  # txn_ids are unique (check_counts)
         events = spark.sql(sql.arrival_order_sql("raw_events", allowed_lateness_ms))
         labels = _labels_frame(spark, offline_dir)
@@ -148,7 +151,7 @@ def load_events(spark, *, offline_dir: Path, history: Path | None, secret: str,
                    F.expr(sql.arrival_ms_of_seq("seq")).alias("arrived_ms"),
                    "archived_ms").createOrReplaceTempView("raw_events")
         spark.sql(sql.dedup_sql("raw_events", "seq, archived_ms")).createOrReplaceTempView("first_events")
-        events = spark.sql(sql.arrival_order_sql("first_events"))
+        events = spark.sql(sql.arrival_order_sql(sql.with_card_numbers_sql("first_events")))
         labels = _labels_frame(spark, offline_dir)
     labels.createOrReplaceTempView("labels")
     events.cache().createOrReplaceTempView("events")
