@@ -1,6 +1,6 @@
 """Every batch group's nightly snapshots as one SQL text, generated from the declarations, run by DuckDB and Spark.
 
-Inputs: `events` (one row per distinct txn_id, late ones included: `offline_sql.EVENT_COLUMNS`), `nights(day,
+Inputs: `events` (one row per distinct txn_id, late ones included: `offline_sql.EVENT_COLUMNS` and `card_no`), `nights(day,
 cutoff_ms)` (the cut-offs to compute, `day` = the cut-off's UTC day number), `calendar(day)` (every day number from
 each night back the longest batch window: `calendar_days`) and `labels(txn_id, fraud_label, labeled_at)` (every
 label version, possibly none).
@@ -24,6 +24,9 @@ from featurestore.definitions import DAY_MS, REGISTRY, FeatureGroup, Registry
 from featurestore.offline_sql import SNAPSHOT_STATS, day_of, value_sql
 
 AMOUNT_STATS = {"n": "COUNT(*)", "s": "SUM(amount_cents)", "mn": "MIN(amount_cents)", "mx": "MAX(amount_cents)"}
+#: An entity's dense integer column in `events` (`offline_sql`), what its rows are grouped and partitioned by where
+#: one exists: on the 64-character card key that work took twice as long. The key is joined back at the end.
+ENTITY_NUMBER = {"card": "card_no"}
 FRAME_OF = {"n": "SUM", "s": "SUM", "mn": "MIN", "mx": "MAX"}
 
 
@@ -48,16 +51,16 @@ def window_stats(group: FeatureGroup) -> tuple[str, ...]:
 
 
 def known_fraud_sql(registry: Registry, source: str, nights: str, labels: str) -> str:
-    """(txn_id, card, merchant, ts, cutoff_ms): each transaction known as fraud at a night whose longest
+    """(txn_id, card, card_no, merchant, ts, cutoff_ms): each transaction known as fraud at a night whose longest
     fraud-reading window holds it. Only txn_ids with a fraud version are expanded (versions are few)."""
     longest = max(g.window_ms for g in registry.batch_groups if reads_fraud(g))
     return f"""
-    SELECT txn_id, card, merchant, ts, cutoff_ms FROM (
-        SELECT v.txn_id, v.card, v.merchant, v.ts, v.fraud_label, n.cutoff_ms,
+    SELECT txn_id, card, card_no, merchant, ts, cutoff_ms FROM (
+        SELECT v.txn_id, v.card, v.card_no, v.merchant, v.ts, v.fraud_label, n.cutoff_ms,
                ROW_NUMBER() OVER (PARTITION BY v.txn_id, n.cutoff_ms
                                   ORDER BY v.labeled_at DESC, v.fraud_label DESC) AS rn
         FROM (SELECT l.txn_id, CAST(l.fraud_label AS INT) AS fraud_label, CAST(l.labeled_at AS BIGINT) AS labeled_at,
-                     e.card, e.merchant, e.ts
+                     e.card, e.card_no, e.merchant, e.ts
               FROM {labels} l
               JOIN (SELECT DISTINCT txn_id FROM {labels} WHERE fraud_label = 1) i ON i.txn_id = l.txn_id
               JOIN {source} e ON e.txn_id = l.txn_id) v
@@ -80,6 +83,8 @@ def entity_sql(registry: Registry, entity: str, source: str, nights: str, labels
     days [D - W, D - 1]. Only the probes of `nights` are kept."""
     mine = [g for g in registry.batch_groups if g.entity == entity]
     col = mine[0].entity_column
+    number = ENTITY_NUMBER.get(col)
+    by = number or col  # what the entity's rows are grouped and partitioned by
     stats = [k for k in AMOUNT_STATS if any(k in g.stats for g in mine) or k == "n"]
     additive = [k for k in stats if FRAME_OF[k] == "SUM"]
     longest_days = max(g.window_ms for g in mine) // DAY_MS
@@ -103,8 +108,8 @@ def entity_sql(registry: Registry, entity: str, source: str, nights: str, labels
     if fraud_groups:
         counts = ", ".join(f"SUM(CASE WHEN ts >= cutoff_ms - {int(g.window_ms)} THEN 1 ELSE 0 END) AS "
                            f"{stat_column(g, 'f')}" for g in fraud_groups)
-        fraud_join = f"""LEFT JOIN (SELECT {col} AS k, cutoff_ms, {counts}
-                   FROM ({known_fraud_sql(registry, source, nights, labels)}) kf GROUP BY {col}, cutoff_ms) kf
+        fraud_join = f"""LEFT JOIN (SELECT {by} AS k, cutoff_ms, {counts}
+                   FROM ({known_fraud_sql(registry, source, nights, labels)}) kf GROUP BY {by}, cutoff_ms) kf
           ON kf.k = w.k AND kf.cutoff_ms = n.cutoff_ms"""
     out = []
     for g in registry.batch_groups:
@@ -121,23 +126,27 @@ def entity_sql(registry: Registry, entity: str, source: str, nights: str, labels
                               typed.get("f", "0"), a.column)
             out.append(f"{value} AS {a.name}")
     present = " OR ".join(f"w.{stat_column(g, 'n')} > 0" for g in mine)
+    key, key_join = "w.k", ""
+    if number:
+        key, key_join = "m.key", f"JOIN (SELECT DISTINCT {number} AS k, {col} AS key FROM {source}) m ON m.k = w.k"
     return f"""
-    SELECT '{entity}' AS entity, w.k AS entity_key, CAST(n.cutoff_ms AS BIGINT) AS cutoff_ms, {', '.join(out)}
+    SELECT '{entity}' AS entity, {key} AS entity_key, CAST(n.cutoff_ms AS BIGINT) AS cutoff_ms, {', '.join(out)}
     FROM (
         SELECT k, day, {', '.join(frames)}
         FROM (
             SELECT k, day, kind, {', '.join([running, *extremes])}
             FROM (
-                SELECT {col} AS k, {day_of('ts')} AS day, 1 AS kind, {day_stats}
+                SELECT {by} AS k, {day_of('ts')} AS day, 1 AS kind, {day_stats}
                 FROM {source} GROUP BY 1, 2
                 UNION ALL
                 SELECT s.k, c.day, 0 AS kind, {probe_stats}
-                FROM (SELECT {col} AS k, MIN({day_of('ts')}) AS lo, MAX({day_of('ts')}) AS hi FROM {source} GROUP BY 1) s
+                FROM (SELECT {by} AS k, MIN({day_of('ts')}) AS lo, MAX({day_of('ts')}) AS hi FROM {source} GROUP BY 1) s
                 JOIN {calendar} c ON c.day > s.lo AND c.day <= s.hi + {int(longest_days)}
             ) r
         ) t WHERE kind = 0
     ) w
     JOIN {nights} n ON n.day = w.day
+    {key_join}
     {fraud_join}
     WHERE {present}
     """
