@@ -51,7 +51,11 @@ def load_events(con: duckdb.DuckDBPyConnection, *, offline_dir: Path, history: P
     """
     if history is not None:
         inline_labels = register_history(con, Path(history), secret)
-        con.execute(f"CREATE OR REPLACE TEMP TABLE events AS {sql.arrival_order_sql('raw_events', allowed_lateness_ms)}")
+        try:  # the rows' other columns are read here (a damaged page, a label that is no small integer)
+            con.execute(f"CREATE OR REPLACE TEMP TABLE events AS "
+                        f"{sql.arrival_order_sql('raw_events', allowed_lateness_ms)}")
+        except duckdb.Error as exc:
+            raise OfflineError(unreadable_history(history, exc)) from None
         con.register("labels", pa.concat_tables([archived_labels(offline_dir), inline_labels]))
     else:
         try:
@@ -97,6 +101,8 @@ def register_history(con: duckdb.DuckDBPyConnection, history: Path, secret: str)
 
     try:
         schema = schema_of(history)  # the footer only; None for a CSV, typed by the reader
+        if schema is not None and set(str(history)) & set("*?[]{}"):
+            schema = None  # DuckDB would take the name for a glob pattern: read it as a table instead
         table = None if schema is not None else read_table(history)
         check_schema(history, schema if table is None else table.schema)
         names = schema.names if table is None else table.column_names
@@ -124,9 +130,7 @@ def register_history(con: duckdb.DuckDBPyConnection, history: Path, secret: str)
     except HistoryError as exc:
         raise OfflineError(str(exc)) from None
     except duckdb.Error as exc:
-        first = " ".join(str(exc).split("\n", 1)[0].split())[:300]
-        raise OfflineError(f"{history}: DuckDB cannot read it ({first}); check the file or regenerate it with "
-                           "`velocity generate`") from None
+        raise OfflineError(unreadable_history(history, exc)) from None
     keys = pan_keys(pans, secret)
     con.register("card_keys", pa.table({"cc_num": pa.array(pans, pa.string()), "card": pa.array(keys, pa.string()),
                                         "card_no": pa.array(card_numbers(keys), pa.int64())}))
@@ -140,6 +144,11 @@ def register_history(con: duckdb.DuckDBPyConnection, history: Path, secret: str)
                CAST(ts AS BIGINT) AS arrived_ms, k.card_no
         FROM history_file h JOIN card_keys k ON k.cc_num = h.cc_num""")  # txn_ids are unique (checked above)
     return inline
+
+
+def unreadable_history(history: Path, exc: Exception) -> str:
+    first = " ".join(str(exc).split("\n", 1)[0].split())[:300]
+    return f"{history}: DuckDB cannot read it ({first}); check the file or regenerate it with `velocity generate`"
 
 
 def snapshots_duckdb(con: duckdb.DuckDBPyConnection, days: list[dt.date],

@@ -312,6 +312,34 @@ def test_the_spark_driver_runs_the_parallel_collector():
     assert spark.conf.get("spark.sql.autoBroadcastJoinThreshold") in ("256m", str(256 << 20))
 
 
+@pytest.mark.unit
+@pytest.mark.parametrize("name", ["h[1].parquet", "h*.parquet", "it's.parquet"])
+def test_duckdb_reads_a_history_whose_name_looks_like_a_glob_or_holds_a_quote(tmp_path, name):
+    """DuckDB reads a Parquet history where it lies, by name: a name it would take for a pattern, or that holds a
+    quote, still reads that one file (a decoy beside it would match the pattern)."""
+    rows = synthetic.history(n=30, disorder=0, late=0)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / name)
+    pq.write_table(pa.Table.from_pylist(rows[:5]), tmp_path / "h1.parquet")  # what h[1] would glob to
+    eng = open_engine("duckdb", offline_dir=tmp_path / "off", history=tmp_path / name, secret=SECRET)
+    try:
+        assert eng._con.execute("SELECT COUNT(*) FROM events").fetchall()[0][0] == len(rows)
+    finally:
+        eng.close()
+
+
+@pytest.mark.unit
+def test_a_history_label_duckdb_cannot_read_is_a_clear_error(tmp_path):
+    """A fraud_label that is no small integer fails when the events are built, after the checks: a one-line
+    OfflineError naming the file, not a DuckDB traceback."""
+    rows = [{**r, "fraud_label": 300 if i == 3 else r["fraud_label"]}
+            for i, r in enumerate(synthetic.history(n=20, disorder=0, late=0))]
+    bad = tmp_path / "labels.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), bad)
+    with pytest.raises(OfflineError, match="cannot read it") as info:
+        open_engine("duckdb", offline_dir=tmp_path, history=bad, secret=SECRET)
+    assert str(bad) in str(info.value)
+
+
 @pytest.mark.integration
 def test_both_engines_round_a_half_cent_to_even_as_the_stream_does(tmp_path):
     """An amount with a third decimal (outside SPEC section 2's two, yet accepted from a history) becomes cents
