@@ -69,6 +69,12 @@ def _quiet(spark):
     return spark
 
 
+def literal_path(path: Path) -> str:
+    """A path Spark reads as that one file: its reader globs (Hadoop's patterns), so h[1].parquet would read
+    h1.parquet; a backslash makes each pattern character literal."""
+    return "".join("\\" + c if c in "\\*?[]{}" else c for c in str(path))
+
+
 def load_events(spark, *, offline_dir: Path, history: Path | None, secret: str,
                 allowed_lateness_ms: int = DEFAULT_ALLOWED_LATENESS_MS) -> int:
     """Register the deduplicated `events` view and the `labels` relation (same rules as the DuckDB loader);
@@ -90,12 +96,12 @@ def load_events(spark, *, offline_dir: Path, history: Path | None, secret: str,
             schema_of,
         )
 
-        path = str(Path(history).resolve())
+        path = literal_path(Path(history).resolve())
         schema = schema_of(history)  # the footer only: the rows are checked by the executors below
         if schema is not None:
             check_schema(history, schema)
         try:
-            if path.lower().endswith(".csv"):
+            if str(history).lower().endswith(".csv"):
                 # Columns by header name (any order, extra ones ignored, labeled_at read when present), as
                 # stores.history reads a CSV for DuckDB; every value arrives as a string and is cast here.
                 raw = spark.read.option("header", True).csv(path)

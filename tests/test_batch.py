@@ -327,6 +327,22 @@ def test_duckdb_reads_a_history_whose_name_looks_like_a_glob_or_holds_a_quote(tm
         eng.close()
 
 
+@pytest.mark.integration
+def test_spark_reads_a_history_whose_name_looks_like_a_glob(tmp_path):
+    """Spark's reader globs (Hadoop patterns): h[1].parquet must still read that file, not h1.parquet beside it."""
+    rows = synthetic.history(n=30, disorder=0, late=0)
+    for name in ("h[1].parquet", "h*.parquet"):
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / name)
+    pq.write_table(pa.Table.from_pylist(rows[:5]), tmp_path / "h1.parquet")
+    for name in ("h[1].parquet", "h*.parquet"):
+        eng = open_engine("spark", offline_dir=tmp_path / "off", history=tmp_path / name, secret=SECRET,
+                          master="local[2]")
+        try:
+            assert eng._spark.sql("SELECT COUNT(*) FROM events").first()[0] == len(rows), name
+        finally:
+            eng.close()
+
+
 @pytest.mark.unit
 def test_a_history_label_duckdb_cannot_read_is_a_clear_error(tmp_path):
     """A fraud_label that is no small integer fails when the events are built, after the checks: a one-line
