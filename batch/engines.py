@@ -191,13 +191,11 @@ def run_snapshots(engine: Engine, days: list[dt.date], *, offline_dir: Path, onl
     return written
 
 
-def publish_online(online, day: dt.date, tables: Mapping[str, pa.Table] | pa.Table, published_ms: int,
+def publish_online(online, day: dt.date, tables: Mapping[str, pa.Table], published_ms: int,
                    registry: Registry = REGISTRY) -> None:
     """Materialize one night's snapshot tables (group name -> table) in the online store, every group at once:
     the batch job's publish step, also what `velocity features rebuild` calls to restore snapshots from the
-    offline store (one path, so both agree). A lone table is the first batch group's (the legacy layout)."""
-    if isinstance(tables, pa.Table):
-        tables = {registry.batch_groups[0].name: tables}
+    offline store (one path, so both agree)."""
     rows = {g.name: snapshot_rows(tables[g.name], g) for g in registry.batch_groups if g.name in tables}
     online.write_snapshot(cutoff_ms_of(day), rows, published_ms=published_ms)
 

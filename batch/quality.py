@@ -21,7 +21,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 from featurestore.definitions import FeatureGroup
@@ -38,15 +37,7 @@ class QualityError(ValueError):
     """A night failed the gate; nothing was published."""
 
 
-#: A night's snapshot of one group: the engines' Arrow table, or a frame of the same columns.
-Snapshot = pa.Table | pd.DataFrame
-
-
-def _columns(frame: Snapshot) -> list[str]:
-    return frame.column_names if isinstance(frame, pa.Table) else list(frame.columns)
-
-
-def _floats(frame: Snapshot, column: str) -> np.ndarray:
+def _floats(frame: pa.Table, column: str) -> np.ndarray:
     """A column as float64 (nulls NaN)."""
     return np.asarray(frame[column], dtype="float64")
 
@@ -58,10 +49,10 @@ def _median(values: np.ndarray) -> float:
     return float(np.median(kept)) if len(kept) else float("nan")
 
 
-def feature_values(frame: Snapshot, group: FeatureGroup) -> dict[str, np.ndarray]:
+def feature_values(frame: pa.Table, group: FeatureGroup) -> dict[str, np.ndarray]:
     """The group's declared features that are compared night to night (not those over known_fraud), from a
     snapshot's statistics (amounts in currency units)."""
-    present = _columns(frame)
+    present = frame.column_names
     col = {k: _floats(frame, v) for k, v in SNAPSHOT_STATS.items() if v in present}
     n = col["n"]
     nan = np.full_like(n, np.nan)
@@ -71,10 +62,10 @@ def feature_values(frame: Snapshot, group: FeatureGroup) -> dict[str, np.ndarray
     return {a.name: derived[a.function] for a in group.features if a.column != "known_fraud"}
 
 
-def invalid_values(frame: Snapshot, entity: str = "card") -> list[str]:
+def invalid_values(frame: pa.Table, entity: str = "card") -> list[str]:
     """Statistics no real window can have."""
     problems = []
-    present = _columns(frame)
+    present = frame.column_names
     n = _floats(frame, SNAPSHOT_STATS["n"])
     if (bad := int(np.sum(~(n >= 1)))):
         problems.append(f"{bad} {entity}(s) with a transaction count below 1")
@@ -93,7 +84,7 @@ def invalid_values(frame: Snapshot, entity: str = "card") -> list[str]:
     return problems
 
 
-def drift(frame: Snapshot, previous: Snapshot, group: FeatureGroup, limits: QualityLimits) -> list[str]:
+def drift(frame: pa.Table, previous: pa.Table, group: FeatureGroup, limits: QualityLimits) -> list[str]:
     """Changes against the previous night beyond the limits."""
     problems = []
     rows, prev_rows = len(frame), len(previous)
@@ -109,7 +100,7 @@ def drift(frame: Snapshot, previous: Snapshot, group: FeatureGroup, limits: Qual
     return problems
 
 
-def night_problems(nights: Sequence[tuple[dt.date, Snapshot]], previous: tuple[dt.date, Snapshot] | None,
+def night_problems(nights: Sequence[tuple[dt.date, pa.Table]], previous: tuple[dt.date, pa.Table] | None,
                    group: FeatureGroup, *, data_start_ms: int, limits: QualityLimits = QualityLimits()) -> list[str]:
     """One group's failures over a run's nights in date order, each against the night before it (the run's, or
     the latest published one before the run)."""
@@ -134,14 +125,14 @@ def _refuse(failures: list[str]) -> None:
                            + " (inspect the input; rerun with --skip-quality-gate to publish anyway)")
 
 
-def check_nights(nights: Sequence[tuple[dt.date, Snapshot]], previous: tuple[dt.date, Snapshot] | None,
+def check_nights(nights: Sequence[tuple[dt.date, pa.Table]], previous: tuple[dt.date, pa.Table] | None,
                  group: FeatureGroup, *, data_start_ms: int, limits: QualityLimits = QualityLimits()) -> None:
     """Check one group's nights. Raises QualityError naming every failing night and check."""
     _refuse(night_problems(nights, previous, group, data_start_ms=data_start_ms, limits=limits))
 
 
-def check_groups(nights: Sequence[tuple[dt.date, Mapping[str, Snapshot]]],
-                 previous: Mapping[str, tuple[dt.date, Snapshot] | None], groups: Sequence[FeatureGroup], *,
+def check_groups(nights: Sequence[tuple[dt.date, Mapping[str, pa.Table]]],
+                 previous: Mapping[str, tuple[dt.date, pa.Table] | None], groups: Sequence[FeatureGroup], *,
                  data_start_ms: int, limits: QualityLimits = QualityLimits()) -> None:
     """Check every batch group of every night (`Engine.snapshots`' shape). Raises QualityError naming every
     failing group, night and check: one failure refuses the whole run."""

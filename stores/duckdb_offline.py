@@ -21,6 +21,7 @@ from featurestore import batch_sql
 from featurestore import offline_sql as sql
 from featurestore.definitions import DEFAULT_ALLOWED_LATENESS_MS, REGISTRY, FeatureGroup, Registry
 from stores.archive import ArchiveError, archive_dir, archive_files
+from stores.history import engine_cannot_read
 from stores.offline_files import (
     OfflineError,
     archived_labels,
@@ -55,7 +56,7 @@ def load_events(con: duckdb.DuckDBPyConnection, *, offline_dir: Path, history: P
             con.execute(f"CREATE OR REPLACE TEMP TABLE events AS "
                         f"{sql.arrival_order_sql('raw_events', allowed_lateness_ms)}")
         except duckdb.Error as exc:
-            raise OfflineError(unreadable_history(history, exc)) from None
+            raise OfflineError(engine_cannot_read(history, "DuckDB", exc)) from None
         con.register("labels", pa.concat_tables([archived_labels(offline_dir), inline_labels]))
     else:
         try:
@@ -88,6 +89,7 @@ def register_history(con: duckdb.DuckDBPyConnection, history: Path, secret: str)
     distinct card numbers (to key them) reach Python. Reading it into an Arrow table first cost more time than
     the checks and doubled the memory the load touches."""
     from stores.history import (
+        GLOB_CHARACTERS,
         OPTIONAL,
         REQUIRED,
         HistoryError,
@@ -101,7 +103,7 @@ def register_history(con: duckdb.DuckDBPyConnection, history: Path, secret: str)
 
     try:
         schema = schema_of(history)  # the footer only; None for a CSV, typed by the reader
-        if schema is not None and set(str(history)) & set("*?[]{}"):
+        if schema is not None and set(str(history)) & set(GLOB_CHARACTERS):
             schema = None  # DuckDB would take the name for a glob pattern: read it as a table instead
         table = None if schema is not None else read_table(history)
         check_schema(history, schema if table is None else table.schema)
@@ -130,7 +132,7 @@ def register_history(con: duckdb.DuckDBPyConnection, history: Path, secret: str)
     except HistoryError as exc:
         raise OfflineError(str(exc)) from None
     except duckdb.Error as exc:
-        raise OfflineError(unreadable_history(history, exc)) from None
+        raise OfflineError(engine_cannot_read(history, "DuckDB", exc)) from None
     keys = pan_keys(pans, secret)
     con.register("card_keys", pa.table({"cc_num": pa.array(pans, pa.string()), "card": pa.array(keys, pa.string()),
                                         "card_no": pa.array(card_numbers(keys), pa.int64())}))
@@ -144,11 +146,6 @@ def register_history(con: duckdb.DuckDBPyConnection, history: Path, secret: str)
                CAST(ts AS BIGINT) AS arrived_ms, k.card_no
         FROM history_file h JOIN card_keys k ON k.cc_num = h.cc_num""")  # txn_ids are unique (checked above)
     return inline
-
-
-def unreadable_history(history: Path, exc: Exception) -> str:
-    first = " ".join(str(exc).split("\n", 1)[0].split())[:300]
-    return f"{history}: DuckDB cannot read it ({first}); check the file or regenerate it with `velocity generate`"
 
 
 def snapshots_duckdb(con: duckdb.DuckDBPyConnection, days: list[dt.date],

@@ -73,6 +73,17 @@ def label_time_without_label(path: Path) -> str:
             "fraud_label became known, so add fraud_label (0/1) or drop labeled_at")
 
 
+#: What a file reader that globs (DuckDB, Spark's Hadoop paths) takes for a pattern in a file name.
+GLOB_CHARACTERS = "*?[]{}"
+
+
+def engine_cannot_read(path: Path, engine: str, exc: Exception) -> str:
+    """The one-line error for a history an engine fails to read after its checks passed (a damaged page, a value
+    its types cannot hold): the file, the engine's first line, what to do."""
+    first = " ".join(str(exc).split("\n", 1)[0].split())[:300]
+    return f"{path}: {engine} cannot read it ({first}); check the file or regenerate it with `velocity generate`"
+
+
 def counts_sql(source: str) -> str:
     """The counts `check_counts` needs, over a relation of the history's rows, as one SQL text DuckDB and Spark
     both run (the rows are checked where they are, never collected). A NaN amount is counted apart: both engines

@@ -161,7 +161,7 @@ def calendar_table(days: list[dt.date], registry: Registry = REGISTRY) -> pd.Dat
     return pd.DataFrame({"day": np.array(calendar_days(nights, registry), dtype=np.int64)})
 
 
-def split_snapshots(wide: pa.Table | pd.DataFrame, days: list[dt.date],
+def split_snapshots(table: pa.Table, days: list[dt.date],
                     registry: Registry = REGISTRY) -> list[tuple[dt.date, dict[str, pa.Table]]]:
     """The wide result of `batch_sql.snapshots_sql` as one Arrow table per night and batch group, in `days`
     order: the group's entity column, its statistics (`offline_sql.SNAPSHOT_STATS`, integers), its features and
@@ -175,7 +175,6 @@ def split_snapshots(wide: pa.Table | pd.DataFrame, days: list[dt.date],
 
     from featurestore.batch_sql import stat_column
 
-    table = wide if isinstance(wide, pa.Table) else pa.Table.from_pandas(wide, preserve_index=False)
     per_group = {}
     of_entity = {e: pc.equal(table["entity"], e) for e in dict.fromkeys(g.entity for g in registry.batch_groups)}
     for g in registry.batch_groups:

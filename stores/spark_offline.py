@@ -72,7 +72,9 @@ def _quiet(spark):
 def literal_path(path: Path) -> str:
     """A path Spark reads as that one file: its reader globs (Hadoop's patterns), so h[1].parquet would read
     h1.parquet; a backslash makes each pattern character literal."""
-    return "".join("\\" + c if c in "\\*?[]{}" else c for c in str(path))
+    from stores.history import GLOB_CHARACTERS
+
+    return "".join("\\" + c if c in "\\" + GLOB_CHARACTERS else c for c in str(path))
 
 
 def load_events(spark, *, offline_dir: Path, history: Path | None, secret: str,
@@ -92,6 +94,7 @@ def load_events(spark, *, offline_dir: Path, history: Path | None, secret: str,
             check_count_row,
             check_schema,
             counts_sql,
+            engine_cannot_read,
             label_time_without_label,
             schema_of,
         )
@@ -117,9 +120,7 @@ def load_events(spark, *, offline_dir: Path, history: Path | None, secret: str,
             raw.createOrReplaceTempView("history_file")
             counts = spark.sql(counts_sql("history_file")).first().asDict()
         except PySparkException as exc:
-            first = " ".join(str(exc).split("\n", 1)[0].split())[:300]
-            raise OfflineError(f"{history}: Spark cannot read it ({first}); check the file or regenerate it with "
-                               "`velocity generate`") from None
+            raise OfflineError(engine_cannot_read(history, "Spark", exc)) from None
         try:
             check_count_row(history, counts)
         except HistoryError as exc:

@@ -346,7 +346,7 @@ def test_quality_gate_covers_every_group_but_lets_fraud_rates_jump():
         f["merchant_num_trans_7d"] = f["count"]
         f["merchant_fraud_count_7d"] = f["fraud_count"].astype(float)
         f["merchant_fraud_rate_7d"] = f["fraud_count"] / f["count"]
-        return f
+        return pa.Table.from_pandas(f, preserve_index=False)  # as the engines hand nights to the gate
 
     calm, burst = night(0), night(9)
     check_groups([(days[0], {g.name: calm}), (days[1], {g.name: burst})], {}, [g], data_start_ms=0)

@@ -80,13 +80,12 @@ def test_a_night_far_from_the_night_before_is_not_published(tmp_path, change, ex
 
 
 def test_impossible_values_fail_the_gate_whatever_the_night_before():
-    import pandas as pd
+    import pyarrow as pa
 
     from batch.quality import check_nights
     from featurestore.definitions import REGISTRY
 
-    frame = pd.DataFrame({"card": ["a", "b", "c"], "count": [3, 0, 2], "sum_cents": [900, 0, -5],
-                          "cutoff_ms": [0, 0, 0]})
+    frame = pa.table({"card": ["a", "b", "c"], "count": [3, 0, 2], "sum_cents": [900, 0, -5], "cutoff_ms": [0, 0, 0]})
     with pytest.raises(QualityError) as info:
         check_nights([(dt.date(2020, 3, 9), frame)], None, REGISTRY.batch_group, data_start_ms=0)
     assert "1 card(s) with a transaction count below 1" in str(info.value)
