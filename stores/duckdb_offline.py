@@ -103,8 +103,10 @@ def register_history(con: duckdb.DuckDBPyConnection, history: Path, secret: str)
 
     try:
         schema = schema_of(history)  # the footer only; None for a CSV, typed by the reader
-        if schema is not None and set(str(history)) & set(GLOB_CHARACTERS):
-            schema = None  # DuckDB would take the name for a glob pattern: read it as a table instead
+        if schema is not None and (set(str(history)) & set(GLOB_CHARACTERS) or "file_row_number" in schema.names):
+            # DuckDB would take the name for a glob pattern, or refuse a column of the name its row number takes
+            # (extra columns are allowed): read it as a table instead.
+            schema = None
         table = None if schema is not None else read_table(history)
         check_schema(history, schema if table is None else table.schema)
         names = schema.names if table is None else table.column_names

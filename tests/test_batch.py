@@ -327,6 +327,21 @@ def test_duckdb_reads_a_history_whose_name_looks_like_a_glob_or_holds_a_quote(tm
         eng.close()
 
 
+@pytest.mark.unit
+def test_duckdb_reads_a_history_with_its_own_row_number_and_seq_columns(tmp_path):
+    """Extra columns are allowed (SPEC section 2), even those named like what the loader adds: the row order still
+    gives seq, and the file's own values are ignored."""
+    rows = [{**r, "file_row_number": 7, "seq": -1} for r in synthetic.history(n=20, disorder=0, late=0)]
+    path = tmp_path / "extra.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    eng = open_engine("duckdb", offline_dir=tmp_path / "off", history=path, secret=SECRET)
+    try:
+        got = eng._con.execute("SELECT txn_id, seq FROM events ORDER BY seq").fetchall()
+    finally:
+        eng.close()
+    assert got == [(r["txn_id"], i) for i, r in enumerate(rows)]
+
+
 @pytest.mark.integration
 def test_spark_reads_a_history_whose_name_looks_like_a_glob(tmp_path):
     """Spark's reader globs (Hadoop patterns): h[1].parquet must still read that file, not h1.parquet beside it."""
