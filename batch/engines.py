@@ -17,6 +17,7 @@ import pyarrow as pa
 from batch.quality import QualityLimits
 from featurestore.definitions import DEFAULT_ALLOWED_LATENESS_MS, REGISTRY, FeatureGroup, Registry
 from featurestore.offline_sql import SNAPSHOT_STATS
+from stores.arrow_memory import use_batch_allocator
 from stores.offline_files import (
     FILE_THREADS,
     OfflineError,
@@ -117,6 +118,7 @@ def open_engine(name: str, *, offline_dir: Path, history: Path | None, secret: s
     """An engine over the history file or the stream's archive, computing the features `registry` declares."""
     common = dict(offline_dir=offline_dir, history=history, secret=secret, allowed_lateness_ms=allowed_lateness_ms,
                   registry=registry)
+    use_batch_allocator()  # the nightly tables and training batches are large Arrow buffers
     if name == "duckdb":
         return DuckDBEngine(**common)
     if name == "spark":
