@@ -163,6 +163,40 @@ def test_snapshot_equals_brute_force_and_rerun_is_idempotent(rows, history_file,
     assert online_store.snapshot_cutoffs() == [cutoff_ms_of(d) for d in days]
 
 
+@pytest.mark.integration
+def test_a_failed_snapshot_write_stops_the_run_and_redis_gets_only_complete_nights(history_file, tmp_path,
+                                                                                   online_store, monkeypatch):
+    import time
+
+    import batch.engines as engines
+    from stores.offline_files import snapshot_path
+
+    failing = 2  # DAYS[2]'s card_agg_1w file cannot be written
+    real = engines.write_snapshot_file
+
+    def write(table, offline_dir, day, published_ms, group):
+        if day == DAYS[failing] and group == "card_agg_1w":
+            time.sleep(0.3)  # a slow failure: the other writer threads go on meanwhile
+            raise OSError(28, "No space left on device")
+        return real(table, offline_dir, day, published_ms, group)
+
+    monkeypatch.setattr(engines, "write_snapshot_file", write)
+    monkeypatch.setattr(engines, "NIGHTS_AHEAD", 2)
+    eng = open_engine("duckdb", offline_dir=tmp_path, history=history_file, secret=SECRET)
+    with pytest.raises(OSError, match="No space left"):
+        run_snapshots(eng, DAYS, offline_dir=tmp_path, online=online_store, quality=None)
+    eng.close()
+    names = [g.name for g in eng.registry.batch_groups]
+    # Redis holds the nights before the failed one, each with every file in place; nothing from the failed night on.
+    assert online_store.snapshot_cutoffs() == [cutoff_ms_of(d) for d in DAYS[:failing]]
+    for day in DAYS[:failing]:
+        assert all(snapshot_path(tmp_path, day, n).exists() for n in names)
+    assert not snapshot_path(tmp_path, DAYS[failing], "card_agg_1w").exists()
+    # Nights queued behind the failed one may have been written; none beyond the look-ahead was started.
+    for day in DAYS[failing + 2 + 1:]:
+        assert not any(snapshot_path(tmp_path, day, n).exists() for n in names), day
+
+
 @pytest.mark.unit
 def test_as_of_join_takes_latest_cutoff_at_or_before_t(tmp_path):
     day1, day3 = dt.date(2020, 1, 2), dt.date(2020, 1, 4)
