@@ -17,7 +17,6 @@ import contextlib
 import datetime as dt
 import os
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,7 @@ from featurestore.ratios import compute_ratio_columns
 
 DAY_MS = 86_400_000
 SNAPSHOT_GROUP = "card_agg_1w"
-#: Snapshot files read or written at once: a backfill is nights x groups small files, and Parquet releases the GIL.
+#: Snapshot files written at once: a backfill is nights x groups small files, and Parquet encoding releases the GIL.
 FILE_THREADS = 4
 
 
@@ -69,9 +68,34 @@ def card_numbers(keys: list[str]) -> list[int]:
     return [number.setdefault(k, len(number) + 1) for k in keys]
 
 
+def constants_of(path: Path, columns: tuple[str, ...]) -> tuple[int, ...] | None:
+    """The values every row of a snapshot file holds in `columns` (`cutoff_ms`, `published_ms`), None for an empty
+    file. Read from the footer's statistics where they pin them (min = max in every row group): a training set
+    looks at every snapshot file of every group (912 at seed scale), and reading the columns themselves took
+    1.35 s against 0.3 s. A file without such statistics (another writer) has the columns read."""
+    meta = pq.read_metadata(path)
+    if meta.num_rows == 0:
+        return None
+    paths = [meta.schema.column(i).path for i in range(meta.num_columns)]
+    found = []
+    for column in columns:
+        values = set()
+        for i in range(meta.num_row_groups):
+            stats = meta.row_group(i).column(paths.index(column)).statistics
+            if stats is None or not stats.has_min_max or stats.null_count:
+                values = set()
+                break
+            values |= {stats.min, stats.max}
+        if len(values) != 1:
+            table = pq.read_table(path, columns=list(columns))
+            return tuple(int(table[c][0].as_py()) for c in columns)
+        found.append(int(values.pop()))
+    return tuple(found)
+
+
 def _published_ms_of(path: Path) -> int | None:
     with contextlib.suppress(Exception):  # an unreadable or empty old file is simply replaced
-        return int(pq.read_table(path, columns=["published_ms"])[0][0].as_py())
+        return constants_of(path, ("published_ms",))[0]
     return None
 
 
@@ -104,14 +128,11 @@ def write_snapshot_file(frame: pd.DataFrame | pa.Table, offline_dir: Path, day: 
 def snapshot_publications(offline_dir: Path, group: str = SNAPSHOT_GROUP) -> dict[int, int]:
     """cut-off ms -> published ms of every snapshot of `group` in the offline store (an empty snapshot: nothing
     to join)."""
-    def read(path: Path) -> pa.Table:
-        return pq.read_table(path, columns=["cutoff_ms", "published_ms"])
-
     out = {}
-    with ThreadPoolExecutor(FILE_THREADS, thread_name_prefix="snapshot-read") as pool:
-        for table in pool.map(read, read_snapshots(offline_dir, group)):
-            if table.num_rows:
-                out[int(table["cutoff_ms"][0].as_py())] = int(table["published_ms"][0].as_py())
+    for path in read_snapshots(offline_dir, group):  # footers only: threads would only contend for the GIL
+        pinned = constants_of(path, ("cutoff_ms", "published_ms"))
+        if pinned is not None:
+            out[pinned[0]] = pinned[1]
     return out
 
 

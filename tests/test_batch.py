@@ -198,6 +198,30 @@ def test_a_failed_snapshot_write_stops_the_run_and_redis_gets_only_complete_nigh
 
 
 @pytest.mark.unit
+def test_publication_times_come_from_the_footer_or_else_the_column(tmp_path):
+    from stores.offline_files import snapshot_path, snapshot_publications, write_snapshot_file
+
+    day1, day2, day3 = dt.date(2020, 1, 5), dt.date(2020, 1, 6), dt.date(2020, 1, 7)
+    c1, c2 = cutoff_ms_of(day1), cutoff_ms_of(day2)
+
+    def night(c):
+        return pa.table({"card": ["a", "b"], "count": [1, 2], "sum_cents": [5, 6], "num_trans_last_1w": [1, 2],
+                         "avg_amt_last_1w": [0.05, 0.03], "cutoff_ms": [c, c]})
+
+    write_snapshot_file(night(c1), tmp_path, day1, c1 + 7, "card_agg_1w")  # the batch job's files: with statistics
+    other = snapshot_path(tmp_path, day2, "card_agg_1w")  # another writer's, without statistics
+    other.parent.mkdir(parents=True)
+    pq.write_table(night(c2).append_column("published_ms", pa.array([c2 + 9] * 2)), other, write_statistics=False)
+    empty = snapshot_path(tmp_path, day3, "card_agg_1w")  # an empty night: nothing to join
+    empty.parent.mkdir(parents=True)
+    pq.write_table(night(0).slice(0, 0).append_column("published_ms", pa.array([], pa.int64())), empty)
+    assert snapshot_publications(tmp_path, "card_agg_1w") == {c1: c1 + 7, c2: c2 + 9}
+    # A rerun of night 2 keeps the publication time recorded there (read from the column: no statistics).
+    write_snapshot_file(night(c2), tmp_path, day2, c2 + 50, "card_agg_1w")
+    assert snapshot_publications(tmp_path, "card_agg_1w") == {c1: c1 + 7, c2: c2 + 9}
+
+
+@pytest.mark.unit
 def test_as_of_join_takes_latest_cutoff_at_or_before_t(tmp_path):
     day1, day3 = dt.date(2020, 1, 2), dt.date(2020, 1, 4)
     c1, c3 = cutoff_ms_of(day1), cutoff_ms_of(day3)
