@@ -84,16 +84,24 @@ def invalid_values(frame: pa.Table, entity: str = "card") -> list[str]:
     return problems
 
 
-def drift(frame: pa.Table, previous: pa.Table, group: FeatureGroup, limits: QualityLimits) -> list[str]:
-    """Changes against the previous night beyond the limits."""
+def feature_medians(frame: pa.Table, group: FeatureGroup) -> dict[str, float]:
+    """Each compared feature's median over a night's entities (NaN when none has a value)."""
+    return {name: _median(values) for name, values in feature_values(frame, group).items()}
+
+
+def drift(frame: pa.Table, previous: pa.Table, group: FeatureGroup, limits: QualityLimits,
+          medians: Mapping[str, float] | None = None, previous_medians: Mapping[str, float] | None = None) -> list[str]:
+    """Changes against the previous night beyond the limits. A backfill passes the nights' medians it already
+    has (`feature_medians`): each night is the next one's previous night."""
     problems = []
     rows, prev_rows = len(frame), len(previous)
     if prev_rows and abs(rows / prev_rows - 1) > limits.max_row_change:
         problems.append(f"{rows:,} {group.entity}s against {prev_rows:,} the night before "
                         f"(more than {limits.max_row_change:.0%} change)")
-    now, before = feature_values(frame, group), feature_values(previous, group)
-    for name, values in now.items():
-        m, p = _median(values), _median(before[name])
+    now = feature_medians(frame, group) if medians is None else medians
+    before = feature_medians(previous, group) if previous_medians is None else previous_medians
+    for name, m in now.items():
+        p = before[name]
         if np.isfinite(m) and np.isfinite(p) and min(m, p) > 0 and max(m, p) / min(m, p) > limits.max_median_factor:
             problems.append(f"median {name} {m:.4g} against {p:.4g} the night before "
                             f"(more than {limits.max_median_factor:g}x)")
@@ -107,15 +115,17 @@ def night_problems(nights: Sequence[tuple[dt.date, pa.Table]], previous: tuple[d
     from stores.offline_files import cutoff_ms_of
 
     failures = []
-    before = previous
+    before, before_medians = previous, None
     for day, frame in sorted(nights, key=lambda x: x[0]):
         problems = invalid_values(frame, group.entity)
         both_full = before is not None and cutoff_ms_of(before[0]) - group.window_ms >= data_start_ms
+        medians = None
         if both_full and (day - before[0]).days >= 1:
-            problems += drift(frame, before[1], group, limits)
+            medians = feature_medians(frame, group)
+            problems += drift(frame, before[1], group, limits, medians, before_medians)
         if problems:
             failures.append(f"{day}: " + "; ".join(problems))
-        before = (day, frame)
+        before, before_medians = (day, frame), medians
     return failures
 
 

@@ -79,6 +79,16 @@ def test_a_night_far_from_the_night_before_is_not_published(tmp_path, change, ex
     assert max(snapshot_day(p) for p in read_snapshots(offline)) == nights(19, 19)[0]
 
 
+def test_a_backfill_compares_each_of_its_nights_with_the_one_before(tmp_path):
+    """Within one run each night is checked against the run's previous night (its medians computed once)."""
+    bad = steady_history(tmp_path / "bad.parquet", scale_from_day=12, scale=100.0)
+    with pytest.raises(QualityError, match="median avg_amt_last_1w") as info:
+        run(bad, tmp_path / "off", nights(8, 18))
+    # 2020-03-14 is the first night whose week holds cents (day 12 = March 13); nothing of the run was written.
+    assert "2020-03-14" in str(info.value) and "2020-03-12" not in str(info.value)
+    assert not read_snapshots(tmp_path / "off")
+
+
 def test_impossible_values_fail_the_gate_whatever_the_night_before():
     import pyarrow as pa
 
