@@ -87,10 +87,12 @@ def engine_cannot_read(path: Path, engine: str, exc: Exception) -> str:
 def counts_sql(source: str) -> str:
     """The counts `check_counts` needs, over a relation of the history's rows, as one SQL text DuckDB and Spark
     both run (the rows are checked where they are, never collected). A NaN amount is counted apart: both engines
-    order NaN above every number, so NaN > 0 holds."""
+    order NaN above every number, so NaN > 0 holds. The distinct ids are counted in a subquery of their own: beside
+    the other aggregates, Spark carries all their buffers through its per-id aggregation and shuffle (seed scale,
+    `local[2]`: 6.9-8.9 s against 6.2-7.3 s; DuckDB the same either way)."""
     amount = "CAST(amount AS DOUBLE)"
     nulls = ", ".join(f"COUNT_IF({c} IS NULL) AS null_{c}" for c in REQUIRED)
-    return (f"SELECT COUNT(*) AS n_rows, COUNT(DISTINCT txn_id) AS n_ids, "
+    return (f"SELECT COUNT(*) AS n_rows, (SELECT COUNT(DISTINCT txn_id) FROM {source}) AS n_ids, "
             f"COUNT_IF(NOT ({amount} > 0) OR isnan({amount}) OR {amount} = CAST('Infinity' AS DOUBLE)) AS n_bad, "
             f"{nulls} FROM {source}")
 
