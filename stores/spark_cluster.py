@@ -76,14 +76,22 @@ def driver_conf(master: str, env: dict[str, str] | None = None) -> dict[str, str
 #: (hashed once in memory) instead of shuffling and sorting the training rows against it: the seed-scale training
 #: set took 96-99 s against 110-112 s (Spark's default threshold, 10 MB; alternating, bench/RESULTS.md).
 LOCAL_BROADCAST_THRESHOLD = "256m"
+#: On a local master the files are local: a read of more paths than Spark's default threshold (32) is listed by the
+#: driver instead of by a Spark job of its own. A training set reads each batch group's nightly files (152 per group
+#: at seed scale): registering the six groups took 5.5-6.5 s against 1.3-1.6 s (bench/RESULTS.md).
+LOCAL_LISTING_THRESHOLD = "100000"
 
 
-def local_join_conf(master: str, env: dict[str, str] | None = None) -> dict[str, str]:
-    """`spark.sql.autoBroadcastJoinThreshold` for a local master, unless the user's spark-defaults.conf sets it; a
-    cluster master keeps the cluster's (a broadcast there travels to every executor)."""
-    if not _is_local(master) or "spark.sql.autoBroadcastJoinThreshold" in spark_defaults(env):
+def local_conf(master: str, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The join and file-listing settings of a local master (`LOCAL_BROADCAST_THRESHOLD`,
+    `LOCAL_LISTING_THRESHOLD`), each unless the user's spark-defaults.conf sets it; a cluster master keeps the
+    cluster's (a broadcast there travels to every executor, and its files may sit in an object store)."""
+    if not _is_local(master):
         return {}
-    return {"spark.sql.autoBroadcastJoinThreshold": LOCAL_BROADCAST_THRESHOLD}
+    theirs = spark_defaults(env)
+    ours = {"spark.sql.autoBroadcastJoinThreshold": LOCAL_BROADCAST_THRESHOLD,
+            "spark.sql.sources.parallelPartitionDiscovery.threshold": LOCAL_LISTING_THRESHOLD}
+    return {key: value for key, value in ours.items() if key not in theirs}
 
 
 def _is_local(master: str) -> bool:

@@ -42,7 +42,7 @@ def spark_session(master: str = "local[*]", app: str = "velocity-batch"):
     os.environ.setdefault("PYSPARK_PYTHON", os.sys.executable)
     from pyspark.sql import SparkSession
 
-    from stores.spark_cluster import driver_conf, executor_conf, local_join_conf
+    from stores.spark_cluster import driver_conf, executor_conf, local_conf
 
     return _quiet(
         SparkSession.builder.master(master).appName(app)
@@ -52,7 +52,7 @@ def spark_session(master: str = "local[*]", app: str = "velocity-batch"):
         .config("spark.sql.shuffle.partitions", "8")
         .config("spark.driver.memory", os.environ.get("VELOCITY_SPARK_DRIVER_MEMORY", "3g"))
         .config(map=driver_conf(master))  # the local driver's collector, kept with the user's own options
-        .config(map=local_join_conf(master))  # small tables broadcast on a local master
+        .config(map=local_conf(master))  # small tables broadcast, files listed by the driver, on a local master
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         # The cached events and stream features are scanned again and again; kept uncompressed, the seed-scale
         # backfill + training set took 208-213 s against 232-237 s compressed (alternating, bench/RESULTS.md).

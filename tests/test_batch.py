@@ -359,7 +359,8 @@ def test_a_registry_without_derived_features_trains_alike_on_both_engines(histor
 @pytest.mark.integration
 def test_the_spark_driver_runs_the_parallel_collector():
     """The option reaches the JVM: PySpark starts it with the session's driver settings (G1 is the default). The
-    cache is kept uncompressed (Spark compresses it by default), and tables up to 256 MB are broadcast."""
+    cache is kept uncompressed (Spark compresses it by default), tables up to 256 MB are broadcast, and the driver
+    lists the files it reads."""
     from stores.spark_offline import spark_session
 
     spark = spark_session("local[2]")
@@ -368,6 +369,7 @@ def test_the_spark_driver_runs_the_parallel_collector():
     assert names == {"PS Scavenge", "PS MarkSweep"}, names
     assert spark.conf.get("spark.sql.inMemoryColumnarStorage.compressed") == "false"
     assert spark.conf.get("spark.sql.autoBroadcastJoinThreshold") in ("256m", str(256 << 20))
+    assert spark.conf.get("spark.sql.sources.parallelPartitionDiscovery.threshold") == "100000"  # driver lists files
 
 
 @pytest.mark.unit

@@ -55,14 +55,17 @@ def test_a_cluster_driver_gets_no_collector_from_velocity(master):
     assert executor_conf(master, {})["spark.task.maxFailures"] == "8"
 
 
-def test_a_local_master_broadcasts_tables_up_to_256_mb(tmp_path):
-    from stores.spark_cluster import local_join_conf
+def test_a_local_master_broadcasts_tables_up_to_256_mb_and_lists_files_itself(tmp_path):
+    from stores.spark_cluster import local_conf
 
-    assert local_join_conf("local[2]", {}) == {"spark.sql.autoBroadcastJoinThreshold": "256m"}
-    assert local_join_conf("spark://h:7077", {}) == {}
-    assert local_join_conf("local-cluster[2,1,1024]", {}) == {}
+    ours = {"spark.sql.autoBroadcastJoinThreshold": "256m",
+            "spark.sql.sources.parallelPartitionDiscovery.threshold": "100000"}
+    assert local_conf("local[2]", {}) == ours
+    assert local_conf("spark://h:7077", {}) == {}
+    assert local_conf("local-cluster[2,1,1024]", {}) == {}
     mine = conf_dir(tmp_path, "spark.sql.autoBroadcastJoinThreshold -1\n")
-    assert local_join_conf("local[2]", mine) == {}  # the user's choice stays (spark-defaults.conf)
+    assert local_conf("local[2]", mine) == {  # the user's choice stays (spark-defaults.conf)
+        "spark.sql.sources.parallelPartitionDiscovery.threshold": "100000"}
 
 
 @pytest.mark.parametrize("line", ["spark.driver.extraJavaOptions=-XX:+UseG1GC", "spark.driver.extraJavaOptions: -XX:+UseG1GC",
