@@ -152,13 +152,18 @@ def entity_sql(registry: Registry, entity: str, source: str, nights: str, labels
     """
 
 
+#: The order of the wide result's rows: what `offline_files.split_snapshots` expects.
+SNAPSHOT_ORDER = ("entity", "cutoff_ms", "entity_key")
+
+
 def snapshots_sql(registry: Registry = REGISTRY, source: str = "events", nights: str = "nights",
-                  labels: str = "labels", calendar: str = "calendar") -> str:
+                  labels: str = "labels", calendar: str = "calendar", ordered: bool = True) -> str:
     """Every batch group's snapshot for every night of `nights`, in one statement (see the module docstring),
-    ordered by entity, cut-off and entity key (the engines sort faster than the driver)."""
+    ordered by `SNAPSHOT_ORDER` unless `ordered` is false (Spark: its global sort, a sampling job and a shuffle of
+    the wide rows, cost more than sorting the collected table; DuckDB sorts faster than the driver)."""
     union = "\nUNION ALL\n".join(entity_sql(registry, e, source, nights, labels, calendar)
                                  for e in entities(registry))
-    return f"SELECT * FROM ({union}) u ORDER BY entity, cutoff_ms, entity_key"
+    return f"SELECT * FROM ({union}) u" + (f" ORDER BY {', '.join(SNAPSHOT_ORDER)}" if ordered else "")
 
 
 def calendar_days(nights: list[int], registry: Registry = REGISTRY) -> list[int]:
