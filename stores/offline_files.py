@@ -72,25 +72,31 @@ def constants_of(path: Path, columns: tuple[str, ...]) -> tuple[int, ...] | None
     """The values every row of a snapshot file holds in `columns` (`cutoff_ms`, `published_ms`), None for an empty
     file. Read from the footer's statistics where they pin them (min = max in every row group): a training set
     looks at every snapshot file of every group (912 at seed scale), and reading the columns themselves took
-    1.35 s against 0.3 s. A file without such statistics (another writer) has the columns read."""
-    meta = pq.read_metadata(path)
-    if meta.num_rows == 0:
-        return None
-    paths = [meta.schema.column(i).path for i in range(meta.num_columns)]
-    found = []
-    for column in columns:
-        values = set()
-        for i in range(meta.num_row_groups):
-            stats = meta.row_group(i).column(paths.index(column)).statistics
-            if stats is None or not stats.has_min_max or stats.null_count:
-                values = set()
-                break
-            values |= {stats.min, stats.max}
-        if len(values) != 1:
-            table = pq.read_table(path, columns=list(columns))
-            return tuple(int(table[c][0].as_py()) for c in columns)
-        found.append(int(values.pop()))
-    return tuple(found)
+    1.35 s against 0.3 s. A file without such statistics (another writer) has the columns read. Raises
+    OfflineError naming the file when it is not a readable snapshot (damaged, truncated, columns missing)."""
+    try:
+        meta = pq.read_metadata(path)
+        if meta.num_rows == 0:
+            return None
+        paths = [meta.schema.column(i).path for i in range(meta.num_columns)]
+        found = []
+        for column in columns:
+            values = set()
+            for i in range(meta.num_row_groups):
+                stats = meta.row_group(i).column(paths.index(column)).statistics
+                if stats is None or not stats.has_min_max or stats.null_count:
+                    values = set()
+                    break
+                values |= {stats.min, stats.max}
+            if len(values) != 1:
+                table = pq.read_table(path, columns=list(columns))
+                return tuple(int(table[c][0].as_py()) for c in columns)
+            found.append(int(values.pop()))
+        return tuple(found)
+    except (pa.ArrowException, OSError, ValueError, TypeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise OfflineError(f"{path} is not a readable snapshot file ({reason}): rerun `velocity batch` for its night "
+                           "to rewrite it, or move it away") from None
 
 
 def _published_ms_of(path: Path) -> int | None:

@@ -219,6 +219,17 @@ def test_publication_times_come_from_the_footer_or_else_the_column(tmp_path):
     # A rerun of night 2 keeps the publication time recorded there (read from the column: no statistics).
     write_snapshot_file(night(c2), tmp_path, day2, c2 + 50, "card_agg_1w")
     assert snapshot_publications(tmp_path, "card_agg_1w") == {c1: c1 + 7, c2: c2 + 9}
+    # A damaged file, or one without the column, is named in one line, not a pyarrow traceback; a rerun of its
+    # night replaces it (its old publication time unknown).
+    for content in (b"garbage", b"PAR1" + bytes(100) + b"PAR1"):
+        empty.write_bytes(content)
+        with pytest.raises(OfflineError, match=r"cutoff=2020-01-07/part-0.parquet is not a readable snapshot file"):
+            snapshot_publications(tmp_path, "card_agg_1w")
+    pq.write_table(pa.table({"card": ["a"], "count": [1]}), empty)
+    with pytest.raises(OfflineError, match="not a readable snapshot file"):
+        snapshot_publications(tmp_path, "card_agg_1w")
+    write_snapshot_file(night(cutoff_ms_of(day3)), tmp_path, day3, cutoff_ms_of(day3) + 5, "card_agg_1w")
+    assert snapshot_publications(tmp_path, "card_agg_1w")[cutoff_ms_of(day3)] == cutoff_ms_of(day3) + 5
 
 
 @pytest.mark.unit
