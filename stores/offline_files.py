@@ -94,9 +94,21 @@ def constants_of(path: Path, columns: tuple[str, ...]) -> tuple[int, ...] | None
             found.append(int(values.pop()))
         return tuple(found)
     except (pa.ArrowException, OSError, ValueError, TypeError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise OfflineError(f"{path} is not a readable snapshot file ({reason}): rerun `velocity batch` for its night "
-                           "to rewrite it, or move it away") from None
+        raise _unreadable(path, exc) from None
+
+
+def read_snapshot_file(path: Path) -> pa.Table:
+    """One snapshot file; OfflineError naming it when it cannot be read (a damaged file, not a traceback)."""
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise _unreadable(path, exc) from None
+
+
+def _unreadable(path: Path, exc: Exception) -> OfflineError:
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return OfflineError(f"{path} is not a readable snapshot file ({reason}): rerun `velocity batch` for its night "
+                        "to rewrite it, or move it away")
 
 
 def _published_ms_of(path: Path) -> int | None:
@@ -233,7 +245,7 @@ def latest_snapshot_before(offline_dir: Path, day: dt.date,
     earlier = [p for p in read_snapshots(offline_dir, group) if snapshot_day(p) < day]
     if not earlier:
         return None
-    return snapshot_day(earlier[-1]), pq.read_table(earlier[-1])
+    return snapshot_day(earlier[-1]), read_snapshot_file(earlier[-1])
 
 
 def snapshot_day(path: Path) -> dt.date:
@@ -250,7 +262,7 @@ def read_night(offline_dir: Path, day: dt.date, registry: Registry = REGISTRY) -
     """Every batch group's stored snapshot of night `day` (the groups that have one), as `Engine.snapshots`
     returns it: what `velocity features rebuild` republishes."""
     paths = {g.name: snapshot_path(offline_dir, day, g.name) for g in registry.batch_groups}
-    return {name: pq.read_table(p) for name, p in paths.items() if p.exists()}
+    return {name: read_snapshot_file(p) for name, p in paths.items() if p.exists()}
 
 
 def add_derived(frame: pd.DataFrame, registry: Registry = REGISTRY) -> pd.DataFrame:

@@ -89,6 +89,21 @@ def test_a_backfill_compares_each_of_its_nights_with_the_one_before(tmp_path):
     assert not read_snapshots(tmp_path / "off")
 
 
+def test_a_damaged_previous_night_is_named_and_a_rerun_of_it_mends_it(tmp_path):
+    """The gate reads the night before the run: a damaged file there is named in one line (with what to do),
+    not a pyarrow traceback; rerunning that night rewrites it and the next night runs."""
+    from stores.offline_files import OfflineError, snapshot_path
+
+    history, offline = steady_history(tmp_path / "h.parquet"), tmp_path / "off"
+    run(history, offline, nights(8, 10))
+    damaged = snapshot_path(offline, nights(10, 10)[0], "card_agg_1w")
+    damaged.write_bytes(b"not parquet")
+    with pytest.raises(OfflineError, match=r"cutoff=2020-03-11/part-0.parquet is not a readable snapshot file"):
+        run(history, offline, nights(11, 11))
+    run(history, offline, nights(10, 11))
+    assert max(snapshot_day(p) for p in read_snapshots(offline)) == nights(11, 11)[0]
+
+
 def test_impossible_values_fail_the_gate_whatever_the_night_before():
     import pyarrow as pa
 
