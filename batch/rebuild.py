@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from stores.archive import ARCHIVE_SCHEMA, archive_dir, archive_files, read_spool
 from stores.redis_online import OnlineStore, now_ms
@@ -136,13 +135,12 @@ def snapshots_to_restore(offline_dir: Path, keep_ms: int, at_ms: int) -> list[tu
     """(day, file, published_ms) of the nights the online store would still serve, oldest first: the latest, and
     any earlier one published within `keep_ms` (the batch groups' TTL) of now. Nights are those of the first
     batch group (card_agg_1w); every group of a night is published together."""
-    from stores.offline_files import read_snapshots, snapshot_day
+    from stores.offline_files import constants_of, read_snapshots, snapshot_day
 
     found = []
     for path in read_snapshots(offline_dir):
-        table = pq.read_table(path, columns=["published_ms"])
-        published = int(table.column(0)[0].as_py()) if table.num_rows else at_ms
-        found.append((snapshot_day(path), path, published))
+        pinned = constants_of(path, ("published_ms",))  # OfflineError naming a damaged file
+        found.append((snapshot_day(path), path, pinned[0] if pinned else at_ms))
     found.sort()
     return [s for k, s in enumerate(found) if k == len(found) - 1 or s[2] >= at_ms - keep_ms]
 

@@ -25,7 +25,7 @@ def register(features_app: typer.Typer) -> None:
 
         The archive is the source of truth (Kafka's retention may have dropped what the windows need). Safe to
         rerun, and it merges with what running workers wrote meanwhile; for exact windows, stop the stream
-        workers, rebuild, then start them again. Exit 1 when Redis is unreachable, 2 on a damaged archive.
+        workers, rebuild, then start them again. Exit 1 when Redis is unreachable, 2 on a damaged archive or snapshot file.
         """
         import redis
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -33,6 +33,7 @@ def register(features_app: typer.Typer) -> None:
         from batch.rebuild import rebuild
         from featurestore.config import get_settings
         from stores.archive import ArchiveError
+        from stores.offline_files import OfflineError
         from stores.redis_online import OnlineStore
 
         settings = get_settings()
@@ -49,7 +50,7 @@ def register(features_app: typer.Typer) -> None:
                                  on_total=lambda n: bar.update(task, total=n),
                                  on_progress=lambda n: bar.advance(task, n),
                                  on_stage=lambda s: bar.update(task, description=s))
-        except ArchiveError as exc:
+        except (ArchiveError, OfflineError) as exc:
             err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
             raise typer.Exit(2) from None
         except redis.RedisError as exc:

@@ -187,3 +187,11 @@ def test_rebuild_errors_are_one_clear_line(redis_settings, key_prefix, tmp_path)
     damaged = _velocity(["features", "rebuild", "--offline-dir", str(tmp_path)], key_prefix,
                         redis_settings.port)
     assert damaged.returncode == 2 and str(bad) in damaged.stderr and "Traceback" not in damaged.stderr
+    bad.unlink()  # a damaged snapshot file: the same
+    snap = tmp_path / "snapshots" / "card_agg_1w" / "cutoff=2020-01-02" / "part-0.parquet"
+    snap.parent.mkdir(parents=True)
+    snap.write_bytes(b"PAR1 truncated")
+    damaged = _velocity(["features", "rebuild", "--offline-dir", str(tmp_path)], key_prefix,
+                        redis_settings.port)
+    assert damaged.returncode == 2 and "Traceback" not in damaged.stderr, damaged.stderr
+    assert str(snap) in damaged.stderr and "not a readable snapshot file" in damaged.stderr
