@@ -30,7 +30,7 @@ import orjson
 import pandas as pd
 
 from featurestore.definitions import DAY_MS, REGISTRY, Registry
-from stores.archive import ArchiveError, archive_dir, archive_files, read_spool
+from stores.archive import ArchiveError, archive_dir, archive_files, read_spools
 from stores.offline_files import OfflineError, snapshot_path, snapshots_root
 
 #: Floats agree when equal to this relative tolerance (SPEC section 4).
@@ -165,13 +165,11 @@ class _OfflineView:
         self.spool_rows = 0
 
     def __enter__(self) -> Path:
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
         root = archive_dir(self.offline_dir)
-        spools = sorted((root / "_spool").glob("*.jsonl")) if (root / "_spool").is_dir() else []
-        tables = [t for t in (read_spool(p) for p in spools) if t.num_rows]
-        if not tables:
+        spooled = read_spools(root)
+        if not spooled.num_rows:
             return self.offline_dir
         self._tmp = tempfile.TemporaryDirectory(prefix="velocity-consistency-")
         view = Path(self._tmp.name)
@@ -179,7 +177,6 @@ class _OfflineView:
             target = archive_dir(view) / path.parent.name / f"{i:06d}-{path.name}"
             target.parent.mkdir(parents=True, exist_ok=True)
             os.symlink(path.resolve(), target)
-        spooled = pa.concat_tables(tables)
         self.spool_rows = spooled.num_rows
         out = archive_dir(view) / "date=spool" / "part-spool.parquet"
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from stores.archive import ARCHIVE_SCHEMA, archive_dir, archive_files, read_spool
+from stores.archive import archive_dir, archive_files, read_spools
 from stores.redis_online import OnlineStore, now_ms
 
 #: Events per restore script call: bounds how long Redis is blocked by one call (and Lua's unpack limit).
@@ -56,16 +56,7 @@ class RebuildReport:
 
 def spooled_rows(offline_dir: Path) -> pa.Table:
     """Every row in the archive's spools (workers' not-yet-rolled batches), read without claiming them."""
-    spool_dir = archive_dir(offline_dir) / "_spool"
-    tables = []
-    for path in sorted([*spool_dir.glob("*.jsonl"), *spool_dir.glob("*.recovering*")]):
-        try:
-            tables.append(read_spool(path).select(list(_COLUMNS)))
-        except FileNotFoundError:  # rolled meanwhile: its rows are in the Parquet files, listed afterwards
-            continue
-    if not tables:
-        return ARCHIVE_SCHEMA.empty_table().select(list(_COLUMNS))
-    return pa.concat_tables(tables)
+    return read_spools(archive_dir(offline_dir)).select(list(_COLUMNS))
 
 
 def restorable_events(offline_dir: Path, retention_ms: int, ttl_ms: int, at_ms: int) -> tuple[pa.Table, dict[str, int], int,

@@ -10,9 +10,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import pyarrow as pa
+
 from featurestore.events import InvalidEvent, Transaction, parse_transaction
 from featurestore.state import Applied, ApplyStatus
 from featurestore.windows import to_cents
+from stores.archive import ARCHIVE_SCHEMA
 
 
 class RawMessage(NamedTuple):
@@ -89,17 +92,22 @@ def prepare_batch(messages: Sequence[RawMessage], keyer: Callable[[str], str], n
 LATE_STATUSES = (ApplyStatus.LATE, ApplyStatus.DUPLICATE_LATE)
 
 
-def archive_rows(batch: PreparedBatch, applied: Sequence[Applied], now_ms: int) -> list[dict]:
-    """One archive row per valid message, with its arrival position, marked late when the window left it out.
+def archive_rows(batch: PreparedBatch, applied: Sequence[Applied], now_ms: int) -> pa.RecordBatch:
+    """One archive row per valid message (ARCHIVE_SCHEMA), with its arrival position, marked late when the window
+    left it out; built column by column (no object per row).
 
     Duplicates are archived too (at-least-once: the first copy may have been lost with a killed worker); they
     carry the first copy's arrival position, and readers keep one row per txn_id (the earliest arrival).
     """
+    txns, sources, n = batch.txns, batch.sources, len(batch.txns)
+    if len(applied) != n:
+        raise ValueError(f"{len(applied)} outcomes for {n} transactions")
     late = LATE_STATUSES
-    return [
-        {"txn_id": txn.txn_id, "card": txn.card, "pan_last4": txn.pan_last4, "amount": txn.amount,
-         "amount_cents": cents, "ts": txn.ts, "merchant": txn.merchant, "category": txn.category,
-         "fraud_label": txn.fraud_label, "late": status in late, "seq": seq, "partition": src.partition,
-         "offset": src.offset, "archived_ms": now_ms}
-        for txn, cents, src, (status, seq) in zip(batch.txns, batch.cents, batch.sources, applied, strict=True)
+    columns = [
+        [t.txn_id for t in txns], [t.card for t in txns], [t.pan_last4 for t in txns], [t.amount for t in txns],
+        batch.cents, [t.ts for t in txns], [t.merchant for t in txns], [t.category for t in txns],
+        [t.fraud_label for t in txns], [a[0] in late for a in applied], [a[1] for a in applied],
+        [m.partition for m in sources], [m.offset for m in sources], [now_ms] * n,
     ]
+    return pa.RecordBatch.from_arrays([pa.array(c, f.type) for c, f in zip(columns, ARCHIVE_SCHEMA, strict=True)],
+                                      schema=ARCHIVE_SCHEMA)

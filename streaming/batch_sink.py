@@ -283,7 +283,7 @@ class BatchSink:
         if self.archive is not None and batch.txns:
             rows = archive_rows(batch, applied, int(visible_ms))
             self.archive.append(rows)
-            metrics.ARCHIVED.inc(len(rows))
+            metrics.ARCHIVED.inc(rows.num_rows)
         if sends:
             await asyncio.gather(*sends)
 

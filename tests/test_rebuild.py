@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from featurestore.entity import EntityKeyer
-from stores.archive import read_archive, read_spool
+from stores.archive import read_archive, read_spools
 from stores.redis_cluster_store import sync_client
 from stores.redis_online import OnlineStore, delete_prefix
 from tests import synthetic
@@ -34,7 +34,7 @@ def _velocity(args: list[str], prefix: str, redis_port: int) -> subprocess.Compl
 
 
 def _spooled(offline) -> int:
-    return sum(read_spool(p).num_rows for p in (offline / "archive" / "_spool").glob("*.jsonl"))
+    return read_spools(offline / "archive").num_rows
 
 
 def test_rebuild_after_redis_emptied_restores_windows_sequences_records_and_snapshot(
@@ -93,7 +93,7 @@ def test_rebuild_after_redis_emptied_restores_windows_sequences_records_and_snap
             assert "rebuilt 40 cards" in done.stderr and "snapshots restored: 2020-01-02" in done.stderr, done.stderr
             assert_online_equals_oracle(store, rows[:2600])
             archived = read_archive(tmp_path)  # Parquet only (part one); the spool's seqs come from the store
-            spool = read_spool(next((tmp_path / "archive" / "_spool").glob("*.jsonl"))).to_pandas()
+            spool = read_spools(tmp_path / "archive").to_pandas()
             seqs = {**dict(zip(archived["txn_id"], archived["seq"], strict=True)),
                     **dict(zip(spool["txn_id"], spool["seq"], strict=True))}
             by_card: dict[str, int] = {}
