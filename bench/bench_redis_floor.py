@@ -6,7 +6,9 @@ a card's events of a batch (HMGET the state and txn records, ZADD the window mem
 over two keys (`p:win:{card}`, `p:card:{card}`; `stores/lua/apply_events.lua`). `FLOOR_SCRIPT` below makes the same
 three calls per event with the same key and value shapes and no logic at all (no lateness, no idempotency, no
 retention, no TTL): no script on this layout can cost Redis less, so the two figures say how much the script's own
-logic costs and how far the layout itself lets the ceiling go. The ceiling's sizes: 100,000 events over 10,000 cards
+logic costs and how far the layout itself lets the ceiling go. Two more bound a one-key-per-card layout (the window
+read from the card's hash): the same floor without the ZADD (two calls), and the apply script without its ZADD
+(every other part of its logic kept; not a valid store). The ceiling's sizes: 100,000 events over 10,000 cards
 (drawn at random), 50 ms apart, batches of 2,000; alternating runs, each over fresh keys.
 
     .venv/bin/python -m bench.bench_redis_floor [--events 100000 --rounds 2]
@@ -44,6 +46,20 @@ return out
 """
 
 
+#: The least any layout can do that reads a card's state and idempotency records and writes them back: one key per
+#: card, two calls (HMGET, HSET), no logic. A one-key layout (the window read from the hash) could not go below it.
+FLOOR_TWO_CALLS_SCRIPT = FLOOR_SCRIPT.replace("  call('ZADD', wk, ts, head .. txn)\n", "")
+
+
+def without_window_write(script: str) -> str:
+    """The apply script minus its ZADD: not a valid store (no window members), but a bound on what a one-key
+    layout keeping all of today's logic (lateness, idempotency, sequence numbers, retention, TTL) could reach."""
+    cut = script.replace("many('ZADD', wk, zadd, nz)", "")
+    if cut == script:
+        raise SystemExit("the apply script's ZADD call moved: update bench_redis_floor.without_window_write")
+    return cut
+
+
 def run(client: redis.Redis, script: str, events: int, cards: int, batch: int = 2000) -> tuple[float, float]:
     """(events/s from a bare loop, Redis CPU us per event) of one script over fresh keys."""
     sha = client.script_load(script)
@@ -70,7 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=2, help="alternating runs of each script")
     args = ap.parse_args(argv)
     client = redis.Redis(**RedisSettings().client_kwargs())
-    scripts = {"apply script": _script("apply_events.lua"), "floor (3 calls, no logic)": FLOOR_SCRIPT}
+    apply = _script("apply_events.lua")
+    scripts = {"apply script": apply, "floor (3 calls, no logic)": FLOOR_SCRIPT,
+               "apply minus its ZADD": without_window_write(apply), "floor (2 calls, no logic)": FLOOR_TWO_CALLS_SCRIPT}
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in scripts}
     for r in range(args.rounds):
         for name in (list(scripts) if r % 2 == 0 else list(scripts)[::-1]):

@@ -3,14 +3,15 @@
 Rows are appended per batch to a spool file, an Arrow IPC stream with one record batch per consumer batch (a killed
 worker loses nothing that was acknowledged, since the spool is written before the batch's offsets can be
 committed), and rolled into Parquet files under `archive/date=YYYY-MM-DD/` by size or age, atomically (temp file +
-rename). The spool was JSON lines until 2026-12; such a spool left by an older worker is still read and rolled. A crash between writing Parquet and
-removing the spool, or a redelivered batch, can leave a transaction twice: readers deduplicate by `txn_id`,
-keeping the earliest arrival (smallest `seq`; a redelivered copy carries its first copy's seq) (see `read_archive`). Cards' PANs are never archived,
-only entity keys.
+rename). The spool was JSON lines until 2026-12; such a spool left by an older worker is still read and rolled.
+A crash between writing Parquet and removing the spool, or a redelivered batch, can leave a transaction twice:
+readers deduplicate by `txn_id`, keeping the earliest arrival (smallest `seq`; a redelivered copy carries its first
+copy's seq) (see `read_archive`). Cards' PANs are never archived, only entity keys.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -49,6 +50,7 @@ ARCHIVE_COLUMNS = tuple(ARCHIVE_SCHEMA.names)
 DAY_MS = 86_400_000
 SPOOL_SUFFIX = ".arrows"  # an Arrow IPC stream
 _JSON_SPOOL_SUFFIX = ".jsonl"  # what workers before 2026-12 spooled
+_END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # the IPC stream format's end marker
 
 
 def archive_dir(offline_dir: Path) -> Path:
@@ -81,7 +83,6 @@ class ArchiveWriter:
         self.fsync = fsync
         self._name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._fh = None
-        self._writer: ipc.RecordBatchStreamWriter | None = None
         self._opened_at = 0.0
         self._bytes = 0
         self.rows_written = 0
@@ -91,11 +92,11 @@ class ArchiveWriter:
 
     def _open(self) -> None:
         path = self.spool_dir / f"{self._name}-{time.time_ns():x}{SPOOL_SUFFIX}"
-        self._fh = open(path, "ab")  # noqa: SIM115 - kept open across batches on purpose
-        self._writer = ipc.new_stream(self._fh, ARCHIVE_SCHEMA)
+        self._fh = open(path, "ab", buffering=0)  # noqa: SIM115 - kept open across batches on purpose
         self._path = path
         self._opened_at = time.monotonic()
         self._bytes = 0
+        self._write(ARCHIVE_SCHEMA.serialize())
 
     def append(self, rows: pa.RecordBatch) -> None:
         """Durably (to the OS) append one batch's rows (ARCHIVE_SCHEMA); call before its offsets may be committed.
@@ -105,14 +106,27 @@ class ArchiveWriter:
         """
         if not rows.num_rows:
             return
+        if not rows.schema.equals(ARCHIVE_SCHEMA):
+            raise ValueError(f"archive rows must have the archive's schema, got {rows.schema}")
         if self._fh is None:
             self._open()
-        self._writer.write_batch(rows)
-        self._fh.flush()
-        if self.fsync:
-            os.fsync(self._fh.fileno())
-        self._bytes = self._fh.tell()
+        self._write(rows.serialize())
         self.rows_written += rows.num_rows
+
+    def _write(self, message: pa.Buffer) -> None:
+        """One IPC message, whole or not at all: a failed write (a full disk) is cut off again, so the spool ends
+        with its last complete batch and later appends stay readable behind it."""
+        start, fd, data = self._bytes, self._fh.fileno(), memoryview(message)
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+            if self.fsync:
+                os.fsync(fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            raise
+        self._bytes = start + message.size
 
     def should_roll(self) -> bool:
         return self._fh is not None and (
@@ -123,7 +137,8 @@ class ArchiveWriter:
         """Close the current spool and return it for rolling; the next append opens a new one."""
         if self._fh is None:
             return None
-        self._writer.close()  # the end-of-stream marker
+        with contextlib.suppress(OSError):  # readers stop at a spool's end without it too
+            self._write(pa.py_buffer(_END_OF_STREAM))
         self._fh.close()
         self._fh = None
         return self._path

@@ -118,7 +118,7 @@ def test_a_spool_cut_anywhere_reads_back_exactly_its_complete_batches(tmp_path):
         writer.append(pa.RecordBatch.from_pylist([archive_row(100 * i + k) for k in range(size)],
                                                  schema=ARCHIVE_SCHEMA))
         rows += size
-        ends.append((writer._fh.tell(), rows))
+        ends.append((next(writer.spool_dir.iterdir()).stat().st_size, rows))
     spool = writer.detach()
     whole = spool.read_bytes()
     cut_file = tmp_path / "cut.arrows"
@@ -173,3 +173,38 @@ print(sorted(set(sys.modules) - before))
     assert done.returncode == 0, done.stderr
     rolled, imported = done.stdout.splitlines()
     assert rolled == "1" and imported == "[]", done.stdout
+
+
+def test_an_append_the_disk_refuses_leaves_the_spool_ending_with_its_last_whole_batch(tmp_path):
+    """A file size limit (RLIMIT_FSIZE: the kernel writes up to it, then refuses with EFBIG, as a full disk
+    would) stops an append mid-batch: the append raises, the torn bytes are cut off again, and a later append,
+    once there is room, is read back behind the earlier batches."""
+    code = f"""
+import os, resource, signal, sys
+import pyarrow as pa
+sys.path.insert(0, {str(REPO)!r})
+from stores.archive import ARCHIVE_SCHEMA, ArchiveWriter, read_spool
+from tests.test_archive_unit import archive_row
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+def batch(start, n):
+    return pa.RecordBatch.from_pylist([archive_row(i) for i in range(start, start + n)], schema=ARCHIVE_SCHEMA)
+writer = ArchiveWriter({str(tmp_path)!r})
+writer.append(batch(0, 5))
+spool = next(writer.spool_dir.iterdir())
+size = spool.stat().st_size
+resource.setrlimit(resource.RLIMIT_FSIZE, (size + 300, resource.RLIM_INFINITY))
+try:
+    writer.append(batch(5, 500))
+    print("no error")
+except OSError as exc:
+    print("refused", exc.errno)
+print(spool.stat().st_size == size)
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+writer.append(batch(1000, 3))
+print(read_spool(spool).column("txn_id").to_pylist())
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    refused, cut_back, txns = done.stdout.splitlines()
+    assert refused == "refused 27" and cut_back == "True", done.stdout  # EFBIG
+    assert txns == str([f"t{i}" for i in (*range(5), 1000, 1001, 1002)])
