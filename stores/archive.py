@@ -51,6 +51,8 @@ DAY_MS = 86_400_000
 SPOOL_SUFFIX = ".arrows"  # an Arrow IPC stream
 _JSON_SPOOL_SUFFIX = ".jsonl"  # what workers before 2026-12 spooled
 _END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # the IPC stream format's end marker
+_SCHEMA_MESSAGE = ARCHIVE_SCHEMA.serialize().to_pybytes()  # how every spool starts
+UNREADABLE_SUFFIX = ".unreadable"  # a spool set aside because it cannot be read
 
 
 def archive_dir(offline_dir: Path) -> Path:
@@ -188,14 +190,22 @@ def read_spools(root: Path) -> pa.Table:
 
 
 def read_spool(spool: Path, *, use_threads: bool = True) -> pa.Table:
-    """Read a spool, ignoring a torn last record batch (or JSON line) left by a killed writer."""
+    """Read a spool, ignoring a torn last record batch (or JSON line) left by a killed writer. A file that is not
+    a spool of this schema raises ArchiveError naming it."""
     raw = spool.read_bytes()
     if raw[:1] == b"{":
         return _read_json_spool(raw, use_threads)
     batches = []
-    if raw:
+    if raw and not _SCHEMA_MESSAGE.startswith(raw):  # else empty, or killed while writing the schema
         try:
             reader = ipc.open_stream(pa.py_buffer(raw))
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ArchiveError(f"{spool} is not an archive spool (an Arrow IPC stream of the archive's rows): "
+                               f"{exc}; move it out of {spool.parent}") from None
+        if not reader.schema.equals(ARCHIVE_SCHEMA):
+            raise ArchiveError(f"{spool} holds rows of another schema than the archive's ({reader.schema.names}); "
+                               f"move it out of {spool.parent}")
+        try:
             while True:
                 batches.append(reader.read_next_batch())
         except StopIteration:
@@ -233,7 +243,14 @@ def recover_spools(root: Path) -> int:
             os.rename(spool, claimed)
         except FileNotFoundError:
             continue  # another worker claimed it
-        got = roll_spool(claimed, root)
+        try:
+            got = roll_spool(claimed, root)
+        except (ArchiveError, pa.ArrowInvalid) as exc:  # set aside, never deleted: it may hold rows
+            aside = claimed.with_name(f"{spool.stem}{UNREADABLE_SUFFIX}")
+            os.rename(claimed, aside)
+            log.error("archive spool %s cannot be read and was set aside as %s; its rows are not archived (the "
+                      "worker's own spools are unaffected): %s", spool.name, aside.name, exc)
+            continue
         rows += got
         log.info("recovered %s archived rows from %s", got, spool.name)
     return rows

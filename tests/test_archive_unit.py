@@ -18,12 +18,14 @@ import pytest
 from stores.archive import (
     ARCHIVE_COLUMNS,
     ARCHIVE_SCHEMA,
+    ArchiveError,
     ArchiveWriter,
     archive_dir,
     read_archive,
     read_spool,
     recover_spools,
     roll_spool,
+    spool_files,
 )
 from tests.conftest import REPO
 
@@ -208,3 +210,27 @@ print(read_spool(spool).column("txn_id").to_pylist())
     refused, cut_back, txns = done.stdout.splitlines()
     assert refused == "refused 27" and cut_back == "True", done.stdout  # EFBIG
     assert txns == str([f"t{i}" for i in (*range(5), 1000, 1001, 1002)])
+
+
+def test_a_spool_that_cannot_be_read_is_set_aside_with_an_error_and_the_others_are_rolled(tmp_path, caplog):
+    """A damaged or foreign file in the spool folder must not stop a worker from starting (it recovers spools
+    first), nor be deleted (it may hold rows): it is renamed *.unreadable and named in an ERROR line."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    root, good = spool_with(6, tmp_path)
+    good = good.rename(good.with_name(f"{dead.pid}-aaaa-1{good.suffix}"))
+    garbage = good.with_name(f"{dead.pid}-bbbb-2.arrows")
+    garbage.write_bytes(b"\x00garbage, not Arrow" * 50)
+    foreign = good.with_name(f"{dead.pid}-cccc-3.arrows")
+    foreign.write_bytes(pa.schema([("x", pa.int64())]).serialize().to_pybytes())
+    with caplog.at_level("ERROR", logger="stores.archive"):
+        assert recover_spools(root) == 6
+    assert len(read_archive(tmp_path)) == 6
+    aside = sorted(p.name for p in (root / "_spool").iterdir())
+    assert aside == [f"{dead.pid}-bbbb-2.unreadable", f"{dead.pid}-cccc-3.unreadable"], aside
+    assert (root / "_spool" / aside[0]).read_bytes() == b"\x00garbage, not Arrow" * 50, "kept as it was"
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2 and all("set aside" in e for e in errors), errors
+    assert recover_spools(root) == 0 and not spool_files(root), "set aside once, not retried on every start"
+    with pytest.raises(ArchiveError, match="another schema"):
+        read_spool(foreign.with_name(aside[1]))
