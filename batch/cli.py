@@ -214,7 +214,8 @@ def register(app: typer.Typer, features_app: typer.Typer) -> None:
                 finally:
                     eng.close()
         if isinstance(frame, int):
-            err.print(f"{frame:,} rows -> {out} ({'Parquet dataset written by Spark' if engine == 'spark' else 'Parquet'})")
+            kind = "Parquet dataset written by Spark" if engine == "spark" else "Parquet"
+            err.print(f"{frame:,} rows -> {out} ({kind})")
             return
         missing = int(frame["snapshot_cutoff_ms"].isna().sum())
         err.print(f"{len(frame):,} rows, fraud {int(frame['fraud_label'].fillna(0).sum()):,}, "

@@ -59,8 +59,8 @@ def spooled_rows(offline_dir: Path) -> pa.Table:
     return read_spools(archive_dir(offline_dir)).select(list(_COLUMNS))
 
 
-def restorable_events(offline_dir: Path, retention_ms: int, ttl_ms: int, at_ms: int) -> tuple[pa.Table, dict[str, int], int,
-                                                                                              int, int]:
+def restorable_events(offline_dir: Path, retention_ms: int, ttl_ms: int,
+                      at_ms: int) -> tuple[pa.Table, dict[str, int], int, int, int]:
     """What to restore, as the live store would hold it now.
 
     Returns (events ordered by card then seq; card -> cut for cards whose older events are left out; archive files
@@ -80,7 +80,8 @@ def restorable_events(offline_dir: Path, retention_ms: int, ttl_ms: int, at_ms: 
     try:
         con.register("spool", spool)
         con.execute(f"CREATE TEMP TABLE first AS SELECT * FROM ({source}) "
-                    "QUALIFY row_number() OVER (PARTITION BY txn_id ORDER BY seq) = 1", [files] if files else []).fetchall()
+                    "QUALIFY row_number() OVER (PARTITION BY txn_id ORDER BY seq) = 1",
+                    [files] if files else []).fetchall()
         total = con.execute("SELECT count(*) FROM first").fetchall()[0][0]
         table = con.sql(
             f"""

@@ -25,7 +25,8 @@ def register(features_app: typer.Typer) -> None:
 
         The archive is the source of truth (Kafka's retention may have dropped what the windows need). Safe to
         rerun, and it merges with what running workers wrote meanwhile; for exact windows, stop the stream
-        workers, rebuild, then start them again. Exit 1 when Redis is unreachable, 2 on a damaged archive or snapshot file.
+        workers, rebuild, then start them again. Exit 1 when Redis is unreachable, 2 on a damaged archive or
+        snapshot file.
         """
         import redis
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

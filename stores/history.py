@@ -62,7 +62,8 @@ def check_schema(path: Path, schema: pa.Schema) -> None:
     if "labeled_at" in schema.names and "fraud_label" not in schema.names:
         raise HistoryError(label_time_without_label(path))
     for col, want in OPTIONAL.items():
-        if col in schema.names and _kind(schema.field(col).type) != want and not pa.types.is_null(schema.field(col).type):
+        field = schema.field(col) if col in schema.names else None
+        if field is not None and _kind(field.type) != want and not pa.types.is_null(field.type):
             raise HistoryError(f"{path}: column {col} should be {want} (epoch ms, empty = never labeled), found "
                                f"{schema.field(col).type}")
 

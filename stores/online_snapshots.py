@@ -4,8 +4,9 @@ Layout (prefix `p`): one HASH per entity and night, `p:snap:<snap_id>:<kind>:{<e
 `<group>:<stat>` (`STAT_ORDER` names, integers). A card's groups of one night (card_agg_1w, _1d, _30d) share its
 hash and a merchant's groups share the merchant's, so a score reads two hashes (two HGETALLs) whatever the number of
 groups, rather than one key per group. The entity key sits in a hash tag (`{...}`), so in a Redis Cluster each
-entity's snapshot keys stay in one slot (a card's also holds its window keys); a key that could break the tag (a brace, or over `MAX_TAGGED_BYTES`) is
-replaced by its SHA-256 under a distinct kind (`merchant#`), so distinct ids never share a key.
+entity's snapshot keys stay in one slot (a card's also holds its window keys); a key that could break the tag (a
+brace, or over `MAX_TAGGED_BYTES`) is replaced by its SHA-256 under a distinct kind (`merchant#`), so distinct ids
+never share a key.
 
 The index (`p:w1:index`, cut-off -> `snap_id|published_ms|expires_ms|group,group,...`) is published in one
 MULTI/EXEC once every row is written: readers see a night completely or not at all. Under Redis Cluster every
