@@ -153,12 +153,14 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def machine_busy_s() -> float:
-    """CPU seconds every core of the machine spent busy (not idle, not waiting on I/O) since boot (Linux
-    /proc/stat): over a phase, with the worker's and Redis's own, it says what the broker and the rest took."""
-    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in
-                                                             Path("/proc/stat").read_text().split()[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+def machine_cpu_s() -> tuple[float, float]:
+    """(busy, stolen): CPU seconds every core of this machine spent busy (not idle, not waiting on I/O), and those
+    the hypervisor took for others (`steal`: on a shared VM the source of much of its noise), since boot (Linux
+    /proc/stat). Over a phase, with the worker's and Redis's own, they say what the broker and the rest took."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in
+                                                               Path("/proc/stat").read_text().split()[1:9])
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / tick, steal / tick
 
 
 def load_average() -> str:
@@ -292,7 +294,7 @@ def main() -> None:
             if n > 0 and first is None:
                 first, n_first = now, n
                 cpu_first, redis_first = process_cpu_s(worker.pid), redis_cpu_s(redis_probe)
-                busy_first = machine_busy_s()
+                machine_first = machine_cpu_s()
             if n >= args.events:
                 break
             if worker.poll() is not None:
@@ -301,11 +303,12 @@ def main() -> None:
         tps = (args.events - n_first) / (now - first)
         worker_cpu = (process_cpu_s(worker.pid) - cpu_first) / (args.events - n_first) * 1e6
         redis_cpu = (redis_cpu_s(redis_probe) - redis_first) / (args.events - n_first) * 1e6
-        busy = (machine_busy_s() - busy_first) / (args.events - n_first) * 1e6
+        busy, stolen = ((b - a) / (args.events - n_first) * 1e6 for a, b in zip(machine_first, machine_cpu_s(),
+                                                                                  strict=True))
         print(f"throughput: {tps:,.0f} events/s (one worker process, {args.events:,} events, {args.cards:,} cards; "
               f"worker CPU {worker_cpu:.1f} us/event, Redis CPU {redis_cpu:.1f} us/event, the whole machine "
               f"{busy:.1f} us/event = {busy * tps / 1e6:.2f} of {os.cpu_count()} cores busy (the broker and this "
-              f"bench the rest); load {load_average()})", flush=True)
+              f"bench the rest), {stolen * tps / 1e6:.2f} taken by the hypervisor; load {load_average()})", flush=True)
         ceiling_run("current", None)  # after the worker too: the machine's drift shows in the spread
         ceiling = statistics.median(runs["current"])
         print(f"ceiling (median of {len(runs['current'])} runs of the current script): {ceiling:,.0f} events/s; "
