@@ -372,11 +372,12 @@ def pid_listening(port: int) -> int | None:
     return None
 
 
-def machine_jiffies() -> tuple[int, int]:
-    """(busy, total) CPU jiffies of the whole machine so far."""
+def machine_jiffies() -> tuple[int, int, int]:
+    """(busy, total, stolen) CPU jiffies of the whole machine so far; busy includes stolen: what the hypervisor
+    took for others (`steal`), on a shared VM the usual cause of a noisy run."""
     parts = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = parts[3] + parts[4]
-    return sum(parts) - idle, sum(parts)
+    return sum(parts) - idle, sum(parts), parts[7]
 
 
 #: Processes whose CPU each phase reports: name -> pid (the server, Redis, the Kafka broker); set by `run`.
@@ -406,7 +407,7 @@ class Phase:
 
     def __enter__(self) -> Phase:
         self._cpu0 = self._cpu_now()
-        self._busy0, self._total0 = machine_jiffies()
+        self._busy0, self._total0, self._stolen0 = machine_jiffies()
         self._wall0 = time.perf_counter()
         return self
 
@@ -414,9 +415,10 @@ class Phase:
         self.wall = time.perf_counter() - self._wall0
         cpu1 = self._cpu_now()
         self.cpu = {k: cpu1[k] - v for k, v in self._cpu0.items() if k in cpu1}
-        busy, total = machine_jiffies()
+        busy, total, stolen = machine_jiffies()
         self.machine_busy = (busy - self._busy0) / max(total - self._total0, 1)
         machine_s = (busy - self._busy0) / CLK_TCK
+        self.cpu["stolen"] = (stolen - self._stolen0) / CLK_TCK
         self.cpu["others"] = max(0.0, machine_s - sum(self.cpu.values()))
         self.server_cpu = self.cpu.get("server", float("nan"))
         self.loadavg = os.getloadavg()[0]
@@ -441,12 +443,13 @@ class Phase:
         return (f"{self.name:<28} {self.rate:>6g}/s  p50 {pct(self.latencies, 50):6.2f}  p95 "
                 f"{pct(self.latencies, 95):6.2f}  p99 {pct(self.latencies, 99):7.2f} ms  answered "
                 f"{len(self.latencies)}/{self.expected}  errors {self.errors} {self.statuses}  server CPU "
-                f"{self.cpu_per_request('server')} ms/req (others {self.cpu_per_request('others')})  generator late p99 "
+                f"{self.cpu_per_request('server')} ms/req (others {self.cpu_per_request('others')}, stolen "
+                f"{self.cpu_per_request('stolen')})  generator late p99 "
                 f"{pct(self.lateness, 99):.2f} ms  machine busy {self.machine_busy * 100:.0f}%  load "
                 f"{self.loadavg:.1f}")
 
 
-CPU_COLUMNS = ("server", "generator", "redis", "kafka", "others")
+CPU_COLUMNS = ("server", "generator", "redis", "kafka", "others", "stolen")
 TABLE_HEAD = ("| phase | rate/s | answered | p50 ms | p95 ms | p99 ms | p99.9 ms | max ms | generator late p99 ms | "
               + " | ".join(f"{k} CPU ms/req" for k in CPU_COLUMNS) + " | machine busy | load avg |\n|"
               + "---|" * (11 + len(CPU_COLUMNS)))
@@ -672,7 +675,8 @@ def run(args) -> None:
         f"Command: `{command}` (model {info['model']}; {'a private' if args.private_redis else 'the shared'} "
         f"redis-server; {os.cpu_count()} CPUs; load average at the end {os.getloadavg()[0]:.1f})", "",
         "CPU is per request answered, by process, over each phase (/proc): `generator` is this load generator, "
-        "`others` everything else the machine ran meanwhile (on a shared machine, other people's work).", "",
+        "`others` everything else the machine ran meanwhile (on a shared machine, other people's work), `stolen` "
+        "what the hypervisor took for other machines (`steal` in /proc/stat).", "",
         TABLE_HEAD, *(p.row() for p in phases), "",
         f"Latency histogram, POST /v1/score at {args.base_rate:g}/s ({len(base.latencies)} requests):", "",
         histogram(base.latencies), "",
