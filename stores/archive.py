@@ -98,7 +98,7 @@ class ArchiveWriter:
         self._path = path
         self._opened_at = time.monotonic()
         self._bytes = 0
-        self._write(ARCHIVE_SCHEMA.serialize())
+        self._write(_SCHEMA_MESSAGE)
 
     def append(self, rows: pa.RecordBatch) -> None:
         """Durably (to the OS) append one batch's rows (ARCHIVE_SCHEMA); call before its offsets may be committed.
@@ -115,10 +115,11 @@ class ArchiveWriter:
         self._write(rows.serialize())
         self.rows_written += rows.num_rows
 
-    def _write(self, message: pa.Buffer) -> None:
+    def _write(self, message: pa.Buffer | bytes) -> None:
         """One IPC message, whole or not at all: a failed write (a full disk) is cut off again, so the spool ends
         with its last complete batch and later appends stay readable behind it."""
         start, fd, data = self._bytes, self._fh.fileno(), memoryview(message)
+        size = data.nbytes
         try:
             while data:
                 data = data[os.write(fd, data):]
@@ -128,7 +129,7 @@ class ArchiveWriter:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, start)
             raise
-        self._bytes = start + message.size
+        self._bytes = start + size
 
     def should_roll(self) -> bool:
         return self._fh is not None and (
@@ -140,7 +141,7 @@ class ArchiveWriter:
         if self._fh is None:
             return None
         with contextlib.suppress(OSError):  # readers stop at a spool's end without it too
-            self._write(pa.py_buffer(_END_OF_STREAM))
+            self._write(_END_OF_STREAM)
         self._fh.close()
         self._fh = None
         return self._path

@@ -48,6 +48,13 @@ def spool_with(rows: int, tmp_path, batch: int = 64):
     return writer.root, writer.detach()
 
 
+def dead_pid() -> int:
+    """The pid of a process that has exited (the owner or claimer of a spool left behind)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
 def json_spool_with(rows: int, tmp_path):
     """A JSON-lines spool, as workers before 2026-12 wrote them."""
     root = archive_dir(tmp_path)
@@ -143,10 +150,9 @@ def test_a_json_lines_spool_left_by_an_older_worker_is_rolled_with_its_torn_line
 
 
 def test_a_spool_claimed_by_a_dead_recoverer_is_rolled_and_a_live_ones_claim_is_left(tmp_path):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
+    dead = dead_pid()
     root, spool = spool_with(10, tmp_path / "a")
-    orphan = spool.rename(spool.with_name(f"{spool.stem}.recovering{dead.pid}"))
+    orphan = spool.rename(spool.with_name(f"{spool.stem}.recovering{dead}"))
     root_b, spool_b = spool_with(4, tmp_path / "b")
     busy = spool_b.rename(spool_b.with_name(f"{spool_b.stem}.recovering{os.getppid()}"))
     assert recover_spools(root) == 10 and not orphan.exists()
@@ -215,19 +221,18 @@ print(read_spool(spool).column("txn_id").to_pylist())
 def test_a_spool_that_cannot_be_read_is_set_aside_with_an_error_and_the_others_are_rolled(tmp_path, caplog):
     """A damaged or foreign file in the spool folder must not stop a worker from starting (it recovers spools
     first), nor be deleted (it may hold rows): it is renamed *.unreadable and named in an ERROR line."""
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
+    dead = dead_pid()
     root, good = spool_with(6, tmp_path)
-    good = good.rename(good.with_name(f"{dead.pid}-aaaa-1{good.suffix}"))
-    garbage = good.with_name(f"{dead.pid}-bbbb-2.arrows")
+    good = good.rename(good.with_name(f"{dead}-aaaa-1{good.suffix}"))
+    garbage = good.with_name(f"{dead}-bbbb-2.arrows")
     garbage.write_bytes(b"\x00garbage, not Arrow" * 50)
-    foreign = good.with_name(f"{dead.pid}-cccc-3.arrows")
+    foreign = good.with_name(f"{dead}-cccc-3.arrows")
     foreign.write_bytes(pa.schema([("x", pa.int64())]).serialize().to_pybytes())
     with caplog.at_level("ERROR", logger="stores.archive"):
         assert recover_spools(root) == 6
     assert len(read_archive(tmp_path)) == 6
     aside = sorted(p.name for p in (root / "_spool").iterdir())
-    assert aside == [f"{dead.pid}-bbbb-2.unreadable", f"{dead.pid}-cccc-3.unreadable"], aside
+    assert aside == [f"{dead}-bbbb-2.unreadable", f"{dead}-cccc-3.unreadable"], aside
     assert (root / "_spool" / aside[0]).read_bytes() == b"\x00garbage, not Arrow" * 50, "kept as it was"
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 2 and all("set aside" in e for e in errors), errors
