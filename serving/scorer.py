@@ -124,6 +124,12 @@ class Scorer:
         return ages
 
     def _answer(self, txn: Transaction, model: ServingModel, score: float, values: dict, ages: dict) -> dict:
+        return self.answer(txn, model, score, {name: values[name] for name in self._all_features}, ages)
+
+    @staticmethod
+    def answer(txn: Transaction, model: ServingModel, score: float, features: dict, ages: dict) -> dict:
+        """The answer's shape (SPEC section 6); `features`: every feature by name, in `Registry.all_features`
+        order."""
         return {
             "txn_id": txn.txn_id,
             "card": txn.card,
@@ -132,7 +138,7 @@ class Scorer:
             "threshold": model.threshold,
             "model_version": model.version,
             # orjson writes NaN as null, so missing features need no conversion here.
-            "features": {name: values[name] for name in self._all_features},
+            "features": features,
             "feature_age_ms": ages,
         }
 

@@ -18,15 +18,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from operator import itemgetter
 
-import numpy as np
 import orjson
 
 from featurestore.events import Transaction
 from featurestore.state import Applied
 from serving.models import ModelWatcher
-from serving.scorer import FRAUD, ModelUnavailable, RedisUnavailable, Scored, Scorer, now_ms, redis_failure
+from serving.scorer import FRAUD, ModelUnavailable, RedisUnavailable, Scorer, now_ms, redis_failure
 from streaming import metrics
 from streaming.batch_fold import BatchFold
 from streaming.batch_prep import PreparedBatch
@@ -55,9 +53,10 @@ class StreamScorer:
         self.replies = BatchReplies(scorer.store, scorer.reader)
         self.fold = BatchFold(scorer.registry)
 
-    async def _from_apply(self, batch: PreparedBatch, applied: Sequence[Applied]) -> list[Scored]:
-        """`Scorer.score_many` for an applied batch, the reads taken from its apply (`streaming.stream_reads`):
-        the same fold of the same replies, one prediction over all rows."""
+    async def _from_apply(self, batch: PreparedBatch, applied: Sequence[Applied]) -> list[dict]:
+        """`Scorer.score_many`'s answers for an applied batch, the reads taken from its apply
+        (`streaming.stream_reads`): the same fold of the same replies, a column at a time, one prediction over all
+        rows."""
         scorer = self.scorer
         try:
             async with asyncio.timeout(scorer.timeout_s):
@@ -68,16 +67,12 @@ class StreamScorer:
                                        f"{type(exc).__name__}") from None
             raise
         model = scorer._model()
-        at = now_ms()
-        names = model.features
-        computed = self.fold.fold(batch.txns, reads, hashes, at)
-        row_of = itemgetter(*names)  # one tuple per row in C, one array for the batch (a row at a time: ~1 us more)
-        rows = np.array([row_of(values) for values, _ in computed], dtype=np.float32).reshape(len(computed),
-                                                                                             len(names))
-        raw = model.booster.inplace_predict(rows)
-        scores = model.calibrate(raw) if model.calibrate is not None else raw
-        return [Scored(scorer._answer(t, model, float(s), v, a), model, rows[j:j + 1])
-                for j, (t, s, (v, a)) in enumerate(zip(batch.txns, scores, computed, strict=True))]
+        folded = self.fold.fold(batch.txns, reads, hashes, now_ms())
+        raw = model.booster.inplace_predict(folded.matrix(model.features))
+        scores = (model.calibrate(raw) if model.calibrate is not None else raw).tolist()
+        answer = scorer.answer
+        return [answer(t, model, s, v, a)
+                for t, s, v, a in zip(batch.txns, scores, folded.values, folded.ages, strict=True)]
 
     async def score_batch(self, batch: PreparedBatch, applied: Sequence[Applied] | None = None) -> int:
         """Score every valid transaction of the batch, late ones too (they get their own window, SPEC section 4).
@@ -100,30 +95,29 @@ class StreamScorer:
         self._warned = False
         try:
             if batch.window_stats is not None and applied is not None:
-                scored = await self._from_apply(batch, applied)
+                answers = await self._from_apply(batch, applied)
             else:
-                scored = await self.scorer.score_many(txns)
+                answers = [s.answer for s in await self.scorer.score_many(txns)]
         except (ModelUnavailable, RedisUnavailable) as exc:
             # The batch is in Redis and archived; its scores are an output, not a reason to stall the partition.
             metrics.UNSCORED.inc(len(txns))
             log.warning("%d transactions not scored: %s", len(txns), exc)
             return 0
         at = time.time_ns() // 1_000_000
-        answers, alerts = [], []
+        messages, alerts = [], []
         dumps, option = orjson.dumps, orjson.OPT_SERIALIZE_NUMPY
-        for txn, s in zip(txns, scored, strict=True):
-            answer = s.answer
+        for txn, answer in zip(txns, answers, strict=True):
             answer["source"], answer["ts"], answer["scored_at_ms"] = "stream", txn.ts, at
             message = (txn.card.encode(), dumps(answer, option=option))
-            answers.append(message)
+            messages.append(message)
             if answer["decision"] == FRAUD:
                 alerts.append(message)
         if self.send_many is not None:  # one batch per partition: no future, no await per message
-            pending = [*await self.send_many(self.scores_topic, answers),
+            pending = [*await self.send_many(self.scores_topic, messages),
                        *(await self.send_many(self.alerts_topic, alerts) if alerts else ())]
         else:
-            pending = [await self.send(topic, key, value) for topic, messages in
-                       ((self.scores_topic, answers), (self.alerts_topic, alerts)) for key, value in messages]
+            pending = [await self.send(topic, key, value) for topic, sent in
+                       ((self.scores_topic, messages), (self.alerts_topic, alerts)) for key, value in sent]
         for fut in pending:
             await fut
         metrics.ALERTS.inc(len(alerts))

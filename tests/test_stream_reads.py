@@ -10,6 +10,7 @@ import asyncio
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from featurestore.definitions import DAY_MS, MINUTE_MS, REGISTRY_WITH_MERCHANT, Aggregate, Registry
@@ -17,6 +18,7 @@ from featurestore.events import Transaction
 from serving.redis_reader import ScriptReader
 from serving.scorer import Scorer
 from stores.redis_online import AsyncOnlineStore, OnlineStore, fold_read, pack_writes
+from streaming import batch_fold
 from streaming.batch_fold import BatchFold
 from streaming.stream_reads import BatchReplies, apply_with_stats
 
@@ -83,8 +85,11 @@ def batches(cards: list[str], merchants: list[str]) -> list[list[Transaction]]:
 
 
 def same(a: float, b: float) -> bool:
+    """Equal numbers of the same Python type (an int count stays an int in the JSON answer); NaN equals NaN."""
+    if type(a) is not type(b):
+        return False
     if isinstance(a, float) and math.isnan(a):
-        return isinstance(b, float) and math.isnan(b)
+        return math.isnan(b)
     return a == b
 
 
@@ -100,9 +105,10 @@ def republish_first_night(store: OnlineStore, cards: list[str], merchants: list[
                          [(True, REG, "kept"), (False, REG, "kept"), (True, ALL_STATS, "kept"),
                           (True, REG, "republished, small cache")],
                          ids=["lean-connection", "redis-py", "sum-min-max", "republished-small-cache"])
-def test_batch_replies_fold_to_the_online_reads(redis_settings, key_prefix, lean, registry, case):
+def test_batch_replies_fold_to_the_online_reads(redis_settings, key_prefix, lean, registry, case, monkeypatch):
     """Also across batches: the snapshot hashes one batch read serve the next ones (`SnapshotHashes`), a night run
-    again between batches is read anew (its new snapshot id), and a cache too small for a batch starts over."""
+    again between batches is read anew (its new snapshot id), and a cache too small for a batch starts over (the
+    folded rows' memo too)."""
     cards = [f"{c:032x}" for c in range(6)]
     merchants = ["m-a", "m-b", "m-{x}", "m-absent"]
     sync = OnlineStore(redis_settings, prefix=key_prefix, registry=REG)
@@ -121,6 +127,7 @@ def test_batch_replies_fold_to_the_online_reads(redis_settings, key_prefix, lean
         replies._hgetall = counted
         if case != "kept":
             replies.hashes.limit = 3  # fewer than one batch names: every batch starts the cache over
+            monkeypatch.setattr(batch_fold, "ROW_MEMO", 2)
         fold, scorer = BatchFold(registry), Scorer(store, None, registry=registry)
         bad, compared, kinds = [], 0, set()
         seen = {"counts": set(), "cutoffs": set(), "merchant": set()}
@@ -133,15 +140,20 @@ def test_batch_replies_fold_to_the_online_reads(redis_settings, key_prefix, lean
                 # What the API's read gives each transaction right after the batch, folded by the scorer.
                 want = await store.read_replies([(t.card, t.txn_id, t.ts, t.merchant) for t in batch])
                 at = 1_700_000_000_000
-                for t, (status, _), (values, ages), w in zip(batch, applied, fold.fold(batch, reads, hashes, at),
-                                                              want, strict=True):
+                folded = fold.fold(batch, reads, hashes, at)
+                # The model's rows: each feature's number as a row of Python values converts it to float32.
+                names = registry.all_features
+                np.testing.assert_array_equal(folded.matrix(names[::-1]), np.array(
+                    [[v[n] for n in names[::-1]] for v in folded.values], dtype=np.float32))
+                for t, (status, _), values, ages, w in zip(batch, applied, folded.values, folded.ages, want,
+                                                           strict=True):
                     want_values, _, want_ages = scorer.features(t, w, at)
                     compared += 1
                     kinds.add(int(status))
-                    if ages != want_ages:
+                    if list(ages.items()) != list(want_ages.items()):  # the same ages, in the answer's order
                         bad.append(f"{t.txn_id}: ages {ages} != {want_ages}")
-                    if set(values) != set(want_values):
-                        bad.append(f"{t.txn_id}: names {sorted(set(values) ^ set(want_values))}")
+                    if list(values) != list(registry.all_features) or set(values) != set(want_values):
+                        bad.append(f"{t.txn_id}: names {list(values)} vs {sorted(want_values)}")
                     bad += [f"{t.txn_id} {n}: {values.get(n)} != {v}" for n, v in want_values.items()
                             if not same(values.get(n), v)]
                     fw = fold_read(w, t.txn_id, t.ts, t.amount_cents, registry)
@@ -153,6 +165,7 @@ def test_batch_replies_fold_to_the_online_reads(redis_settings, key_prefix, lean
             if reader is not None:
                 await reader.close()
         assert compared > 150 and kinds == {0, 1, 2, 3}, (compared, kinds)
+        assert len(fold.nightly._rows) <= batch_fold.ROW_MEMO  # the memo of folded rows stays bounded
         # The comparison covered busy windows, both snapshot situations (one night for all groups; a subset from
         # a newer night, the rest stopped by the expired one), and merchants with and without statistics.
         assert max(seen["counts"]) >= 5 and len(seen["cutoffs"]) == 2 and seen["merchant"] == {True, False}, seen
@@ -247,7 +260,8 @@ def test_window_statistics_moved_on_from_the_cache_equal_the_read(redis_settings
                 at = D0 + 40 * DAY_MS
                 for stats, _ in per_event:  # members of the longest window besides the event itself
                     sizes.append(max(stats[1], stats[5]) - 1)
-                for t, (values, ages), w in zip(batch, fold.fold(batch, reads, hashes, at), want, strict=True):
+                folded = fold.fold(batch, reads, hashes, at)
+                for t, values, ages, w in zip(batch, folded.values, folded.ages, want, strict=True):
                     want_values, _, want_ages = scorer.features(t, w, at)
                     compared += 1
                     if ages != want_ages:
