@@ -184,26 +184,33 @@ class BatchFold:
         nightly = self.nightly.fold([r.nights for r in reads], hashes)
         if n:
             columns.update(zip(self.nightly.value_names, zip(*(v for v, _ in nightly), strict=True), strict=True))
-            cutoffs = dict(zip(self.nightly.cutoff_names, zip(*(c for _, c in nightly), strict=True), strict=True))
         else:
             columns.update((name, ()) for name in self.nightly.value_names)
-            cutoffs = {name: () for name in self.nightly.cutoff_names}
         columns.update(event_time_columns(np.array([t.ts for t in txns], dtype=np.int64), self.event_time))
         columns.update(compute_ratio_columns(columns, self.ratios))
-        listed = [c.tolist() if isinstance(c, np.ndarray) else c for c in (columns[name] for name in self.names)]
-        values = [dict(zip(self.names, row, strict=True)) for row in zip(*listed, strict=True)]
-        return FoldedBatch(values, self._ages(stats[:, 0], [r.ts for r in reads], cutoffs, at_ms), columns)
+        names = self.names
+        listed = [c.tolist() if isinstance(c, np.ndarray) else c for c in (columns[name] for name in names)]
+        values = [dict(zip(names, row, strict=True)) for row in zip(*listed, strict=True)]
+        ages = self._ages(stats[:, 0], [r.ts for r in reads], [c for _, c in nightly], at_ms)
+        return FoldedBatch(values, ages, columns)
 
-    def _ages(self, newest: np.ndarray, ts: list[int], cutoffs: dict, at_ms: int) -> list[dict]:
+    def _ages(self, newest: np.ndarray, ts: list[int], cutoffs: list[tuple], at_ms: int) -> list[dict]:
         """`Scorer._ages`: a stream group's age is now minus its newest counted event time (0 when it counts none:
-        `newest` NaN or outside the window), a batch group's now minus its night's cut-off (None: none)."""
+        `newest` NaN or outside the window), a batch group's now minus its night's cut-off (None: none).
+        `cutoffs`: per transaction, its nights' cut-offs in `NightlyFold.cutoff_names` order (shared by the
+        transactions of a card: each distinct tuple's ages are computed once)."""
         t = np.array(ts, dtype=np.float64)
         known = ~np.isnan(newest)
         age = np.maximum(0.0, at_ms - newest)
-        listed = []
+        stream = []
         for _, window in self.stream:
             counted = known & (t - window <= newest) & (newest <= t)  # featurestore.windows.in_window
-            listed.append(np.where(counted, age, 0.0).astype(np.int64).tolist())
-        for name in self.batch_groups:
-            listed.append([None if c is None else max(0, at_ms - c) for c in cutoffs[name]])
-        return [dict(zip(self.age_names, row, strict=True)) for row in zip(*listed, strict=True)]
+            stream.append(np.where(counted, age, 0.0).astype(np.int64).tolist())
+        order = [self.nightly.cutoff_names.index(name) for name in self.batch_groups]
+        batch = {}
+        for c in cutoffs:
+            if c not in batch:
+                batch[c] = tuple(None if c[i] is None else max(0, at_ms - c[i]) for i in order)
+        names = self.age_names
+        rows = zip(*stream, strict=True) if stream else ((),) * len(cutoffs)
+        return [dict(zip(names, (*s, *batch[c]), strict=True)) for s, c in zip(rows, cutoffs, strict=True)]
