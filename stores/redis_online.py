@@ -22,7 +22,6 @@ from typing import Protocol
 
 import orjson
 import redis
-import redis.asyncio as aioredis
 from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
 
@@ -49,6 +48,7 @@ from stores.online_snapshots import (  # noqa: F401  (SnapshotEntry, KEEP_LATEST
     publish_entries,
     write_night,
 )
+from stores.redis_async_client import async_redis
 
 #: Events per EVALSHA call: bounds the time Redis spends in one script (it blocks other clients meanwhile).
 APPLY_CHUNK = 2_000
@@ -432,7 +432,7 @@ class AsyncOnlineStore:
         self.retention = retention_ms
         self.cluster = self.settings.cluster
         self.redis = (rc.async_cluster_client(self.settings) if self.cluster
-                      else aioredis.Redis(**self.settings.client_kwargs()))
+                      else async_redis(self.settings))
         self.ttl_s = stream_ttl_s(registry)
         self._apply = self.redis.register_script(_script("apply_events.lua"))
         self._read = self.redis.register_script(_script("read_features.lua"))
