@@ -75,6 +75,15 @@ def test_what_is_not_a_pan_is_left_alone(text):
     assert redact_pans(text) == text
 
 
+def test_a_pan_joined_by_a_dash_to_a_digit_is_masked_with_it():
+    """Seen in CI: the topic name "...-4012888888881881-3e91eff8" holds the grouped run "4012888888881881-3", 17
+    digits with a valid Luhn digit, so that run is the one masked (its last 4 digits kept): the PAN is masked still."""
+    text = "test.hostile-4012888888881881-3e91eff8"
+    masked = redact_pans(text)
+    assert masked == "test.hostile-*************881-3e91eff8"
+    assert "4012888888881881"[:-3] not in digits_only(masked)
+
+
 def test_a_dead_letter_masks_a_grouped_pan():
     value = b'{"txn_id": "t1", "merchant": "shop 4539-5787-6362-1486", "amount": "x"}'
     key, copy, _ = dead_letter(value, b"4539 5787 6362 1486", reason="bad_amount", detail="d", topic="t",
