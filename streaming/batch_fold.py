@@ -169,6 +169,8 @@ class BatchFold:
         self.event_time = registry.event_time
         self.names = registry.all_features
         self.age_names = (*(g.name for g, _ in self.stream), *self.batch_groups)
+        #: Where each batch group's cut-off sits in `NightlyFold.fold`'s cut-offs.
+        self._cutoff_at = tuple(self.nightly.cutoff_names.index(name) for name in self.batch_groups)
 
     def fold(self, txns: Sequence[Transaction], reads: Sequence[EventRead], hashes: dict, at_ms: int) -> FoldedBatch:
         """The batch's features, column by column with the functions training uses for whole columns
@@ -206,7 +208,7 @@ class BatchFold:
         for _, window in self.stream:
             counted = known & (t - window <= newest) & (newest <= t)  # featurestore.windows.in_window
             stream.append(np.where(counted, age, 0.0).astype(np.int64).tolist())
-        order = [self.nightly.cutoff_names.index(name) for name in self.batch_groups]
+        order = self._cutoff_at
         batch = {}
         for c in cutoffs:
             if c not in batch:
