@@ -234,7 +234,10 @@ def build_app(cfg: StreamConfig) -> faust.App:
             online.set_exception(exc)
             raise
         online.set_result(None)
-        await asyncio.sleep(0)  # let the agent start the next batch's Redis write before this batch's CPU work
+        # Two turns of the loop: in the first the agent wakes and starts the next batch's task, in the second that
+        # task sends its Redis request; this batch's CPU work runs after, while Redis works on the next one.
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
         await agg.finish(prepared, statuses, visible_ms)
         if scorer is not None:  # after the window update; the broker has the scores before the batch is acked
             await scorer.score_batch(prepared[1], statuses)
