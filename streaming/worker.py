@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,8 @@ from streaming.faust_lean import LeanDrainApp, RawBytesSchema, WebViewlessMonito
 from streaming.scoring import StreamScorer
 
 log = logging.getLogger(__name__)
+#: Batches started and not yet done: one in Redis, the ones before it archiving, scoring and acking.
+MAX_BATCHES_IN_FLIGHT = 3
 
 #: A dead letter is tried this many times, each attempt bounded, before it is dropped (see dlq_send).
 DLQ_SEND_ATTEMPTS = 4
@@ -269,7 +272,7 @@ def build_app(cfg: StreamConfig) -> faust.App:
         events: list = []
         taken, epoch = 0, rebalances[0]
         previous: asyncio.Task | None = None  # the last batch started
-        older: asyncio.Task | None = None  # the one before it
+        started: deque[asyncio.Task] = deque()  # the batches started and not yet awaited here, oldest first
         online: asyncio.Future | None = None  # resolves when `previous` is in Redis
         try:
             async for _ in manual:
@@ -286,15 +289,15 @@ def build_app(cfg: StreamConfig) -> faust.App:
                                         for e in events for r in e.value])
                 if online is not None:
                     await online  # Redis has the previous batch: one batch at a time there, in order
-                if older is not None:
-                    await older  # at most two batches in flight; a failed write surfaces here
-                    older = None
+                while len(started) >= MAX_BATCHES_IN_FLIGHT:
+                    await started.popleft()  # a failed write surfaces here
                 if rebalances[0] == epoch:  # else partitions were revoked while this batch was prepared
                     online = loop.create_future()
                     task = loop.create_task(write(agg, prepared, events, online, previous, scorer))
                     in_flight.add(task)
                     task.add_done_callback(in_flight.discard)
-                    older, previous = previous, task
+                    started.append(task)
+                    previous = task
                     await asyncio.sleep(0)  # the task sends its Redis request now, not after the next batch's prep
                 events, taken = [], 0
         finally:
