@@ -58,7 +58,7 @@ class LeanConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     the others, a quiet partition), the broker holds it for the whole wait, and the busy partitions on that broker
     are not fetched again until it returns: the agent's channel runs dry and the worker stands still. Traced in the
     stream bench (200,000 events, 4 partitions, one worker): one or two stalls of 0.7-1.0 s per run, 38% of its
-    time; at 100 ms none over 30 ms, and the run 1.5x faster (bench/RESULTS.md). The cost is one empty fetch per
+    time; at 100 ms none over 30 ms, and the worker 1.4x faster (bench/RESULTS.md). The cost is one empty fetch per
     100 ms on an idle partition set; a fetch that finds records still returns at once.
     """
 

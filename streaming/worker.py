@@ -35,6 +35,7 @@ from streaming.faust_lean import LeanDrainApp, RawBytesSchema, WebViewlessMonito
 from streaming.scoring import StreamScorer
 
 log = logging.getLogger(__name__)
+
 #: Batches started and not yet done: one in Redis, the ones before it archiving, scoring and acking.
 MAX_BATCHES_IN_FLIGHT = 3
 
