@@ -136,11 +136,14 @@ local function reread(wk, st, w, t, s) -- window w of [t - w, t] from scratch
 end
 
 -- The members' statistics for an event at (t, seq s): from scratch, or moved on from the cache C = {t, st, newest}
--- of the card's previous arrival (nil: none usable). Returns st, newest.
-local function window_stats(wk, t, s, C)
+-- of the card's previous arrival (nil: none usable). Returns st, newest. `bound`: no on-time member that arrived
+-- before s has a ts above it (nil: not known); below t - wmax, no window of the event holds a member, so none is
+-- read (most events of a quiet card: its previous event is more than the longest window before).
+local function window_stats(wk, t, s, C, bound)
   local st, newest = {}, nil
   if not C or t < C.t then
     for w = 1, nw do empty(st, w) end
+    if bound and bound < t - wmax then return st, nil end
     local m, n = members(wk, fmt('%d', t - wmax), fmt('%d', t), s)
     for k = 1, n, 2 do
       local ts, y = m[k], m[k + 1]
@@ -245,6 +248,9 @@ for c = 1, #order do
     oldest, oldest_s, refresh = nil, nil, true
     dropped = true
   end
+  -- The card's newest on-time event time before this batch (the state keeps it as the maximum over its on-time
+  -- members, here and in restore_events.lua and the key rotation): nil when not known (no state, or just dropped).
+  local stored_newest = (got[1] and not dropped) and newest or nil
   local nz, nh = 0, 2 -- hset[1], hset[2]: the state, set below
   local pending -- txn_id -> record, for a txn_id repeated within this batch (created when one may be)
   if nf > 2 then pending = {} end
@@ -321,14 +327,17 @@ for c = 1, #order do
   if nw > 0 then
     local C = cached and cached[1] and cache_of(cached[1], cached[2], cached[3]) -- as of the card's last arrival
     local moved, last = false, nil
+    -- Above the ts of every on-time member that arrived before the event at hand: the stored ones, then this
+    -- batch's on-time events as they go (a duplicate's members arrived before its stored seq: fewer still).
+    local bound = stored_newest
     i = head[card]
     while i do
       local t, s, x = et[i], es[i], ec[i]
       local st, nwst
       if recs[i] then -- a duplicate: as of its stored arrival; the cache is not its predecessor's
-        st, nwst = window_stats(wk, t, s, nil)
+        st, nwst = window_stats(wk, t, s, nil, bound)
       else
-        st, nwst = window_stats(wk, t, s, C)
+        st, nwst = window_stats(wk, t, s, C, bound)
         if busy then
           -- The cache for the next arrival: these members, plus this event where it counts for others.
           local next_st = {}
@@ -350,6 +359,7 @@ for c = 1, #order do
         o[r + 4] = (st[q + 3] and st[q + 3] > x) and st[q + 3] or x
       end
       stats[i] = o
+      if bound and out[2 * i - 1] == 0 and t > bound then bound = t end
       i = nxt[i]
     end
     if moved then call('SET', ak, cache_text(C, last, call('ZCARD', wk)), 'EX', ttl_s) end
