@@ -272,9 +272,8 @@ def build_app(cfg: StreamConfig) -> faust.App:
         loop = asyncio.get_running_loop()
         events: list = []
         taken, epoch = 0, rebalances[0]
-        previous: asyncio.Task | None = None  # the last batch started
         started: deque[asyncio.Task] = deque()  # the batches started and not yet awaited here, oldest first
-        online: asyncio.Future | None = None  # resolves when `previous` is in Redis
+        online: asyncio.Future | None = None  # resolves when the last batch started is in Redis
         try:
             async for _ in manual:
                 if rebalances[0] != epoch:
@@ -294,11 +293,11 @@ def build_app(cfg: StreamConfig) -> faust.App:
                     await started.popleft()  # a failed write surfaces here
                 if rebalances[0] == epoch:  # else partitions were revoked while this batch was prepared
                     online = loop.create_future()
+                    previous = started[-1] if started else None  # the batch before: this one acks after it
                     task = loop.create_task(write(agg, prepared, events, online, previous, scorer))
                     in_flight.add(task)
                     task.add_done_callback(in_flight.discard)
                     started.append(task)
-                    previous = task
                     await asyncio.sleep(0)  # the task sends its Redis request now, not after the next batch's prep
                 events, taken = [], 0
         finally:
