@@ -184,14 +184,18 @@ def test_batch_replies_fold_to_the_online_reads(redis_settings, key_prefix, lean
         assert len(fetched) == 4 and min(fetched) > 3 and generation >= 3, (fetched, generation)
 
 
-def random_batches(seed: int, cards: list[str]) -> list[tuple[bool, list[Transaction]]]:
+def random_batches(seed: int, cards: list[str], far_clocks: bool = False) -> list[tuple[bool, list[Transaction]]]:
     """Batches of mostly in-order card streams (what the apply's cache moves on from batch to batch), with gaps
     longer than a window, events on the windows' edges, out-of-order and late events, redeliveries, tied amounts;
-    every fifth batch is applied without statistics (a scoring-off worker: the cache must not be trusted after)."""
+    every fifth batch is applied without statistics (a scoring-off worker: the cache must not be trusted after).
+    `far_clocks`: one card's events stamped 80 years ahead, another's on the second day of 1970."""
     import random
 
     rng = random.Random(seed)
     clock = {c: D0 + 20 * DAY_MS + i * 1_000 for i, c in enumerate(cards)}
+    if far_clocks:
+        clock[cards[-1]] = D0 + 80 * 365 * DAY_MS
+        clock[cards[-2]] = DAY_MS
     sent: list[Transaction] = []
     out, n = [], 0
     for b in range(40):
@@ -222,14 +226,18 @@ def random_batches(seed: int, cards: list[str]) -> list[tuple[bool, list[Transac
     return out
 
 
-@pytest.mark.parametrize(("seed", "busy"), [(1, 1), (2, 1), (1, 4), (2, 4), (1, None)],
-                         ids=["cached-1", "cached-2", "switching-1", "switching-2", "default-quiet"])
-def test_window_statistics_moved_on_from_the_cache_equal_the_read(redis_settings, key_prefix, seed, busy):
+@pytest.mark.parametrize(("seed", "busy", "far_clocks"),
+                         [(1, 1, False), (2, 1, False), (1, 4, False), (2, 4, False), (1, None, False),
+                          (3, None, True), (3, 1, True)],
+                         ids=["cached-1", "cached-2", "switching-1", "switching-2", "default-quiet",
+                              "far-clocks-quiet", "far-clocks-cached"])
+def test_window_statistics_moved_on_from_the_cache_equal_the_read(redis_settings, key_prefix, seed, busy,
+                                                                 far_clocks):
     """The apply script's per-card cache (p:agg) carries each card's statistics from batch to batch; whatever the
     stream does, whoever else writes the card meanwhile, and whatever windows the worker declares (every third
     batch in the other order), each transaction's statistics equal the read's. With BUSY 1 every card keeps the
     cache; with 4 cards go back and forth between the cache and reading afresh; with the default (32) these quiet
-    cards are read afresh."""
+    cards are read afresh. With far clocks, a card stamped 80 years ahead and one in 1970 ride along."""
     cards = [f"{c:032x}" for c in range(5)]
 
     async def run() -> list[str]:
@@ -239,7 +247,7 @@ def test_window_statistics_moved_on_from_the_cache_equal_the_read(redis_settings
         scorer = Scorer(store, None, registry=ALL_STATS)
         bad, compared, cached, sizes = [], 0, 0, []
         try:
-            for b, (with_stats, batch) in enumerate(random_batches(seed, cards)):
+            for b, (with_stats, batch) in enumerate(random_batches(seed, cards, far_clocks)):
                 if b == 17:
                     # Another writer adds an earlier-arrived event to a card's window without moving its arrival
                     # position (as a rebuild merging the archive back does): the cache must not hide it.
